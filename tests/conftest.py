@@ -1,0 +1,82 @@
+"""Shared fixtures: a real Redis for the whole run and per-test layers with their own prefix."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.redis_server import RedisProcess, ping, start_server
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--redis-url", default=None, help="Redis to test against (else REDIS_URL).")
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """REDIS_URL or --redis-url; else 127.0.0.1:6379 when it answers; else a throwaway server."""
+    url = request.config.getoption("--redis-url") or os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    if ping("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    server = start_server()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A private server for tests that kill, restart or FLUSHALL Redis."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A prefix no other test uses, so tests never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def make_layer(redis_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
+    """Factory for layers on the test's prefix; every layer made is flushed once and closed."""
+    from channels_distrib.layers import DistributedChannelLayer
+
+    made: list[DistributedChannelLayer] = []
+
+    def factory(**config: Any) -> DistributedChannelLayer:
+        config.setdefault("hosts", [redis_url])
+        config.setdefault("prefix", prefix)
+        layer = DistributedChannelLayer(**config)
+        made.append(layer)
+        return layer
+
+    yield factory
+    if made:
+        await made[0].flush()
+    for layer in made:
+        await layer.close()
+
+
+@pytest.fixture
+async def layer(make_layer: Callable[..., Any]) -> Any:
+    """One layer on the test's own prefix."""
+    return make_layer()
+
+
+def redis_host_port(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or 6379
