@@ -1,0 +1,33 @@
+"""Exceptions raised by channels_distrib.
+
+Channels' own ``ChannelFull`` and ``MessageTooLarge`` are raised as they are, and bad
+names or messages raise ``TypeError`` as channels does. The library's own tree::
+
+    DistribError
+    └── RedisUnavailable      a send could not reach Redis within ``retry_timeout``
+
+Configuration mistakes raise ``django.core.exceptions.ImproperlyConfigured``.
+"""
+
+from __future__ import annotations
+
+from channels.exceptions import ChannelFull, MessageTooLarge
+
+__all__ = ["ChannelFull", "DistribError", "MessageTooLarge", "RedisUnavailable"]
+
+
+class DistribError(Exception):
+    """Root of the exceptions this library defines."""
+
+
+class RedisUnavailable(DistribError, ConnectionError):
+    """Redis could not be reached within ``retry_timeout``; nothing was sent.
+
+    Also a ``ConnectionError``, so code that already catches connection trouble keeps working.
+    """
+
+    def __init__(self, address: str, waited: float, cause: BaseException | None = None) -> None:
+        self.address = address
+        self.waited = waited
+        detail = f": {cause}" if cause is not None else ""
+        super().__init__(f"Redis at {address} unreachable for {waited:.1f} s{detail}")
