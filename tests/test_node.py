@@ -1,0 +1,422 @@
+"""Nodes, heartbeats and pruning (DESIGN.md "Nodes, heartbeats, pruning"), with real processes.
+
+Every node here is its own OS process (tests/node_proc.py, or daphne with tests/node_app.py);
+the test process only sends and queries, so it is no node, and nothing calls ``prune()``:
+the surviving nodes find the dead ones by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers_nodes import (
+    FAST,
+    covered_at,
+    eventually,
+    joins_of,
+    leaves_of,
+    node_spawner,
+    start_nodes,
+    wait_until,
+)
+
+
+@pytest.fixture
+async def spawn_node(redis_url, prefix, make_layer):
+    """Node processes on the test's prefix; killed (by pid) before make_layer's flush."""
+    async with node_spawner(redis_url, prefix) as spawn:
+        yield spawn
+
+
+GROUP = "room"
+DEFAULTS = {"heartbeat_interval": 2.0, "node_timeout": 6.0}
+POLL_SLACK = 0.25
+"""Tolerance on top of a contract bound for the 20 ms polling and process scheduling."""
+
+
+def node_ids(infos: list) -> set[str]:
+    return {n.node_id for n in infos}
+
+
+async def flushdb(url: str) -> None:
+    client = aioredis.from_url(url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
+async def time_to_prune(layer, victim, survivors, members_left: int, timeout: float) -> dict:
+    """SIGKILL ``victim``; poll until its memberships and node entry are gone and every
+    surviving presence channel has received the leaves of all its channels.
+
+    Returns seconds from the kill to "pruned" (group size right, as seen by polling) and to
+    "leaves" (the receipt time the survivors printed for the last diff needed).
+    """
+    expected = set(victim.channels)
+    victim.kill()
+    killed_wall, killed = time.time(), time.monotonic()
+    _, pruned = await wait_until(
+        lambda: layer.group_size(GROUP),
+        lambda n: n == members_left,
+        timeout,
+        what=f"group back to {members_left} members",
+    )
+    await wait_until(
+        layer.nodes,
+        lambda ns: victim.node_id not in node_ids(ns),
+        1.0,
+        what="victim gone from nodes()",
+    )
+    assert await layer.node_channels(victim.node_id) == set()
+    arrivals = []
+    for survivor in survivors:
+        for channel in survivor.info["channels"]:
+            await eventually(
+                lambda s=survivor, ch=channel: covered_at(s, ch, "leaves", expected) is not None,
+                max(1.0, timeout - (time.monotonic() - killed)),
+                what=f"leaves at {channel}",
+            )
+            arrivals.append(covered_at(survivor, channel, "leaves", expected) - killed_wall)
+    return {"pruned": pruned, "leaves": max(arrivals)}
+
+
+async def test_sigkill_pruned_within_timeout_plus_interval_fast(layer, spawn_node):
+    survivor = spawn_node(channels=1, group=GROUP, presence=True, **FAST)
+    victim = spawn_node(channels=5, group=GROUP, presence=True, **FAST)
+    await asyncio.gather(survivor.ready(), victim.ready())
+    assert await layer.group_size(GROUP) == 6
+    bound = FAST["node_timeout"] + FAST["heartbeat_interval"]
+    took = await time_to_prune(layer, victim, [survivor], 1, timeout=bound + 5)
+    print(
+        f"\nSIGKILL, fast settings (0.5 s / 2 s): pruned after {took['pruned']:.2f} s, "
+        f"leaves received after {took['leaves']:.2f} s (bound {bound} s)"
+    )
+    assert took["pruned"] <= bound + POLL_SLACK
+    assert took["leaves"] <= bound + POLL_SLACK
+    assert await layer.group_channels(GROUP) == set(survivor.channels)
+
+
+@pytest.mark.slow
+async def test_sigkill_pruned_within_ten_seconds_with_defaults(layer, spawn_node):
+    survivor = spawn_node(channels=1, group=GROUP, presence=True)
+    victim = spawn_node(channels=5, group=GROUP, presence=True)
+    await asyncio.gather(survivor.ready(), victim.ready())
+    took = await time_to_prune(layer, victim, [survivor], 1, timeout=15)
+    print(
+        f"\nSIGKILL, default settings (2 s / 6 s): pruned after {took['pruned']:.2f} s, "
+        f"leaves received after {took['leaves']:.2f} s (bound 10 s)"
+    )
+    assert took["pruned"] <= 10
+    assert took["leaves"] <= 10
+
+
+async def test_two_survivors_pruning_at_once_emit_each_leave_once(layer, spawn_node):
+    survivors = await start_nodes(spawn_node, 2, channels=2, group=GROUP, presence=True, **FAST)
+    victim = spawn_node(channels=20, group=GROUP, presence=True, **FAST)
+    await victim.ready()
+    bound = FAST["node_timeout"] + FAST["heartbeat_interval"]
+    await time_to_prune(layer, victim, survivors, 4, timeout=bound + 5)
+    # Let any late double-prune happen before counting.
+    await asyncio.sleep(4 * FAST["heartbeat_interval"])
+    for survivor in survivors:
+        for channel in survivor.info["channels"]:
+            leaves = leaves_of(survivor.messages(channel))
+            assert sorted(leaves) == sorted(victim.channels), f"{channel} saw {leaves}"
+    assert await layer.group_size(GROUP) == 4
+    assert await layer.group_channels(GROUP) == {c for s in survivors for c in s.channels}
+    assert len(await layer.group_members(GROUP)) == 4
+
+
+async def test_sigstop_past_timeout_then_sigcont_reregisters(layer, spawn_node):
+    watcher = spawn_node(channels=1, group=GROUP, presence=True, **FAST)
+    paused = spawn_node(channels=3, group=GROUP, presence=True, meta={"who": "paused"}, **FAST)
+    await asyncio.gather(watcher.ready(), paused.ready())
+    watch = watcher.info["channels"][0]
+    paused.pause()
+    bound = FAST["node_timeout"] + FAST["heartbeat_interval"]
+    await wait_until(
+        lambda: layer.group_size(GROUP), lambda n: n == 1, bound + 3, what="paused node pruned"
+    )
+    assert paused.node_id not in node_ids(await layer.nodes())
+    await eventually(
+        lambda: set(paused.channels) <= set(leaves_of(watcher.messages(watch))),
+        3,
+        what="leaves of the paused node's channels",
+    )
+    joins_before = len(joins_of(watcher.messages(watch)))
+
+    paused.resume()
+    resumed = time.monotonic()
+    _, took = await wait_until(
+        lambda: layer.group_size(GROUP),
+        lambda n: n == 4,
+        FAST["heartbeat_interval"] + 3,
+        what="re-registered",
+    )
+    print(f"\nSIGCONT: re-registered after {took:.2f} s")
+    assert took <= FAST["heartbeat_interval"] + 0.5
+    assert paused.node_id in node_ids(await layer.nodes())
+    members = {m.channel: m for m in await layer.group_members(GROUP)}
+    assert {members[c].node_id for c in paused.channels} == {paused.node_id}
+    assert all(members[c].meta and members[c].meta["who"] == "paused" for c in paused.channels)
+    # Their leaves were announced, so their joins are announced again.
+    await eventually(
+        lambda: set(paused.channels) <= set(joins_of(watcher.messages(watch))[joins_before:]),
+        max(0.5, 3 - (time.monotonic() - resumed)),
+        what="joins re-announced",
+    )
+    # And they receive group messages again.
+    await layer.group_send(GROUP, {"type": "room.message", "text": "welcome back"})
+    for channel in paused.channels:
+        await paused.wait_event(
+            lambda e, ch=channel: (
+                e.get("event") == "message"
+                and e["channel"] == ch
+                and e["message"].get("text") == "welcome back"
+            ),
+            5,
+        )
+    assert paused.proc.poll() is None
+
+
+async def test_flushdb_rebuilds_registry_within_a_heartbeat(own_redis, spawn_node, prefix):
+    from channels_distrib.layers import DistributedChannelLayer
+
+    nodes = await start_nodes(spawn_node, 2, url=own_redis.url, channels=3, group=GROUP, **FAST)
+    query = DistributedChannelLayer(hosts=[own_redis.url], prefix=prefix)
+    try:
+        assert await query.group_size(GROUP) == 6
+        await flushdb(own_redis.url)
+        _, took = await wait_until(
+            lambda: query.group_size(GROUP),
+            lambda n: n == 6,
+            FAST["heartbeat_interval"] + 3,
+            what="registry rebuilt",
+        )
+        print(f"\nFLUSHDB: registry rebuilt after {took:.2f} s")
+        assert took <= FAST["heartbeat_interval"] + 0.5
+        await wait_until(
+            query.nodes,
+            lambda ns: node_ids(ns) == {n.node_id for n in nodes},
+            2,
+            what="both nodes listed again",
+        )
+        assert await query.group_channels(GROUP) == {c for n in nodes for c in n.channels}
+        await query.group_send(GROUP, {"type": "room.message", "text": "after flushdb"})
+        await expect_everywhere(nodes, "after flushdb")
+    finally:
+        await query.close()
+
+
+async def test_redis_restart_rebuilds_registry_and_delivery_works(own_redis, spawn_node, prefix):
+    from channels_distrib.layers import DistributedChannelLayer
+
+    nodes = await start_nodes(spawn_node, 2, url=own_redis.url, channels=3, group=GROUP, **FAST)
+    own_redis.kill()
+    await asyncio.sleep(1.0)
+    own_redis.restart()
+    restarted = time.monotonic()
+    # A fresh sender: this test is about the nodes healing, not the sender's pool.
+    query = DistributedChannelLayer(hosts=[own_redis.url], prefix=prefix)
+    try:
+        _, took = await wait_until(
+            lambda: query.group_size(GROUP),
+            lambda n: n == 6,
+            FAST["heartbeat_interval"] + 5,
+            what="registry rebuilt",
+        )
+        print(f"\nRedis restart: registry rebuilt {took:.2f} s after the server answered")
+        assert took <= FAST["heartbeat_interval"] + 1.0
+        await wait_until(
+            query.nodes,
+            lambda ns: node_ids(ns) == {n.node_id for n in nodes},
+            2,
+            what="both nodes listed again",
+        )
+        await query.group_send(GROUP, {"type": "room.message", "text": "after restart"})
+        await query.send(
+            nodes[0].info["channels"][0], {"type": "room.message", "text": "direct after restart"}
+        )
+        await expect_everywhere(nodes, "after restart")
+        await nodes[0].wait_event(
+            lambda e: (
+                e.get("event") == "message" and e["message"].get("text") == "direct after restart"
+            ),
+            5,
+        )
+        assert time.monotonic() - restarted < 20
+    finally:
+        await query.close()
+
+
+async def expect_everywhere(nodes, text: str, timeout: float = 5.0) -> None:
+    for node in nodes:
+        for channel in node.info["channels"]:
+            await node.wait_event(
+                lambda e, ch=channel: (
+                    e.get("event") == "message"
+                    and e["channel"] == ch
+                    and e["message"].get("text") == text
+                ),
+                timeout,
+            )
+
+
+async def test_same_node_id_as_a_live_node_is_refused(layer, spawn_node):
+    node_id = f"fixed-{uuid.uuid4().hex[:8]}"
+    first = spawn_node(channels=2, group=GROUP, node_id=node_id, **FAST)
+    await first.ready()
+    assert first.node_id == node_id
+    second = spawn_node(channels=1, group=GROUP, node_id=node_id, **FAST)
+    error = await second.wait_event(lambda e: e.get("event") in ("ready", "error"), 30)
+    assert error["event"] == "error", f"second node with id {node_id} started: {error}"
+    assert error["type"] == "ImproperlyConfigured", error
+    assert second.proc.wait(10) == 3
+    # The first one is untouched.
+    await asyncio.sleep(2 * FAST["heartbeat_interval"])
+    assert node_id in node_ids(await layer.nodes())
+    assert await layer.group_channels(GROUP) == set(first.channels)
+
+
+async def test_close_removes_node_and_memberships_at_once(layer, spawn_node):
+    watcher = spawn_node(channels=1, group=GROUP, presence=True)  # default timings: no pruning
+    closing = spawn_node(channels=3, group=[GROUP, "other"], presence=True)
+    await asyncio.gather(watcher.ready(), closing.ready())
+    assert closing.node_id in node_ids(await layer.nodes())
+    done = await closing.command(cmd="close")
+    assert done["event"] == "done", done
+    # At once: no waiting for a heartbeat or a pruner.
+    assert closing.node_id not in node_ids(await layer.nodes())
+    assert await layer.group_channels(GROUP) == set(watcher.channels)
+    assert await layer.group_size("other") == 0
+    assert await layer.node_channels(closing.node_id) == set()
+    for channel in closing.channels:
+        assert await layer.channel_groups(channel) == set()
+    watch = watcher.info["channels"][0]
+    await eventually(
+        lambda: set(closing.channels) <= set(leaves_of(watcher.messages(watch))),
+        2,
+        what="leaves of the closed node's channels",
+    )
+
+
+async def test_flush_makes_nodes_drop_local_state(layer, spawn_node):
+    nodes = await start_nodes(spawn_node, 2, channels=3, group=[GROUP, "other"], **FAST)
+    assert await layer.group_size(GROUP) == 6
+    await layer.flush()
+    # Several heartbeats: self-healing must not bring flushed memberships back.
+    await asyncio.sleep(4 * FAST["heartbeat_interval"])
+    assert await layer.group_size(GROUP) == 0
+    assert await layer.group_channels("other") == set()
+    for node in nodes:
+        assert await layer.node_channels(node.node_id) == set()
+        for channel in node.channels:
+            assert await layer.channel_groups(channel) == set()
+        assert node.proc.poll() is None, node.describe()
+
+
+async def test_group_expiry_enforced_for_own_channels(layer, spawn_node):
+    watcher = spawn_node(channels=1, group=GROUP, presence=True, **FAST)  # default group_expiry
+    await watcher.ready()
+    expiring = spawn_node(channels=2, group=GROUP, presence=True, group_expiry=2, **FAST)
+    await expiring.ready()
+    joined = time.monotonic()
+    await asyncio.sleep(1.0)
+    assert await layer.group_size(GROUP) == 3, "not before group_expiry"
+    await wait_until(
+        lambda: layer.group_size(GROUP), lambda n: n == 1, 6, what="expired memberships removed"
+    )
+    print(f"\ngroup_expiry=2: memberships removed {time.monotonic() - joined:.2f} s after join")
+    assert time.monotonic() - joined <= 2 + 2 * FAST["heartbeat_interval"] + 1.0
+    assert await layer.group_channels(GROUP) == set(watcher.channels)
+    assert expiring.node_id in node_ids(await layer.nodes()), "the node itself is alive"
+    watch = watcher.info["channels"][0]
+    await eventually(
+        lambda: set(expiring.channels) <= set(leaves_of(watcher.messages(watch))),
+        2,
+        what="leaves of the expired memberships",
+    )
+
+
+async def test_idle_channel_with_expired_messages_loses_memberships_slow_one_keeps(
+    layer, spawn_node
+):
+    node = spawn_node(channels=1, idle=2, slow=1, slow_delay=1.0, group=[], expiry=2, **FAST)
+    await node.ready()
+    (live,) = node.info["channels"]
+    idle, untouched = node.info["idle"]
+    (slow,) = node.info["slow"]
+    for channel in (live, idle, slow):
+        await node.command(cmd="group_add", group=GROUP, channel=channel)
+    await node.command(cmd="group_add", group="quiet", channel=untouched)
+    for i in range(6):
+        await layer.group_send(GROUP, {"type": "room.message", "i": i})
+    sent = time.monotonic()
+    # The idle channel never receives and its messages expire after 2 s: it is dropped.
+    _, took = await wait_until(
+        lambda: layer.channel_groups(idle),
+        lambda gs: gs == set(),
+        timeout=3 * 2 + 2,
+        what="idle channel dropped",
+    )
+    print(f"\nidle channel dropped {took:.2f} s after its messages were sent (expiry 2 s)")
+    # Keep the slow consumer busy past several expiry periods, then check it is still there.
+    while time.monotonic() - sent < 7:
+        await layer.group_send(GROUP, {"type": "room.message", "i": "more"})
+        await asyncio.sleep(0.5)
+    assert await layer.channel_groups(slow) == {GROUP}, "a slow consumer is never dropped"
+    assert await layer.channel_groups(live) == {GROUP}
+    assert await layer.channel_groups(untouched) == {"quiet"}, "no messages expired: kept"
+    assert len(node.messages(slow)) >= 3, "the slow consumer kept receiving"
+    assert node.messages(idle) == []
+
+
+async def test_sigterm_to_daphne_removes_node_at_once(layer, prefix, redis_url):
+    from websockets.asyncio.client import connect
+
+    from tests.helpers_daphne import start_daphne
+
+    env = {
+        "NODE_APP_REDIS_URL": redis_url,
+        "NODE_APP_PREFIX": prefix,
+        "NODE_APP_GROUP": GROUP,
+        "NODE_APP_PRESENCE": "1",
+    }  # default timings: no pruning
+    daphne = await asyncio.to_thread(start_daphne, "tests.node_app:application", env)
+    clients = []
+    try:
+        hello = []
+        for _ in range(3):
+            ws = await connect(f"{daphne.url}/ws/", open_timeout=10)
+            clients.append(ws)
+            async with asyncio.timeout(10):
+                hello.append(json.loads(await ws.recv()))
+        node_id = hello[0]["node_id"]
+        assert await layer.group_channels(GROUP) == {h["channel"] for h in hello}
+        assert node_id in node_ids(await layer.nodes())
+
+        daphne.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = await asyncio.to_thread(daphne.proc.wait, 15)
+        exited = time.monotonic() - signalled
+        print(f"\ndaphne exited {exited:.2f} s after SIGTERM (code {code})")
+        # At once: as soon as the process is gone, with node_timeout 6 s nobody pruned it.
+        assert node_id not in node_ids(await layer.nodes()), daphne.log_tail()
+        assert await layer.group_size(GROUP) == 0, daphne.log_tail()
+        assert await layer.node_channels(node_id) == set()
+    finally:
+        for ws in clients:
+            try:
+                async with asyncio.timeout(2):
+                    await ws.close()
+            except (TimeoutError, OSError):
+                pass
+        await asyncio.to_thread(daphne.terminate)
