@@ -1,0 +1,287 @@
+"""Connection loss, reconnects and Redis outages (DESIGN.md "Delivery guarantees").
+
+Only the layer's own connections are killed (CLIENT KILL ID of clients named
+distrib:<prefix>); outages use a private server (`own_redis`) so no other test is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+
+from channels_distrib.exceptions import RedisUnavailable
+from tests.helpers_layers import (
+    eventually,
+    kill_layer_clients,
+    layer_clients,
+    msg,
+    nothing_arrives,
+    own_layer,
+    raw_redis,
+    recv,
+)
+from tests.redis_server import free_port
+
+
+async def _collect(layer: Any, channel: str, into: list[int]) -> None:
+    while True:
+        into.append((await layer.receive(channel))["n"])
+
+
+# ------------------------------------------------------------------ CLIENT KILL while flowing
+
+
+async def test_client_kill_while_messages_flow(make_layer, redis_url, prefix):
+    """Every message whose send returned arrives exactly once; none arrives twice."""
+    sender = make_layer(capacity=10000, retry_timeout=5)
+    node = make_layer(capacity=10000, retry_timeout=5)
+    local = await node.new_channel()
+    member = await node.new_channel()
+    await node.group_add("killgroup", member)
+    await node.group_add("killgroup", "kill.groupq")
+
+    targets = {"local": local, "named": "kill.named", "member": member, "groupq": "kill.groupq"}
+    received: dict[str, list[int]] = {k: [] for k in targets}
+    accepted: dict[str, set[int]] = {k: set() for k in targets}
+    failed: dict[str, set[int]] = {k: set() for k in targets}
+    consumers = [asyncio.create_task(_collect(node, ch, received[k])) for k, ch in targets.items()]
+    kills = 0
+    errors: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def killer() -> None:
+        nonlocal kills
+        async with raw_redis(redis_url) as raw:
+            while not stop.is_set():
+                await asyncio.sleep(0.25)
+                kills += await kill_layer_clients(raw, prefix)
+
+    async def produce() -> None:
+        for i in range(400):
+            for key, channel in (("local", local), ("named", "kill.named")):
+                try:
+                    await sender.send(channel, msg(i))
+                    accepted[key].add(i)
+                except Exception as exc:  # noqa: BLE001 - at most once: a failed send may raise
+                    failed[key].add(i)
+                    errors[type(exc).__name__] += 1
+            try:
+                await sender.group_send("killgroup", msg(i))
+                accepted["member"].add(i)
+                accepted["groupq"].add(i)
+            except Exception as exc:  # noqa: BLE001
+                errors[type(exc).__name__] += 1
+                failed["member"].add(i)
+                failed["groupq"].add(i)
+            await asyncio.sleep(0.005)
+
+    killing = asyncio.create_task(killer())
+    try:
+        async with asyncio.timeout(40):
+            await produce()
+        stop.set()
+        await killing
+
+        async def all_accepted_arrived() -> bool:
+            return all(accepted[k] <= set(received[k]) for k in targets)
+
+        arrived = await eventually(all_accepted_arrived, 20)
+        await asyncio.sleep(0.5)  # room for duplicates to show up
+        crashed = [t.exception() for t in consumers if t.done() and not t.cancelled()]
+        assert not crashed, f"receive() raised: {crashed}"
+    finally:
+        stop.set()
+        for task in [*consumers, killing]:
+            task.cancel()
+        await asyncio.gather(*consumers, killing, return_exceptions=True)
+
+    assert kills >= 5, f"only {kills} connections were killed: the test did not bite"
+    for key in targets:
+        dupes = [n for n, c in collections.Counter(received[key]).items() if c > 1]
+        assert not dupes, f"{key}: delivered twice: {dupes[:10]}"
+        missing = sorted(accepted[key] - set(received[key]))
+        assert not missing, f"{key}: accepted but lost: {missing[:20]} (arrived={arrived})"
+        assert set(received[key]) <= accepted[key] | failed[key]
+        assert len(accepted[key]) >= 200, f"{key}: too few sends succeeded: {errors}"
+
+
+async def test_layer_connections_are_named(make_layer, redis_url, prefix):
+    layer = make_layer()
+    local = await layer.new_channel()
+    await layer.send(local, msg(1))
+    assert await recv(layer, local) == msg(1)
+    async with raw_redis(redis_url) as raw:
+        assert await layer_clients(raw, prefix)
+
+
+async def test_no_connection_leak_across_event_loops(make_layer, redis_url, prefix):
+    layer = make_layer()
+    await layer.send("leak.named", msg(0))
+    for i in range(15):
+        await asyncio.to_thread(async_to_sync(layer.send), "leak.named", msg(i + 1))
+    async with raw_redis(redis_url) as raw:
+
+        async def few_connections() -> bool:
+            return len(await layer_clients(raw, prefix)) <= 6
+
+        ok = await eventually(few_connections, 5)
+        assert ok, f"{len(await layer_clients(raw, prefix))} connections left for 1 live loop"
+
+
+# ------------------------------------------------------------------ Redis unreachable
+
+
+async def test_send_to_unreachable_redis_raises_after_retry_timeout():
+    port = free_port()
+    async with own_layer(hosts=[f"redis://127.0.0.1:{port}/0"], prefix="unreach",
+                         retry_timeout=1.0, _flush=False) as layer:
+        for call in (lambda: layer.send("x.y", msg(1)), lambda: layer.group_send("g", msg(1)),
+                     lambda: layer.group_add("g", "x.y")):
+            started = time.monotonic()
+            with pytest.raises(RedisUnavailable) as info:
+                await asyncio.wait_for(call(), 10)
+            waited = time.monotonic() - started
+            assert 0.8 <= waited <= 4.0, waited
+            assert f"127.0.0.1:{port}" in str(info.value)
+            assert isinstance(info.value, ConnectionError)
+
+
+async def test_send_while_redis_killed_raises(own_redis, prefix):
+    async with own_layer(hosts=[own_redis.url], prefix=prefix, retry_timeout=1.0,
+                         _flush=False) as layer:
+        await layer.send("down.named", msg(1))
+        own_redis.kill()
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailable) as info:
+            await asyncio.wait_for(layer.send("down.named", msg(2)), 10)
+        assert 0.8 <= time.monotonic() - started <= 4.0
+        assert str(own_redis.port) in str(info.value)
+        own_redis.restart()
+        await layer.send("down.named", msg(3))  # usable again, no new layer needed
+        assert await recv(layer, "down.named") == msg(3)
+
+
+async def test_send_waits_for_redis_to_come_back(own_redis, prefix):
+    async with own_layer(hosts=[own_redis.url], prefix=prefix, retry_timeout=8.0) as layer:
+        await layer.send("back.named", msg(0))
+        assert await recv(layer, "back.named") == msg(0)
+        own_redis.kill()
+        sending = asyncio.create_task(layer.send("back.named", msg(1)))
+        await asyncio.sleep(1.0)
+        assert not sending.done(), "send gave up before retry_timeout"
+        await asyncio.to_thread(own_redis.restart)
+        await asyncio.wait_for(sending, 10)
+        assert await recv(layer, "back.named") == msg(1)
+
+
+# ------------------------------------------------------------------ Redis restart
+
+
+async def test_receive_survives_redis_restart(own_redis, prefix, caplog):
+    caplog.set_level(logging.WARNING)
+    config = {"hosts": [own_redis.url], "prefix": prefix, "heartbeat_interval": 0.5,
+              "node_timeout": 2, "retry_timeout": 10}
+    async with own_layer(**config) as node, own_layer(**config, _flush=False) as sender:
+        local = await node.new_channel()
+        member = await node.new_channel()
+        await node.group_add("restartgroup", member)
+        await sender.send(local, msg(0))
+        assert await recv(node, local) == msg(0)
+
+        pending = {
+            "local": asyncio.create_task(node.receive(local)),
+            "named": asyncio.create_task(node.receive("restart.named")),
+            "member": asyncio.create_task(node.receive(member)),
+        }
+        await asyncio.sleep(0.3)
+        own_redis.kill()
+        await asyncio.sleep(1.5)
+        for name, task in pending.items():
+            assert not task.done(), f"receive on {name} ended while Redis was down: {task}"
+        await asyncio.to_thread(own_redis.restart)
+        await asyncio.sleep(1.5)  # node re-registers its memberships within a heartbeat
+        await sender.send(local, msg(1))
+        await sender.send("restart.named", msg(1))
+        await sender.group_send("restartgroup", msg(1))
+        async with asyncio.timeout(15):
+            results = {k: await t for k, t in pending.items()}
+        assert results == {"local": msg(1), "named": msg(1), "member": msg(1)}
+        # and it keeps working afterwards
+        await sender.send(local, msg(2))
+        assert await recv(node, local) == msg(2)
+
+
+async def test_client_kill_of_idle_receiver(make_layer, redis_url, prefix):
+    node = make_layer()
+    local = await node.new_channel()
+    pending = [asyncio.create_task(node.receive(local)),
+               asyncio.create_task(node.receive("idlekill.named"))]
+    await asyncio.sleep(0.3)
+    async with raw_redis(redis_url) as raw:
+        for _ in range(3):
+            assert await kill_layer_clients(raw, prefix) >= 1
+            await asyncio.sleep(0.4)
+    assert not any(t.done() for t in pending), [t for t in pending if t.done()]
+    sender = make_layer()
+    await sender.send(local, msg(1))
+    await sender.send("idlekill.named", msg(1))
+    async with asyncio.timeout(10):
+        assert [await t for t in pending] == [msg(1), msg(1)]
+
+
+# ------------------------------------------------------------------ idle
+
+
+async def test_idle_receive_with_server_idle_timeout(own_redis, prefix):
+    """A server that closes idle clients (CONFIG timeout) does not surface as an error."""
+    async with raw_redis(own_redis.url) as raw:
+        await raw.config_set("timeout", 1)
+    async with own_layer(hosts=[own_redis.url], prefix=prefix) as layer:
+        local = await layer.new_channel()
+        await layer.send(local, msg(0))
+        assert await recv(layer, local) == msg(0)
+        pending = [asyncio.create_task(layer.receive(local)),
+                   asyncio.create_task(layer.receive("idle.named"))]
+        await asyncio.sleep(3.5)
+        assert not any(t.done() for t in pending), [t for t in pending if t.done()]
+        await layer.send(local, msg(1))
+        await layer.send("idle.named", msg(1))
+        async with asyncio.timeout(10):
+            assert [await t for t in pending] == [msg(1), msg(1)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_idle_receive_30_seconds(make_layer):
+    layer = make_layer()
+    local = await layer.new_channel()
+    pending = [asyncio.create_task(layer.receive(local)),
+               asyncio.create_task(layer.receive("idle30.named"))]
+    done, _ = await asyncio.wait(pending, timeout=31)
+    assert not done, [t.exception() for t in done]
+    await layer.send(local, msg(1))
+    await layer.send("idle30.named", msg(1))
+    async with asyncio.timeout(10):
+        assert [await t for t in pending] == [msg(1), msg(1)]
+    # an idle layer still sends and receives promptly
+    await layer.send(local, msg(2))
+    assert await recv(layer, local, 2) == msg(2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_idle_sender_connection_after_30_seconds(make_layer):
+    """A pooled connection idle for 30 s (past socket and server timeouts) still sends."""
+    sender, receiver = make_layer(), make_layer()
+    await sender.send("idlesend.named", msg(0))
+    assert await recv(receiver, "idlesend.named") == msg(0)
+    await asyncio.sleep(31)
+    await sender.send("idlesend.named", msg(1))
+    assert await recv(receiver, "idlesend.named") == msg(1)
+    assert await nothing_arrives(receiver, "idlesend.named", 0.2)
