@@ -1,0 +1,556 @@
+"""The consumer base class: rooms, broadcasts, users and presence for every connection.
+
+``DistributedMixin`` goes in front of Channels' ``AsyncWebsocketConsumer`` or
+``AsyncJsonWebsocketConsumer``; ``DistributedConsumer`` is the mixin plus the JSON
+consumer, the class applications subclass::
+
+    class ChatConsumer(DistributedConsumer):
+        async def handle_join(self, content):
+            await self.join_room(content["room"])
+
+        async def handle_say(self, content):
+            await self.broadcast_to_room(content["room"], {"type": "said", "text": content["text"]})
+
+Every call here goes through the channel layer's public API (``group_add`` with
+``meta``/``presence``, ``group_send``, ``group_members``...), so it works the same for
+connections on any node. Outbound messages travel in the envelope described in
+:mod:`channels_distrib.api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from channels.exceptions import InvalidChannelLayerError, StopConsumer
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.core.exceptions import ImproperlyConfigured
+
+from channels_distrib import api
+from channels_distrib.exceptions import DistribError
+from channels_distrib.types import Member, Message, Meta
+
+if TYPE_CHECKING:
+    from channels.generic.websocket import AsyncWebsocketConsumer as _ConsumerBase
+else:
+    _ConsumerBase = object
+
+__all__ = [
+    "ClientError",
+    "DistributedConsumer",
+    "DistributedMixin",
+    "InboundMiddleware",
+    "InvalidRoom",
+    "RoomForbidden",
+    "TokenBucket",
+]
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_EXTENSIONS = ("groups", "registry", "presence")
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
+# Bounds the best-effort group cleanup when a consumer fails or is cancelled.
+CLEANUP_TIMEOUT = 5.0
+
+InboundMiddleware = Callable[["DistributedMixin", Message], Awaitable["Message | None"]]
+"""``async def middleware(consumer, content) -> content | None``: rewrite, pass, or drop (None)."""
+
+# Open connections per layer (one layer object = one node) in this process.
+_open_connections: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+class ClientError(DistribError):
+    """Raise from a ``handle_<type>`` method (or inbound middleware) to answer with an error frame.
+
+    The client receives ``{"type": "error", "code": code, "message": message}`` and the
+    connection stays open.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RoomForbidden(ClientError):
+    """``join_room`` was refused by ``can_join_room`` (error code ``forbidden``)."""
+
+    def __init__(self, room: str) -> None:
+        super().__init__("forbidden", f"Not allowed to join room {room!r}")
+        self.room = room
+
+
+class InvalidRoom(ClientError):
+    """A room name that is not a valid group name, or is reserved (code ``invalid_room``)."""
+
+    def __init__(self, room: object, reason: str) -> None:
+        super().__init__("invalid_room", f"Invalid room {room!r}: {reason}")
+        self.room = room
+
+
+class TokenBucket:
+    """A token bucket: ``burst`` tokens, refilled at ``rate`` tokens per second."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ImproperlyConfigured(
+                f"rate_limit must be (rate > 0, burst >= 1), e.g. (5.0, 10); got ({rate}, {burst})"
+            )
+        self.rate = float(rate)
+        self.burst = int(burst)
+        self._clock = clock
+        self._tokens = float(burst)
+        self._stamp = clock()
+
+    def take(self) -> bool:
+        """Take one token; False (and nothing taken) when the bucket is empty."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+async def _run_all(coros: Sequence[Coroutine[Any, Any, Any]]) -> list[BaseException]:
+    """Run coroutines concurrently, wait for all, and return the exceptions they raised."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    return [r for r in results if isinstance(r, BaseException)]
+
+
+class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships no type hints
+    """Cluster-wide rooms, broadcasts, users and presence for an async WebSocket consumer.
+
+    Class attributes (all optional):
+
+    :param rooms: rooms every connection joins right after connecting (no
+        ``can_join_room`` check: they are the developer's own choice).
+    :param presence: rooms are presence memberships (members receive
+        ``presence.state``/``presence.diff``); default True.
+    :param broadcast_group: group name for :meth:`broadcast`; default derived from the
+        class's module and qualified name, so each class has its own. Set the same name
+        on several classes to share it (subclasses inherit an explicit name).
+    :param inbound_middleware: a sequence of :data:`InboundMiddleware` run in order on
+        every valid inbound message before dispatch.
+    :param rate_limit: ``(rate, burst)``: per-connection token bucket for inbound frames,
+        None (default) for no limit. A frame without a token gets a ``rate_limited``
+        error; ``rate_limit_max_rejections`` (10) of those within ``rate_limit_window``
+        (10 s) close the connection with 1008.
+    :param max_message_size: largest inbound frame in bytes (default 64 KiB, None for
+        no limit, but daphne's own 1 MiB limit still applies); larger frames close the
+        connection with 1009.
+    """
+
+    rooms: ClassVar[Sequence[str]] = ()
+    presence: ClassVar[bool] = True
+    broadcast_group: ClassVar[str | None] = None
+    inbound_middleware: ClassVar[Sequence[InboundMiddleware]] = ()
+    rate_limit: ClassVar[tuple[float, int] | None] = None
+    rate_limit_max_rejections: ClassVar[int] = 10
+    rate_limit_window: ClassVar[float] = 10.0
+    max_message_size: ClassVar[int | None] = 64 * 1024
+
+    if TYPE_CHECKING:
+        channel_layer: Any
+        channel_name: str
+        scope: dict[str, Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rooms: set[str] = set()
+        # Rooms a group_add was started for: a cancelled or failed join may still have
+        # reached Redis, so cleanup discards these too (discarding a non-member is a no-op).
+        self._attempted_rooms: set[str] = set()
+        self._own_groups: list[str] = []
+        self._counted_layer: Any = None
+        self._registered = False
+        self._closing = False
+        self._limit_rejected = False
+        self._connected_at = 0.0
+        self._bucket: TokenBucket | None = None
+        self._rejections: deque[float] = deque(maxlen=max(1, self.rate_limit_max_rejections))
+
+    # -- identity --------------------------------------------------------------------
+
+    @property
+    def client_id(self) -> str:
+        """This connection's id: its channel name, usable with :meth:`send_to_client`."""
+        return self.channel_name
+
+    @property
+    def joined_rooms(self) -> frozenset[str]:
+        """The rooms this connection is in now (not the broadcast or user group)."""
+        return frozenset(self._rooms)
+
+    @classmethod
+    def get_broadcast_group(cls) -> str:
+        """The group :meth:`broadcast` uses: ``broadcast_group``, else derived from the class."""
+        if cls.broadcast_group:
+            return cls.broadcast_group
+        return api.broadcast_group_for(f"{cls.__module__}.{cls.__qualname__}")
+
+    def get_user_id(self) -> str | None:
+        """The authenticated user's id (``str(scope["user"].pk)``), None when anonymous."""
+        user = self.scope.get("user")
+        if user is None or not getattr(user, "is_authenticated", False):
+            return None
+        pk = getattr(user, "pk", None)
+        return None if pk is None else str(pk)
+
+    # -- hooks -----------------------------------------------------------------------
+
+    async def can_join_room(self, room: str) -> bool:
+        """Whether this connection may join ``room`` via :meth:`join_room`; default True."""
+        return True
+
+    async def get_presence_meta(self) -> Meta:
+        """The meta kept with this connection's room memberships (JSON-serialisable dict).
+
+        Default: ``node_id``, ``connected_at`` and, when authenticated, ``user_id``.
+        """
+        return self._client_meta()
+
+    def _client_meta(self) -> Meta:
+        meta: Meta = {"node_id": self.channel_layer.node_id, "connected_at": self._connected_at}
+        user_id = self.get_user_id()
+        if user_id is not None:
+            meta["user_id"] = user_id
+        return meta
+
+    # -- connection lifecycle ----------------------------------------------------------
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Runs on clean exit, on a crashed handler and on cancellation (daphne
+            # cancels consumers at shutdown without sending websocket.disconnect). If
+            # cancelled again while cleaning up, the rest is left to the layer: its node
+            # removes its memberships on clean shutdown or is pruned.
+            await self._cleanup(timeout=CLEANUP_TIMEOUT)
+
+    async def websocket_connect(self, message: Message) -> None:
+        """Check the layer and the node's connection limit, then run Channels' connect."""
+        layer = self._require_distributed_layer()
+        limit = getattr(layer, "connection_limit", None)
+        if limit is not None and _open_connections.get(layer, 0) >= limit:
+            # Accept first: browsers only see a close code after the handshake succeeded.
+            self._limit_rejected = True
+            logger.info("connection limit %s reached on node %s", limit, layer.node_id)
+            await super().accept()
+            await self.close(CLOSE_TRY_AGAIN_LATER)
+            return
+        _open_connections[layer] = _open_connections.get(layer, 0) + 1
+        self._counted_layer = layer
+        self._connected_at = time.time()
+        if self.rate_limit is not None:
+            self._bucket = TokenBucket(*self.rate_limit)
+        await super().websocket_connect(message)
+
+    async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
+        """Register this connection cluster-wide, then accept the WebSocket.
+
+        Registration comes first so that once the client sees the handshake succeed,
+        broadcasts, user messages and the class-level ``rooms`` reach it.
+        """
+        if not self._registered and not self._limit_rejected:
+            self._registered = True
+            await self._register()
+        await super().accept(subprotocol, headers)
+
+    async def websocket_disconnect(self, message: Message) -> None:
+        """Leave every group, then run Channels' disconnect (which calls ``disconnect``)."""
+        if self._limit_rejected:
+            raise StopConsumer()
+        await self._cleanup()
+        await super().websocket_disconnect(message)
+
+    async def _register(self) -> None:
+        layer = self.channel_layer
+        meta = self._client_meta()
+        groups = [self.get_broadcast_group()]
+        user_id = self.get_user_id()
+        if user_id is not None:
+            groups.append(api.user_group(user_id))
+        self._own_groups = groups
+        errors = await _run_all(
+            [layer.group_add(group, self.channel_name, meta=meta) for group in groups]
+        )
+        if errors:
+            raise errors[0]
+        for room in self.rooms:
+            self._validate_room(room)
+            await self._join(room, None)
+
+    async def _cleanup(self, timeout: float | None = None) -> None:
+        """Leave all groups and release the connection slot; idempotent, never raises."""
+        groups = [*self._own_groups, *sorted(self._rooms | self._attempted_rooms)]
+        self._own_groups = []
+        self._rooms.clear()
+        self._attempted_rooms.clear()
+        if self._counted_layer is not None:
+            count = _open_connections.get(self._counted_layer, 1) - 1
+            _open_connections[self._counted_layer] = max(0, count)
+            self._counted_layer = None
+        if not groups:
+            return
+        layer = self.channel_layer
+        discards = [layer.group_discard(group, self.channel_name) for group in groups]
+        try:
+            errors = await asyncio.wait_for(_run_all(discards), timeout)
+        except asyncio.TimeoutError as exc:
+            logger.warning(
+                "leaving %d groups for %s failed: %r", len(groups), self.channel_name, exc
+            )
+            return
+        for error in errors:
+            logger.warning("leaving a group for %s failed: %r", self.channel_name, error)
+
+    def _require_distributed_layer(self) -> Any:
+        layer = getattr(self, "channel_layer", None)
+        extensions = getattr(layer, "extensions", None) or ()
+        missing = [ext for ext in REQUIRED_EXTENSIONS if ext not in extensions]
+        if layer is None or missing:
+            raise InvalidChannelLayerError(
+                f"{type(self).__name__} needs a channel layer with the {', '.join(missing)} "
+                f"extension(s); set CHANNEL_LAYERS[{self.channel_layer_alias!r}]['BACKEND'] to "
+                "'channels_distrib.layers.DistributedChannelLayer'."
+            )
+        return layer
+
+    async def _close_with(self, code: int) -> None:
+        self._closing = True
+        await self.close(code)
+        await self._cleanup()
+
+    # -- rooms -----------------------------------------------------------------------
+
+    def _validate_room(self, room: object) -> None:
+        if not isinstance(room, str) or not room:
+            raise InvalidRoom(room, "must be a non-empty string")
+        if len(room) >= 100 or not api.GROUP_NAME.match(room):
+            raise InvalidRoom(
+                room, "use fewer than 100 ASCII letters, digits, hyphens, underscores or periods"
+            )
+        if room.startswith(api.RESERVED_PREFIX):
+            raise InvalidRoom(room, f"names starting with {api.RESERVED_PREFIX!r} are reserved")
+
+    async def join_room(self, room: str, meta: Meta | None = None) -> None:
+        """Join ``room`` (a group of the same name), cluster-wide.
+
+        ``meta`` defaults to :meth:`get_presence_meta`. Raises :class:`InvalidRoom` or
+        :class:`RoomForbidden` (``can_join_room`` said no); both become error frames when
+        raised inside a ``handle_<type>`` method. Does nothing if already in the room.
+        """
+        self._validate_room(room)
+        if room in self._rooms:
+            return
+        if not await self.can_join_room(room):
+            raise RoomForbidden(room)
+        await self._join(room, meta)
+
+    async def _join(self, room: str, meta: Meta | None) -> None:
+        if meta is None:
+            meta = await self.get_presence_meta()
+        self._attempted_rooms.add(room)
+        await self.channel_layer.group_add(
+            room, self.channel_name, meta=meta, presence=self.presence
+        )
+        self._rooms.add(room)
+
+    async def leave_room(self, room: str) -> None:
+        """Leave ``room``; does nothing if this connection is not in it (does not error)."""
+        if room not in self._rooms and room not in self._attempted_rooms:
+            return
+        await self.channel_layer.group_discard(room, self.channel_name)
+        self._rooms.discard(room)
+        self._attempted_rooms.discard(room)
+
+    async def room_members(self, room: str) -> list[Member]:
+        """Every member of ``room`` on every node, with node id, meta and join time."""
+        self._validate_room(room)
+        members: list[Member] = await self.channel_layer.group_members(room)
+        return members
+
+    async def room_size(self, room: str) -> int:
+        """How many connections are in ``room``, all nodes."""
+        self._validate_room(room)
+        return int(await self.channel_layer.group_size(room))
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def broadcast(self, message: Message, *, exclude_self: bool = False) -> None:
+        """Send ``message`` to every connection of this consumer class, on every node."""
+        exclude = self.channel_name if exclude_self else None
+        envelope = api.make_envelope(message, exclude=exclude)
+        await self.channel_layer.group_send(self.get_broadcast_group(), envelope)
+
+    async def broadcast_to_room(
+        self, room: str, message: Message, *, exclude_self: bool = False
+    ) -> None:
+        """Send ``message`` to every connection in ``room``, on every node.
+
+        ``exclude_self`` skips exactly this connection (the same user's other
+        connections still receive it). Joining the room is not required.
+        """
+        self._validate_room(room)
+        exclude = self.channel_name if exclude_self else None
+        await self.channel_layer.group_send(room, api.make_envelope(message, exclude=exclude))
+
+    async def send_to_client(self, client_id: str, message: Message) -> None:
+        """Send ``message`` to the connection whose :attr:`client_id` is given, on any node.
+
+        Raises :class:`ClientError` (``invalid_message``) when ``client_id`` is not a
+        connection's id, so client-supplied ids cannot reach worker queues.
+        """
+        if not isinstance(client_id, str) or "!" not in client_id:
+            raise ClientError("invalid_message", f"Invalid client id {client_id!r}")
+        try:
+            await self.channel_layer.send(client_id, api.make_envelope(message))
+        except TypeError as exc:  # a malformed channel name (channels' own validation)
+            raise ClientError("invalid_message", f"Invalid client id {client_id!r}") from exc
+
+    async def send_to_user(self, user_id: object, message: Message) -> None:
+        """Send ``message`` to every connection of the user ``user_id``, on every node."""
+        await self.channel_layer.group_send(api.user_group(user_id), api.make_envelope(message))
+
+    async def send_json(self, content: Any, close: bool | int = False) -> None:
+        """Encode ``content`` with :meth:`encode_json` and send it as a text frame."""
+        await self.send(text_data=await self.encode_json(content), close=close)
+
+    async def send_error(self, code: str, message: str) -> None:
+        """Send an error frame ``{"type": "error", "code": ..., "message": ...}``."""
+        await self.send_json({"type": "error", "code": code, "message": message})
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        """Encode outbound JSON (as Channels' JSON consumer does); override to customise."""
+        return json.dumps(content)
+
+    @classmethod
+    async def decode_json(cls, text_data: str) -> Any:
+        """Decode an inbound text frame; a ``ValueError`` becomes an ``invalid_json`` error."""
+        return json.loads(text_data)
+
+    # -- channel-layer handlers --------------------------------------------------------
+
+    async def distrib_message(self, message: Message) -> None:
+        """Forward an envelope's JSON to the client unless this connection is excluded."""
+        if self._closing or message.get("exclude") == self.channel_name:
+            return
+        text = message.get("text")
+        if not isinstance(text, str):
+            logger.warning(
+                "dropping malformed %s envelope for %s", api.ENVELOPE_TYPE, self.channel_name
+            )
+            return
+        await self.send(text_data=text)
+
+    async def presence_state(self, message: Message) -> None:
+        """Forward a joined room's ``presence.state`` to the client as JSON; override to change."""
+        if not self._closing and message.get("group") in self._rooms:
+            await self.send_json(message)
+
+    async def presence_diff(self, message: Message) -> None:
+        """Forward a joined room's ``presence.diff`` to the client as JSON; override to change."""
+        if not self._closing and message.get("group") in self._rooms:
+            await self.send_json(message)
+
+    # -- inbound frames ----------------------------------------------------------------
+
+    async def websocket_receive(self, message: Message) -> None:
+        """Apply the size and rate limits to a frame, then pass it to :meth:`receive`."""
+        if self._closing:
+            return
+        text, data = message.get("text"), message.get("bytes")
+        if self._too_large(text, data):
+            logger.info("closing %s: frame over max_message_size", self.channel_name)
+            await self._close_with(CLOSE_MESSAGE_TOO_BIG)
+            return
+        if self._bucket is not None and not self._bucket.take():
+            await self.send_error("rate_limited", "Too many messages; slow down")
+            if self._too_many_rejections():
+                logger.info("closing %s: rate limit exceeded", self.channel_name)
+                await self._close_with(CLOSE_POLICY_VIOLATION)
+            return
+        await self.receive(text_data=text, bytes_data=data)
+
+    def _too_large(self, text: str | None, data: bytes | None) -> bool:
+        limit = self.max_message_size
+        if limit is None:
+            return False
+        if data is not None:
+            return len(data) > limit
+        if text is None or len(text) * 4 <= limit:  # UTF-8 is at most 4 bytes a character
+            return False
+        return len(text) > limit or len(text.encode("utf-8")) > limit
+
+    def _too_many_rejections(self) -> bool:
+        now = time.monotonic()
+        self._rejections.append(now)
+        full = len(self._rejections) >= self.rate_limit_max_rejections
+        return full and now - self._rejections[0] <= self.rate_limit_window
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        """Parse a frame as JSON and pass it to :meth:`receive_json`; errors become frames."""
+        if text_data is None:
+            await self.send_error("unsupported_frame", "Binary frames are not supported")
+            return
+        try:
+            content = await self.decode_json(text_data)
+        except (ValueError, RecursionError):  # bad JSON, or nesting deeper than json allows
+            await self.send_error("invalid_json", "Invalid message format")
+            return
+        await self.receive_json(content, **kwargs)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        """Check the message shape, run the inbound middleware and dispatch on ``type``."""
+        if not isinstance(content, dict) or not isinstance(content.get("type"), str):
+            await self.send_error("invalid_message", "Expected a JSON object with a string 'type'")
+            return
+        try:
+            await self.dispatch_inbound(content)
+        except ClientError as exc:
+            await self.send_error(exc.code, exc.message)
+
+    async def dispatch_inbound(self, content: Message) -> None:
+        """Run ``inbound_middleware`` in order, then await ``handle_<type>(content)``.
+
+        A middleware returning None drops the message. ``.`` and ``-`` in the type
+        become ``_``; a type with no handler gets an ``unknown_type`` error frame.
+        """
+        for middleware in self.inbound_middleware:
+            result = await middleware(self, content)
+            if result is None:
+                return
+            content = result
+        handler = self._inbound_handler(content.get("type"))
+        if handler is None:
+            raise ClientError("unknown_type", f"Unknown message type {content.get('type')!r}")
+        await handler(content)
+
+    def _inbound_handler(self, kind: object) -> Callable[[Message], Awaitable[Any]] | None:
+        if not isinstance(kind, str):
+            return None
+        name = "handle_" + kind.replace(".", "_").replace("-", "_")
+        if not name.isidentifier():
+            return None
+        handler = getattr(self, name, None)
+        return handler if callable(handler) else None
+
+
+class DistributedConsumer(DistributedMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]  # untyped base
+    """``DistributedMixin`` + Channels' ``AsyncJsonWebsocketConsumer``: subclass this."""

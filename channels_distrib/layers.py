@@ -1,0 +1,473 @@
+"""``DistributedChannelLayer``: the Channels layer spec on Redis, plus registry and presence.
+
+Process-local channels (``specific.<token>!<id>``) are delivered through their node's inbox
+stream; normal channels are shared Redis lists; a group send writes one inbox entry per node
+that has members (the node fans out locally) and one list item per normal-channel member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+import secrets
+import time
+from typing import Any
+
+import msgpack
+from channels.exceptions import ChannelFull, MessageTooLarge
+from channels.layers import BaseChannelLayer
+from django.core.exceptions import ImproperlyConfigured
+
+from .config import MIB, LayerConfig, build_config
+from .keys import Keys
+from .local import LocalChannel
+from .node import Node, default_node_id, new_token
+from .registry import INBOX_MAXLEN, Registry, encode_record, presence_entry, token_of
+from .serializers import SerializerError, make_serializer
+from .transport import BLOCK_SECONDS, Transport, backoff
+from .types import Member, Message, Meta, NodeInfo
+
+logger = logging.getLogger(__name__)
+
+_OPTIONS = (
+    "hosts", "prefix", "expiry", "group_expiry", "capacity", "channel_capacity",
+    "symmetric_encryption_keys", "serializer_format", "random_prefix_length", "node_id",
+    "heartbeat_interval", "node_timeout", "serializer", "max_message_size", "max_meta_size",
+    "retry_timeout", "connection_limit",
+)
+
+
+class _LoopState:
+    """What one event loop owns: its Redis connections and its normal-channel receivers."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.buffers: dict[str, LocalChannel] = {}
+        self.poppers: dict[str, asyncio.Task[None]] = {}
+
+    async def close(self) -> None:
+        for task in self.poppers.values():
+            task.cancel()
+        for task in list(self.poppers.values()):
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.poppers.clear()
+        await self.transport.close()
+
+
+class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
+    """A Channels layer whose groups know their members, nodes and presence, cluster-wide.
+
+    Options (the ``CONFIG`` dict): every channels_redis option (``hosts``, ``prefix``,
+    ``expiry``, ``group_expiry``, ``capacity``, ``channel_capacity``,
+    ``symmetric_encryption_keys``, ``serializer_format``, ``random_prefix_length`` — accepted,
+    no effect) plus ``node_id``, ``heartbeat_interval``, ``node_timeout``, ``serializer``,
+    ``max_message_size``, ``max_meta_size``, ``retry_timeout`` and ``connection_limit``.
+    See the README for each option's meaning and default.
+    """
+
+    extensions = ["groups", "flush", "registry", "presence"]
+
+    def __init__(
+        self,
+        *,
+        hosts: Any = None,
+        prefix: str = "asgi",
+        expiry: float = 60,
+        group_expiry: float = 86400,
+        capacity: int = 100,
+        channel_capacity: dict[str, int] | None = None,
+        symmetric_encryption_keys: list[str] | None = None,
+        serializer_format: str | None = None,
+        random_prefix_length: int = 12,
+        node_id: str | None = None,
+        heartbeat_interval: float = 2.0,
+        node_timeout: float = 6.0,
+        serializer: str | None = None,
+        max_message_size: int = 16 * MIB,
+        max_meta_size: int = 4096,
+        retry_timeout: float = 5.0,
+        connection_limit: int | None = None,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            name = sorted(unknown)[0]
+            close = difflib.get_close_matches(name, _OPTIONS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid options: {', '.join(_OPTIONS)}"
+            raise ImproperlyConfigured(f"channels_distrib: unknown CONFIG option {name!r}{hint}")
+        self.config: LayerConfig = build_config(
+            hosts=hosts, prefix=prefix, expiry=expiry, group_expiry=group_expiry, capacity=capacity,
+            channel_capacity=channel_capacity, symmetric_encryption_keys=symmetric_encryption_keys,
+            serializer_format=serializer_format, random_prefix_length=random_prefix_length,
+            node_id=node_id, heartbeat_interval=heartbeat_interval, node_timeout=node_timeout,
+            serializer=serializer, max_message_size=max_message_size, max_meta_size=max_meta_size,
+            retry_timeout=retry_timeout, connection_limit=connection_limit,
+        )
+        super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
+        self.channel_capacity = [(regex, value) for regex, _glob, value in self.config.channel_capacity]
+        self.group_expiry = self.config.group_expiry
+        self.prefix = self.config.prefix
+        self.connection_limit = self.config.connection_limit
+        self.serializer = make_serializer(self.config.serializer, self.config.symmetric_encryption_keys)
+        self.keys = Keys(self.config.prefix)
+        self.registry = Registry(self.config, self.keys, self.serializer)
+        self._token = new_token()
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self._node: Node | None = None
+        self._node_starting: asyncio.Future[Node] | None = None
+        self._dropped = 0
+        self._last_drop_log = 0.0
+
+    # -- connections per event loop -------------------------------------------------------
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            transport = Transport(
+                self.config.host, client_name=f"distrib:{self.config.prefix}",
+                retry_timeout=self.config.retry_timeout,
+            )
+            state = self._loops[loop] = _LoopState(transport)
+            self._wrap_close(loop)
+        return state
+
+    def _transport(self) -> Transport:
+        return self._state().transport
+
+    def _wrap_close(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close this loop's connections and node before the loop itself closes.
+
+        ``async_to_sync`` runs each call in a fresh loop that it closes afterwards; without
+        this the connections (and a node's tasks) would be destroyed while still open.
+        """
+        original = loop.close
+
+        def close() -> None:
+            if not loop.is_running() and not loop.is_closed():
+                loop.run_until_complete(self._close_loop(loop))
+            original()
+
+        loop.close = close  # type: ignore[method-assign]
+
+    async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        node = self._node
+        if node is not None and node.loop is loop:
+            self._node = None
+            await node.stop()
+        state = self._loops.pop(loop, None)
+        if state is not None:
+            await state.close()
+
+    # -- validation -----------------------------------------------------------------------
+
+    def _encode(self, message: Any) -> bytes:
+        if not isinstance(message, dict):
+            raise TypeError(f"message must be a dict, not {type(message).__name__}")
+        payload = self.serializer.dumps(message)
+        if len(payload) > self.config.max_message_size:
+            raise MessageTooLarge(
+                f"message is {len(payload)} bytes encoded; max_message_size is {self.config.max_message_size}"
+            )
+        return payload
+
+    def _decode(self, payload: bytes, channel: str) -> Message | None:
+        try:
+            return self.serializer.loads(payload)
+        except SerializerError as exc:
+            logger.error("Skipping a corrupt or foreign payload for %s: %s", channel, exc)
+            return None
+
+    def _check_meta(self, meta: Any) -> None:
+        if meta is None:
+            return
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict or None, not {type(meta).__name__}")
+        try:
+            size = len(msgpack.packb(meta, use_bin_type=True))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"meta must be serializable (str keys, JSON-like values): {exc}") from exc
+        if size > self.config.max_meta_size:
+            raise ValueError(f"meta is {size} bytes encoded; max_meta_size is {self.config.max_meta_size}")
+
+    # -- channels -------------------------------------------------------------------------
+
+    async def _ensure_node(self) -> Node:
+        node = self._node
+        if node is not None and not node.stopped:
+            return node
+        if self._node_starting is not None:
+            return await asyncio.shield(self._node_starting)
+        starting: asyncio.Future[Node] = asyncio.get_running_loop().create_future()
+        self._node_starting = starting
+        try:
+            node = Node(self.config, self.keys, self.registry, self._transport(),
+                        token=self._token, node_id=self.node_id)
+            await node.start()
+            self._node = node
+            starting.set_result(node)
+            return node
+        except BaseException as exc:
+            starting.set_exception(exc)
+            starting.exception()  # retrieved here: callers waiting on it re-raise it themselves
+            raise
+        finally:
+            self._node_starting = None
+
+    @property
+    def node_id(self) -> str:
+        """This process's node id (the configured one, or the generated one)."""
+        if self._node is not None:
+            return self._node.node_id
+        return self.config.node_id or default_node_id(self._token)
+
+    async def new_channel(self, prefix: str = "specific") -> str:
+        """A new process-local channel, delivered to this process; makes this process a node."""
+        if not isinstance(prefix, str) or not self.group_name_regex.match(prefix):
+            raise TypeError("new_channel prefix must be letters, digits, hyphens, underscores or periods")
+        node = await self._ensure_node()
+        return node.new_channel(prefix)
+
+    async def send(self, channel: str, message: Message) -> None:
+        """Send to one channel; raises ChannelFull when the channel is known to be at capacity."""
+        self.require_valid_channel_name(channel)
+        payload = self._encode(message)
+        transport = self._transport()
+        token = token_of(channel)
+        if token:
+            node = self._node
+            if node is not None and node.owns(channel):
+                local = node.channels.get(channel)
+                if local is not None and local.full:
+                    raise ChannelFull(channel)
+            keys = [self.keys.inbox(token), self.keys.full(token)]
+            args = [channel, payload, INBOX_MAXLEN, self.registry.inbox_ttl_ms]
+            if not await transport.script("send_inbox", keys, args):
+                raise ChannelFull(channel)
+            return
+        args = [payload, self.config.capacity_for(channel), int(self.config.expiry * 1000)]
+        if not await transport.script("send_queue", [self.keys.queue(channel)], args):
+            raise ChannelFull(channel)
+
+    async def receive(self, channel: str) -> Message:
+        """Wait for the next message on a channel; cancellation-safe, never a connection error."""
+        self.require_valid_channel_name(channel)
+        if token_of(channel):
+            node = self._node
+            if node is None or not node.owns(channel):
+                raise ValueError(f"{channel} is a process-local channel of another process")
+            local = node.local_channel(channel)
+            while True:
+                message = self._decode(await local.get(), channel)
+                if message is not None:
+                    return message
+        return await self._receive_named(channel)
+
+    async def _receive_named(self, channel: str) -> Message:
+        state = self._state()
+        buffer = state.buffers.get(channel)
+        if buffer is None:
+            buffer = state.buffers[channel] = LocalChannel(channel, 1 << 30)
+        while True:
+            if not buffer.items:
+                popper = state.poppers.get(channel)
+                if popper is None or popper.done():
+                    state.poppers[channel] = asyncio.get_running_loop().create_task(
+                        self._pop_loop(state, channel, buffer), name=f"channels_distrib.pop.{channel}"
+                    )
+            message = self._decode(await buffer.get(), channel)
+            if message is not None:
+                return message
+
+    async def _pop_loop(self, state: _LoopState, channel: str, buffer: LocalChannel) -> None:
+        """BLPOP a normal channel's queue while a receive waits here; a popped item is never lost.
+
+        The pop runs in this task, not in the caller's receive, so cancelling a receive never
+        abandons an item mid-flight: it lands in ``buffer`` for the next receive on this loop.
+        """
+        key = self.keys.queue(channel)
+        attempt = 0
+        while True:
+            try:
+                item = await state.transport.blocking.blpop([key], timeout=BLOCK_SECONDS)
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                if attempt in (1, 10):
+                    logger.warning("Receive on %s lost Redis (%s); reconnecting", channel, exc)
+                await asyncio.sleep(backoff(attempt))
+                continue
+            if item is not None:
+                stamp, _, payload = item[1].partition(b":")
+                try:
+                    remaining = int(stamp) / 1000.0 - time.time()
+                except ValueError:
+                    logger.error("Skipping a malformed item in %s", key)
+                    continue
+                if remaining > 0:
+                    buffer.put(payload, time.monotonic() + remaining)
+            if buffer.pending == 0 and (item is not None or not buffer.waiters):
+                return
+
+    # -- groups ---------------------------------------------------------------------------
+
+    async def group_add(
+        self, group: str, channel: str, *, meta: Meta | None = None, presence: bool = False
+    ) -> None:
+        """Add a channel to a group (with optional ``meta``; ``presence`` announces it)."""
+        self.require_valid_group_name(group)
+        self.require_valid_channel_name(channel)
+        self._check_meta(meta)
+        transport = self._transport()
+        node = self._node
+        owned = node is not None and node.owns(channel)
+        node_id = node.node_id if owned and node is not None else self._owner_id(channel)
+        if owned and node is not None:
+            # Remember first: a group message that races the registry write still arrives.
+            node.remember(group, channel, encode_record(node_id, meta), presence)
+        try:
+            result = await self.registry.add(
+                transport, group, channel, node_id, meta, presence, notify=not owned
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if owned and node is not None:
+                node.forget(group, channel)
+            raise
+        if owned and node is not None:
+            node.remember(group, channel, result.record, presence)
+        await self._announce(transport, group, channel, result, presence)
+
+    def _owner_id(self, channel: str) -> str | None:
+        """Node id recorded for another process's channel: its token until it re-registers."""
+        token = token_of(channel)
+        return token or None
+
+    async def _announce(self, transport: Transport, group: str, channel: str, result: Any, presence: bool) -> None:
+        """presence.state to a joining presence member, presence.diff to the others."""
+        entry = presence_entry(channel, result.record)
+        if presence:
+            state = {"type": "presence.state", "group": group, "members": result.state}
+            node = self._node
+            if node is not None and node.owns(channel):
+                node.local_channel(channel).put(self.serializer.dumps(state), time.monotonic() + self.config.expiry)
+            else:
+                await self.send(channel, state)
+            leaves = [presence_entry(channel, result.old_presence)] if result.old_presence else []
+            if result.old_presence is None or result.old_presence.partition(b":")[2] != result.record.partition(b":")[2]:
+                await self.registry.send_presence(transport, group, [entry], leaves, exclude=channel)
+        elif result.old_presence is not None:
+            await self.registry.send_presence(transport, group, [], [presence_entry(channel, result.old_presence)])
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove a channel from a group; does nothing if it is not a member."""
+        self.require_valid_group_name(group)
+        self.require_valid_channel_name(channel)
+        node = self._node
+        owned = node is not None and node.owns(channel)
+        if owned and node is not None:
+            node.forget(group, channel)
+        transport = self._transport()
+        record = await self.registry.discard(transport, group, channel, notify=not owned)
+        if record is not None:
+            await self.registry.send_presence(transport, group, [], [presence_entry(channel, record)])
+
+    async def group_send(self, group: str, message: Message) -> None:
+        """Send to every member of a group: one Redis round trip, encoded once, never ChannelFull."""
+        self.require_valid_group_name(group)
+        payload = self._encode(message)
+        keys, args = self.registry.group_send_args("g", group, payload)
+        _nodes, _queued, dropped = await self._transport().script("group_send", keys, args)
+        if dropped:
+            self._dropped += int(dropped)
+            now = time.monotonic()
+            if now - self._last_drop_log >= 1.0:
+                self._last_drop_log = now
+                logger.warning("group_send to %s dropped %d message(s) for full channels (%d in all)",
+                               group, dropped, self._dropped)
+
+    # -- registry queries -----------------------------------------------------------------
+
+    async def group_channels(self, group: str) -> set[str]:
+        """Every member channel of the group, on all nodes."""
+        self.require_valid_group_name(group)
+        return await self.registry.group_channels(self._transport(), group)
+
+    async def group_size(self, group: str) -> int:
+        """The number of members of the group (O(1) in Redis)."""
+        self.require_valid_group_name(group)
+        return await self.registry.group_size(self._transport(), group)
+
+    async def group_members(self, group: str) -> list[Member]:
+        """The group's members with their node, meta and join time, oldest first."""
+        self.require_valid_group_name(group)
+        return await self.registry.group_members(self._transport(), group)
+
+    async def channel_groups(self, channel: str) -> set[str]:
+        """The groups a channel is in."""
+        self.require_valid_channel_name(channel)
+        return await self.registry.channel_groups(self._transport(), channel)
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The live nodes, oldest first."""
+        return await self.registry.nodes(self._transport())
+
+    async def node_channels(self, node_id: str) -> set[str]:
+        """A node's channels that are in any group; empty for an unknown node."""
+        if not isinstance(node_id, str):
+            raise TypeError("node_id must be a string")
+        return await self.registry.node_channels(self._transport(), node_id)
+
+    async def prune(self) -> list[str]:
+        """Remove nodes silent for longer than ``node_timeout`` now; returns their node ids."""
+        return await self.registry.prune(self._transport())
+
+    # -- flush and close ------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Delete everything under this prefix (SCAN, never KEYS); nodes drop their local state."""
+        transport = self._transport()
+
+        async def delete_all(client: Any) -> None:
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=self.keys.scan_pattern(), count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await client.unlink(*batch)
+                    batch = []
+            if batch:
+                await client.unlink(*batch)
+
+        await transport.run(delete_all)
+        epoch = secrets.token_hex(8).encode()
+        await transport.run(lambda c: c.set(self.keys.flush, epoch))
+        node = self._node
+        if node is not None:
+            node.flush_epoch = epoch
+            node.drop_state()
+        for state in self._loops.values():
+            for buffer in state.buffers.values():
+                buffer.clear()
+
+    async def close(self) -> None:
+        """Stop this process's node (removing it and its memberships) and close connections."""
+        node, self._node = self._node, None
+        loop = asyncio.get_running_loop()
+        if node is not None:
+            if node.loop is loop:
+                await node.stop()
+            elif node.loop.is_running():
+                # The node lives on another thread's loop: stop it there and wait.
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(node.stop(), node.loop))
+        state = self._loops.pop(loop, None)
+        if state is not None:
+            await state.close()
+
+
+__all__ = ["DistributedChannelLayer"]

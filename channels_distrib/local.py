@@ -1,0 +1,122 @@
+"""Per-channel local queues of a node: where inbox entries wait for ``receive()``.
+
+Payloads stay encoded until a consumer receives them, so a group message fanned out to 100
+local channels is decoded only by the consumers that take it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+#: A channel counts as "receiving" while a receive() is pending or ended this recently (s).
+RECEIVING_GRACE = 1.0
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    """Resolve a waiter from whatever loop or thread the caller is on."""
+    loop = future.get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        if not future.done():
+            future.set_result(None)
+    else:
+
+        def resolve() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        loop.call_soon_threadsafe(resolve)
+
+
+class LocalChannel:
+    """The messages waiting for one process-local channel, and who is waiting for them."""
+
+    __slots__ = ("name", "capacity", "items", "waiters", "pending", "last_active", "expired",
+                 "room_waiter", "created")
+
+    def __init__(self, name: str, capacity: int) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.items: deque[tuple[float, bytes]] = deque()
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.pending = 0
+        self.created = self.last_active = time.monotonic()
+        self.expired = 0
+        self.room_waiter: asyncio.Future[None] | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.capacity
+
+    def receiving(self, now: float) -> bool:
+        """True while a consumer is taking messages: a receive is pending or just returned."""
+        return self.pending > 0 or now - self.last_active < RECEIVING_GRACE
+
+    def put(self, payload: bytes, expires: float) -> None:
+        """Queue one payload (the caller has checked capacity) and wake one waiting receive."""
+        self.items.append((expires, payload))
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                _wake(waiter)
+                break
+
+    def purge_expired(self, now: float) -> None:
+        """Drop expired payloads from the head, counting them as expired unconsumed."""
+        while self.items and self.items[0][0] <= now:
+            self.items.popleft()
+            self.expired += 1
+
+    async def get(self) -> bytes:
+        """Wait for the next unexpired payload.
+
+        Cancellation-safe: a payload is taken off the queue only in the same step that
+        returns it, so a receive cancelled while waiting leaves every payload queued.
+        """
+        while True:
+            now = time.monotonic()
+            self.purge_expired(now)
+            if self.items:
+                _expires, payload = self.items.popleft()
+                self.last_active = now
+                if self.room_waiter is not None and len(self.items) < self.capacity:
+                    _wake(self.room_waiter)
+                return payload
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            self.pending += 1
+            try:
+                await waiter
+            finally:
+                self.pending -= 1
+                self.last_active = time.monotonic()
+                woken = waiter.done() and not waiter.cancelled()
+                if not waiter.done():
+                    waiter.cancel()
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+                # Woken but cancelled before running: pass the wake-up on, or a second
+                # receiver of this channel would sleep on a non-empty queue.
+                if woken and self.items and self.waiters:
+                    _wake(self.waiters.popleft())
+
+    async def wait_for_room(self, timeout: float) -> None:
+        """Pause the inbox reader until this queue has room or ``timeout`` passes (pacing)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.room_waiter = waiter
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self.room_waiter = None
+
+    def clear(self) -> None:
+        self.items.clear()

@@ -1,0 +1,110 @@
+"""Shared plumbing of the ``distrib_*`` management commands (not a command itself).
+
+Each command builds its own layer instance from ``CHANNEL_LAYERS`` (so it never
+touches a layer the process may already use), runs one coroutine on one event loop,
+and closes the layer. A Redis that cannot be reached becomes a ``CommandError``:
+Django prints it as one line on stderr and exits with status 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from asgiref.sync import async_to_sync
+from channels.layers import channel_layers
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+T = TypeVar("T")
+
+# redis-py's errors are imported lazily so the module imports without Redis installed.
+_UNREACHABLE: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    import redis.exceptions
+
+    from channels_distrib.exceptions import DistribError
+
+    return (*_UNREACHABLE, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+            DistribError)
+
+
+def describe_hosts(alias: str) -> str:
+    """The configured Redis hosts of ``alias`` as one string, passwords masked."""
+    config: dict[str, Any] = settings.CHANNEL_LAYERS.get(alias, {}).get("CONFIG", {}) or {}
+    hosts = config.get("hosts") or ["redis://localhost:6379"]
+    shown: list[str] = []
+    for host in hosts:
+        if isinstance(host, str):
+            parts = urlsplit(host)
+            if parts.password:
+                netloc = f"{parts.username or ''}:***@{parts.hostname}"
+                if parts.port:
+                    netloc += f":{parts.port}"
+                host = urlunsplit(parts._replace(netloc=netloc))
+            shown.append(host)
+        elif isinstance(host, dict) and "sentinels" in host:
+            shown.append(f"sentinels {host['sentinels']} master {host.get('master_name')}")
+        elif isinstance(host, dict):
+            shown.append(str(host.get("address", host)))
+        else:
+            shown.append(str(host))
+    return ", ".join(shown)
+
+
+@contextmanager
+def _quiet_library_logs() -> Iterator[None]:
+    """Keep the layer's reconnect warnings out of a command's one-line error."""
+    library = logging.getLogger("channels_distrib")
+    previous = library.level
+    library.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        library.setLevel(previous)
+
+
+class LayerCommand(BaseCommand):
+    """A command that runs one coroutine against a fresh instance of a configured layer."""
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--layer", default="default", help="CHANNEL_LAYERS alias (default: default)."
+        )
+        parser.add_argument(
+            "--timeout", type=float, default=5.0,
+            help="Seconds to wait for Redis before giving up (default: 5).",
+        )
+
+    def run_on_layer(
+        self, alias: str, timeout: float, work: Callable[[Any], Awaitable[T]]
+    ) -> T:
+        if alias not in settings.CHANNEL_LAYERS:
+            raise CommandError(f"No channel layer {alias!r} in CHANNEL_LAYERS.")
+        layer = channel_layers.make_backend(alias)
+        if "registry" not in getattr(layer, "extensions", ()):
+            raise CommandError(
+                f"CHANNEL_LAYERS[{alias!r}] is {type(layer).__module__}.{type(layer).__name__}; "
+                "these commands need channels_distrib.layers.DistributedChannelLayer."
+            )
+
+        async def run() -> T:
+            try:
+                return await asyncio.wait_for(work(layer), timeout)
+            finally:
+                await layer.close()
+
+        with _quiet_library_logs():
+            try:
+                return async_to_sync(run)()
+            except _unreachable_errors() as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
+                raise CommandError(
+                    f"Cannot reach Redis at {describe_hosts(alias)}: {reason}"
+                ) from None

@@ -1,0 +1,235 @@
+"""The membership and node registry in Redis: writes through the Lua scripts, cluster-wide queries.
+
+Every query is one or two round trips and never scans the keyspace. Member records are
+``b"<joined ms>:<msgpack [node_id, meta]>"``; the join time is Redis server time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .config import LayerConfig
+from .keys import Keys
+from .serializers import Serializer
+from .transport import Transport
+from .types import Member, Meta, NodeInfo
+
+logger = logging.getLogger(__name__)
+
+#: Approximate cap on inbox length (entries); older entries are trimmed by XADD.
+INBOX_MAXLEN = 100_000
+#: How long a pruned node's tombstone lasts (ms): a node back within this announces its joins.
+TOMBSTONE_MS = 24 * 3600 * 1000
+
+
+def token_of(channel: str) -> str:
+    """The owning node's token of a process-local channel ``specific.<token>!<id>``; "" otherwise."""
+    bang = channel.find("!")
+    if bang < 0:
+        return ""
+    head = channel[:bang]
+    dot = head.rfind(".")
+    return head[dot + 1 :] if dot >= 0 else head
+
+
+def encode_record(node_id: str | None, meta: Meta | None) -> bytes:
+    """A member record without its time; the script stamps the join time (leading ':')."""
+    return b":" + msgpack.packb([node_id, meta], use_bin_type=True)
+
+
+def decode_record(record: bytes) -> tuple[float, str | None, Meta | None]:
+    """(joined_at seconds, node_id, meta) from a stored record; tolerant of damage."""
+    stamp, _, blob = record.partition(b":")
+    try:
+        node_id, meta = msgpack.unpackb(blob, raw=False)
+        return int(stamp) / 1000.0, node_id, meta
+    except Exception:  # a damaged record must not break a query
+        logger.warning("Skipping a malformed member record %r", record[:60])
+        return 0.0, None, None
+
+
+def presence_entry(channel: str, record: bytes) -> dict[str, Any]:
+    """The ``{"channel", "node_id", "meta"}`` form presence messages carry."""
+    _joined, node_id, meta = decode_record(record)
+    return {"channel": channel, "node_id": node_id, "meta": meta}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What GROUP_ADD reported: whether it was new, the stored record, and presence state."""
+
+    new: bool
+    old_presence: bytes | None
+    record: bytes
+    state: list[dict[str, Any]]
+
+
+class Registry:
+    """Registry operations for one prefix; each takes the Transport of the calling loop."""
+
+    def __init__(self, config: LayerConfig, keys: Keys, serializer: Serializer) -> None:
+        self.config = config
+        self.keys = keys
+        self.serializer = serializer
+        self.inbox_ttl_ms = int(max(config.expiry, config.node_timeout) * 2000) + 10_000
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def add(
+        self, t: Transport, group: str, channel: str, node_id: str | None, meta: Meta | None,
+        presence: bool, notify: bool,
+    ) -> AddResult:
+        """Add or update one membership; ``notify`` tells the owning node through its inbox."""
+        token = token_of(channel)
+        keys = self.keys.membership_keys(group, channel, token)
+        args = [
+            self.keys.prefix, group, channel, token, encode_record(node_id, meta),
+            "1" if presence else "0", int(self.config.group_expiry * 1000),
+            "1" if notify and token else "0", INBOX_MAXLEN, self.inbox_ttl_ms,
+        ]
+        old, old_presence, record, flat = await t.script("group_add", keys, args)
+        state = [presence_entry(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+        return AddResult(new=old is None, old_presence=old_presence, record=record, state=state)
+
+    async def discard(self, t: Transport, group: str, channel: str, notify: bool) -> bytes | None:
+        """Remove one membership; returns its presence record when it was a presence member."""
+        token = token_of(channel)
+        keys = self.keys.membership_keys(group, channel, token)
+        args = [group, channel, token, "1" if notify and token else "0", INBOX_MAXLEN,
+                self.inbox_ttl_ms, self.keys.prefix]
+        removed, presence = await t.script("group_discard", keys, args)
+        return presence if removed and presence else None
+
+    def group_send_args(self, kind: str, group: str, payload: bytes, exclude: str = "") -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of GROUP_SEND; 'g' reaches all members, 'p' presence members only."""
+        nodes = self.keys.group_nodes(group) if kind == "g" else self.keys.group_presence_nodes(group)
+        keys = [nodes, self.keys.group_queues(group), self.keys.group(group)]
+        args: list[Any] = [
+            self.keys.prefix, kind, group, payload, exclude, INBOX_MAXLEN, self.inbox_ttl_ms,
+            int(self.config.expiry * 1000), int(self.config.group_expiry * 1000), self.config.capacity,
+            *self.config.lua_capacity_patterns(),
+        ]
+        return keys, args
+
+    async def send_presence(
+        self, t: Transport, group: str, joins: list[dict[str, Any]], leaves: list[dict[str, Any]],
+        exclude: str = "",
+    ) -> None:
+        """Send one ``presence.diff`` to the group's presence members (except ``exclude``)."""
+        payload = self.serializer.dumps(
+            {"type": "presence.diff", "group": group, "joins": joins, "leaves": leaves}
+        )
+        keys, args = self.group_send_args("p", group, payload, exclude)
+        await t.script("group_send", keys, args)
+
+    async def send_leave_diffs(self, t: Transport, flat: list[Any]) -> None:
+        """One diff per group for flat (group, channel, record) triples from PRUNE_NODE."""
+        by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for i in range(0, len(flat), 3):
+            by_group[_text(flat[i])].append(presence_entry(_text(flat[i + 1]), flat[i + 2]))
+        if not by_group:
+            return
+        script = t.scripts["group_send"]
+
+        async def send_all(client: Any) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for group, leaves in by_group.items():
+                    payload = self.serializer.dumps(
+                        {"type": "presence.diff", "group": group, "joins": [], "leaves": leaves}
+                    )
+                    keys, args = self.group_send_args("p", group, payload)
+                    await script(keys=keys, args=args, client=pipe)
+                await pipe.execute()
+
+        await t.run(send_all)
+
+    async def prune_token(self, t: Transport, token: str, *, own: bool = False) -> bool:
+        """Remove a dead node (or, with ``own``, this node on a clean stop) and announce leaves."""
+        keys = [self.keys.nodes, self.keys.node_info, self.keys.node_ids, self.keys.token_ids]
+        args = [self.keys.prefix, token, int(self.config.node_timeout * 1000), TOMBSTONE_MS,
+                "1" if own else "0"]
+        result = await t.script("prune_node", keys, args)
+        if not result or int(result[0]) != 1:
+            return False
+        await self.send_leave_diffs(t, list(result[1:]))
+        return True
+
+    async def prune(self, t: Transport) -> list[str]:
+        """Find nodes silent for longer than ``node_timeout`` and prune them; their node ids."""
+        now_ms, seen, info = await self._node_table(t)
+        cutoff = now_ms - self.config.node_timeout * 1000
+        pruned = []
+        for token, last_seen in seen.items():
+            if last_seen < cutoff and await self.prune_token(t, token):
+                pruned.append(self._node_id(token, info))
+        return pruned
+
+    # -- queries --------------------------------------------------------------------------
+
+    async def group_channels(self, t: Transport, group: str) -> set[str]:
+        names = await t.run(lambda c: c.hkeys(self.keys.group(group)))
+        return {_text(name) for name in names}
+
+    async def group_size(self, t: Transport, group: str) -> int:
+        return int(await t.run(lambda c: c.hlen(self.keys.group(group))))
+
+    async def group_members(self, t: Transport, group: str) -> list[Member]:
+        raw = await t.run(lambda c: c.hgetall(self.keys.group(group)))
+        members = []
+        for channel, record in raw.items():
+            joined_at, node_id, meta = decode_record(record)
+            members.append(Member(_text(channel), node_id, meta, joined_at))
+        members.sort(key=lambda m: (m.joined_at, m.channel))
+        return members
+
+    async def channel_groups(self, t: Transport, channel: str) -> set[str]:
+        groups = await t.run(lambda c: c.smembers(self.keys.channel_groups(channel)))
+        return {_text(group) for group in groups}
+
+    async def _node_table(self, t: Transport) -> tuple[float, dict[str, float], dict[str, Any]]:
+        now_ms, flat_seen, flat_info = await t.script("nodes", [self.keys.nodes, self.keys.node_info], [])
+        seen = {_text(flat_seen[i]): float(flat_seen[i + 1]) for i in range(0, len(flat_seen), 2)}
+        info = {}
+        for i in range(0, len(flat_info), 2):
+            try:
+                info[_text(flat_info[i])] = msgpack.unpackb(flat_info[i + 1], raw=False)
+            except Exception:
+                logger.warning("Skipping malformed node info for %r", flat_info[i])
+        return float(now_ms), seen, info
+
+    @staticmethod
+    def _node_id(token: str, info: dict[str, Any]) -> str:
+        entry = info.get(token)
+        return str(entry["node_id"]) if isinstance(entry, dict) and "node_id" in entry else token
+
+    async def nodes(self, t: Transport) -> list[NodeInfo]:
+        now_ms, seen, info = await self._node_table(t)
+        cutoff = now_ms - self.config.node_timeout * 1000
+        result = []
+        for token, last_seen in seen.items():
+            entry = info.get(token)
+            if last_seen < cutoff or not isinstance(entry, dict):
+                continue
+            result.append(NodeInfo(
+                node_id=str(entry.get("node_id", token)), hostname=str(entry.get("hostname", "")),
+                pid=int(entry.get("pid", 0)), started_at=float(entry.get("started_at", 0.0)),
+                last_seen=last_seen / 1000.0, channel_count=int(entry.get("channel_count", 0)),
+            ))
+        result.sort(key=lambda n: (n.started_at, n.node_id))
+        return result
+
+    async def node_channels(self, t: Transport, node_id: str) -> set[str]:
+        token = await t.run(lambda c: c.hget(self.keys.node_ids, node_id))
+        if token is None:
+            return set()
+        names = await t.run(lambda c: c.smembers(self.keys.node_channels(_text(token))))
+        return {_text(name) for name in names}

@@ -1,0 +1,145 @@
+"""Redis connections for one event loop, and the rule for when a command may be retried.
+
+At most once: a command is retried only when it provably never reached Redis, which here
+means the connection could not be established (redis-py's own retries are switched off).
+A failure after the command was written raises, because it may have run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config import HostConfig
+from .exceptions import RedisUnavailable
+from .scripts import ALL as SCRIPT_SOURCES
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long a blocking read (XREAD/BLPOP) waits server-side before coming back empty.
+BLOCK_SECONDS = 2.0
+
+
+class NotConnected(RedisConnectionError):
+    """The connection could not be opened: the command was never written, so a retry is safe."""
+
+
+class _MarksConnectFailures:
+    """Mixin for redis-py connection classes: failures while connecting raise NotConnected."""
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise NotConnected(str(exc)) from exc
+
+
+class _TcpConnection(_MarksConnectFailures, Connection):
+    pass
+
+
+class _SslConnection(_MarksConnectFailures, SSLConnection):
+    pass
+
+
+class _UnixConnection(_MarksConnectFailures, UnixDomainSocketConnection):
+    pass
+
+
+def _connection_class(url: str) -> type[AbstractConnection]:
+    if url.startswith("rediss://"):
+        return _SslConnection
+    if url.startswith("unix://"):
+        return _UnixConnection
+    return _TcpConnection
+
+
+def make_client(host: HostConfig, *, client_name: str, socket_timeout: float | None) -> Redis:
+    """A redis.asyncio client for ``host`` with redis-py retries off and our connect marker on."""
+    options: dict[str, Any] = {
+        "client_name": client_name,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 2.0,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    options.update(host.kwargs)
+    if host.sentinels:
+        from redis.asyncio.sentinel import Sentinel
+
+        sentinel = Sentinel(list(host.sentinels), sentinel_kwargs=host.sentinel_kwargs or None)
+        client: Redis = sentinel.master_for(host.master_name or "", **options)
+        return client
+    if host.url is None:
+        raise ValueError("host has neither url nor sentinels")
+    pool = ConnectionPool.from_url(host.url, connection_class=_connection_class(host.url), **options)
+    return Redis(connection_pool=pool)
+
+
+def backoff(attempt: int, cap: float = 2.0) -> float:
+    """Exponential backoff with full jitter, so reconnecting nodes do not stampede Redis."""
+    return random.uniform(0, min(cap, 0.05 * (2**attempt)))
+
+
+class Transport:
+    """The connections and registered scripts one event loop uses; created lazily per loop."""
+
+    def __init__(self, host: HostConfig, *, client_name: str, retry_timeout: float) -> None:
+        self.host = host
+        self.retry_timeout = retry_timeout
+        self.client = make_client(
+            host, client_name=client_name, socket_timeout=max(retry_timeout, 2.0) + 3.0
+        )
+        # Blocking reads get their own pool whose socket timeout outlasts the server-side block,
+        # so an idle receive never surfaces a timeout (channels_redis #396 with redis-py 6+).
+        self.blocking = make_client(
+            host, client_name=client_name, socket_timeout=BLOCK_SECONDS + 5.0
+        )
+        self.scripts = {name: self.client.register_script(src) for name, src in SCRIPT_SOURCES.items()}
+
+    async def run(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
+        """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return await operation(self.client)
+            except NotConnected as exc:
+                waited = time.monotonic() - started
+                if waited >= self.retry_timeout:
+                    raise RedisUnavailable(self.host.address, waited, exc) from exc
+                attempt += 1
+                await asyncio.sleep(min(backoff(attempt), max(0.0, self.retry_timeout - waited)))
+
+    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of :mod:`channels_distrib.scripts` by name (EVALSHA, loading it if needed)."""
+        script = self.scripts[name]
+        return await self.run(lambda client: script(keys=keys, args=args, client=client))
+
+    async def close(self) -> None:
+        """Close both pools; safe to call twice."""
+        for client in (self.client, self.blocking):
+            await client.aclose()
+            await client.connection_pool.disconnect()
