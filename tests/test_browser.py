@@ -1,0 +1,153 @@
+"""The chat page and the dashboard in headless Chromium, against two real daphne nodes.
+
+Needs Debian's ``chromium`` (``.ci/install-browser``) and the ``playwright`` package,
+which drives ``/usr/bin/chromium`` (playwright's own browser download is not used).
+Screenshots go to docs/screenshots/ (the README shows them), or to $SCREENSHOT_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from testproject.testing import Node, start_node
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = Path(os.environ.get("SCREENSHOT_DIR") or ROOT / "docs" / "screenshots")
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
+
+
+def _skip(reason: str) -> None:
+    # Printed past pytest's capture so the reason shows even without -rs.
+    print(f"\ntests/test_browser.py skipped: {reason}", file=sys.__stderr__, flush=True)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        _skip(f"{CHROMIUM} is not installed (run .ci/install-browser)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _skip("the playwright package is not installed (pip install playwright)")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--disable-dev-shm-usage"],
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def nodes(redis_url: str) -> Iterator[tuple[Node, Node]]:
+    prefix = f"br{uuid.uuid4().hex[:8]}"
+    a = start_node(redis_url, prefix, "node-a")
+    try:
+        b = start_node(redis_url, prefix, "node-b")
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+        client = redis.Redis.from_url(redis_url)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
+
+
+def _join(page: Any, url: str, name: str, room: str) -> None:
+    page.goto(url)
+    page.wait_for_selector("#status.ok")
+    page.fill("#name", name)
+    page.fill("#room", room)
+    page.click("#join")
+    page.wait_for_function(
+        "([room]) => document.getElementById('current-room').textContent.includes(room)",
+        arg=[room],
+    )
+
+
+def _send(page: Any, text: str) -> None:
+    page.fill("#message", text)
+    page.click("#send")
+
+
+def _wait_message(page: Any, sender: str, text: str) -> None:
+    page.wait_for_function(
+        """([sender, text]) => Array.from(document.querySelectorAll('#messages li')).some(
+               li => li.querySelector('.from') && li.querySelector('.from').textContent === sender
+                     && li.textContent.endsWith(text))""",
+        arg=[sender, text],
+    )
+
+
+def _members(page: Any) -> list[tuple[str, str]]:
+    rows = page.query_selector_all("#members li")
+    return sorted((r.query_selector(".member-name").inner_text(),
+                   r.query_selector(".member-node").inner_text()) for r in rows)
+
+
+def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
+    browser: Any, nodes: tuple[Node, Node]
+) -> None:
+    a, b = nodes
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1100, "height": 640})
+    context.set_default_timeout(15_000)
+    try:
+        alice = context.new_page()
+        bob = context.new_page()
+        _join(alice, f"{a.http_url}/", "alice", "room1")
+        _join(bob, f"{b.http_url}/", "bob", "room1")
+        for page in (alice, bob):
+            page.wait_for_function(
+                "() => document.querySelectorAll('#members li').length === 2")
+        assert _members(alice) == [("alice", "node-a"), ("bob", "node-b")]
+        assert _members(bob) == [("alice", "node-a"), ("bob", "node-b")]
+
+        _send(alice, "Hi Bob, I am on node A.")
+        _wait_message(bob, "alice", "Hi Bob, I am on node A.")
+        _send(bob, "Hello Alice! Node B here, got it.")
+        _wait_message(alice, "bob", "Hello Alice! Node B here, got it.")
+        _send(alice, "One cluster, two daphne processes.")
+        _wait_message(bob, "alice", "One cluster, two daphne processes.")
+        # The sender sees its own line once (drawn locally), never an echo from the server.
+        own = alice.locator("#messages li", has_text="Hi Bob, I am on node A.")
+        assert own.count() == 1
+        bob.screenshot(path=str(SHOTS / "chat.png"))
+
+        dash = context.new_page()
+        dash.goto(f"{a.http_url}/dashboard/")
+        dash.wait_for_selector('#nodes tr[data-node-id="node-a"]')
+        dash.wait_for_selector('#nodes tr[data-node-id="node-b"]')
+        dash.wait_for_function(
+            """() => { const r = document.querySelector('#rooms tr[data-room="room1"]');
+                       return r && r.querySelector('.room-members').textContent === '2'; }""")
+        ids = sorted(dash.locator("#nodes .node-id").all_inner_texts())
+        assert ids == ["node-a (this page)", "node-b"]
+        dash.screenshot(path=str(SHOTS / "dashboard.png"))
+    finally:
+        context.close()
+    for shot in ("chat.png", "dashboard.png"):
+        assert (SHOTS / shot).stat().st_size > 5_000

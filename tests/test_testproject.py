@@ -1,0 +1,283 @@
+"""The demo project under two real daphne processes sharing one Redis.
+
+Covers the chat protocol of DESIGN.md "The test project" end to end: delivery across
+nodes, room isolation, no echo to the sender, error frames, origin checks, the
+dashboard feed, and presence after a node is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import redis
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from testproject.testing import ROOT, Node, start_node
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _drop_prefix(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_url: str) -> Iterator[tuple[Node, Node]]:
+    """Nodes A and B of the demo project on one prefix, for the whole module."""
+    prefix = f"tp{uuid.uuid4().hex[:8]}"
+    a = start_node(redis_url, prefix, "node-a")
+    try:
+        b = start_node(redis_url, prefix, "node-b")
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+        _drop_prefix(redis_url, prefix)
+
+
+class Client:
+    """A chat connection that remembers unread frames and tracks presence per room."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.unread: list[dict[str, Any]] = []
+        self.presence: dict[str, dict[str, str | None]] = {}
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
+        frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        group = frame.get("group")
+        if frame.get("type") == "presence.state":
+            self.presence[group] = {m["channel"]: (m["meta"] or {}).get("name")
+                                    for m in frame["members"]}
+        elif frame.get("type") == "presence.diff":
+            members = self.presence.setdefault(group, {})
+            for m in frame["leaves"]:
+                members.pop(m["channel"], None)
+            for m in frame["joins"]:
+                members[m["channel"]] = (m["meta"] or {}).get("name")
+        self.unread.append(frame)
+        return frame
+
+    async def next(self, wanted: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next unread frame of type ``wanted``; frames of other types stay unread."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, frame in enumerate(self.unread):
+                if frame.get("type") == wanted:
+                    return self.unread.pop(i)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {wanted!r} frame within {timeout} s: {self.unread}")
+            try:
+                await self._read(remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def nothing(self, unwanted: str, within: float = 1.0) -> None:
+        """Fail if a frame of type ``unwanted`` is or becomes unread within ``within`` s."""
+        try:
+            frame = await self.next(unwanted, within)
+        except AssertionError:
+            return
+        raise AssertionError(f"unexpected frame {frame}")
+
+    async def members(self, room: str, done: Any, timeout: float = 5.0) -> set[str | None]:
+        """Read frames until the names present in ``room`` satisfy ``done``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            names = set(self.presence.get(room, {}).values())
+            if room in self.presence and done(names):
+                return names
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"presence of {room} stuck at {self.presence.get(room)}")
+            try:
+                await self._read(remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    async def join(self, room: str, **extra: Any) -> dict[str, Any]:
+        await self.send({"type": "joinRoom", "room": room, **extra})
+        joined = await self.next("joined")
+        assert joined["room"] == room
+        return joined
+
+
+@asynccontextmanager
+async def chat(node: Node, name: str | None = None, origin: str | None = None
+               ) -> AsyncIterator[Client]:
+    url = f"{node.ws_url}/ws/chat/" + (f"?name={name}" if name else "")
+    async with connect(url, origin=origin or node.origin,  # type: ignore[arg-type]
+                       open_timeout=10) as ws:
+        yield Client(ws)
+
+
+@asynccontextmanager
+async def dashboard(node: Node) -> AsyncIterator[Client]:
+    async with connect(f"{node.ws_url}/ws/dashboard/", origin=node.origin,  # type: ignore[arg-type]
+                       open_timeout=10) as ws:
+        yield Client(ws)
+
+
+def test_manage_check_passes() -> None:
+    result = subprocess.run(
+        [sys.executable, "testproject/manage.py", "check"], cwd=ROOT,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_pages_are_served_by_every_node(cluster: tuple[Node, Node]) -> None:
+    for node in cluster:
+        with urllib.request.urlopen(f"{node.http_url}/", timeout=5) as resp:
+            page = resp.read().decode()
+        assert "/ws/chat/" in page
+        assert node.node_id in page
+        with urllib.request.urlopen(f"{node.http_url}/dashboard/", timeout=5) as resp:
+            assert "/ws/dashboard/" in resp.read().decode()
+
+
+async def test_message_reaches_other_node_not_other_room_not_sender(
+    cluster: tuple[Node, Node],
+) -> None:
+    a, b = cluster
+    async with chat(a, "alice") as alice, chat(b, "bob") as bob, chat(b, "carol") as carol:
+        assert (await bob.join("room1"))["node"] == "node-b"
+        await carol.join("room2")
+        assert (await alice.join("room1"))["node"] == "node-a"
+        await alice.send({"type": "sendMessage", "message": "hello from A"})
+        got = await bob.next("message")
+        assert got == {"type": "message", "room": "room1", "from": "alice",
+                       "message": "hello from A"}
+        await asyncio.gather(carol.nothing("message"), alice.nothing("message"))
+
+
+async def test_display_name_from_join_else_short_client_id(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    async with chat(a) as anon, chat(b) as named, chat(b) as listener:
+        await listener.join("names")
+        anon_joined = await anon.join("names")
+        assert anon_joined["name"].startswith("guest-")
+        await named.join("names", name="  Dora   Explorer ")
+        await anon.send({"type": "sendMessage", "message": "hi"})
+        assert (await listener.next("message"))["from"] == anon_joined["name"]
+        await named.send({"type": "sendMessage", "message": "yo"})
+        assert (await listener.next("message"))["from"] == "Dora Explorer"
+
+
+async def test_second_join_moves_the_connection(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    async with chat(a, "mover") as mover, chat(b, "old") as old, chat(b, "new") as new:
+        await old.join("lobby")
+        await new.join("kitchen")
+        await mover.join("lobby")
+        await mover.join("kitchen")
+        await old.send({"type": "sendMessage", "message": "still there?"})
+        await mover.nothing("message")
+        await new.send({"type": "sendMessage", "message": "welcome"})
+        assert (await mover.next("message"))["room"] == "kitchen"
+        await old.members("lobby", lambda names: names == {"old"})
+
+
+async def test_invalid_json_gets_error_frame_and_stays_open(cluster: tuple[Node, Node]) -> None:
+    async with chat(cluster[0], "x") as ws:
+        await ws.send("this is {not json")
+        assert await ws.next("error") == {
+            "type": "error", "code": "invalid_json", "message": "Invalid message format"}
+        await ws.join("after-error")
+
+
+async def test_send_before_join_is_not_in_room(cluster: tuple[Node, Node]) -> None:
+    async with chat(cluster[1], "y") as ws:
+        await ws.send({"type": "sendMessage", "message": "too early"})
+        error = await ws.next("error")
+        assert error["code"] == "not_in_room"
+        assert error["message"]
+        await ws.join("later")
+
+
+async def test_bad_room_name_is_invalid_room(cluster: tuple[Node, Node]) -> None:
+    async with chat(cluster[0]) as ws:
+        await ws.send({"type": "joinRoom", "room": "no spaces allowed"})
+        assert (await ws.next("error"))["code"] == "invalid_room"
+
+
+async def test_foreign_origin_is_refused(cluster: tuple[Node, Node]) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        async with chat(cluster[0], origin="http://evil.example"):
+            pass
+    assert info.value.response.status_code == 403
+
+
+async def test_presence_lists_members_with_their_nodes(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    async with chat(a, "ann") as ann, chat(b, "ben") as ben:
+        await ann.join("presence-room")
+        await ben.join("presence-room")
+        state = await ben.next("presence.state")
+        nodes = {(m["meta"] or {}).get("name"): m["node_id"] for m in state["members"]}
+        assert nodes == {"ann": "node-a", "ben": "node-b"}
+
+
+async def test_dashboard_lists_both_nodes_and_rooms(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    async with chat(b, "dash") as member:
+        await member.join("dash-room")
+        async with dashboard(a) as dash:
+            snap = await dash.next("cluster")
+            assert {n["node_id"] for n in snap["nodes"]} >= {"node-a", "node-b"}
+            node_b = next(n for n in snap["nodes"] if n["node_id"] == "node-b")
+            assert node_b["pid"] == b.pid
+            assert node_b["connections"] >= 1
+            rooms = {r["room"]: r for r in snap["rooms"]}
+            assert rooms["dash-room"]["members"] == 1
+            assert rooms["dash-room"]["nodes"] == {"node-b": 1}
+
+
+async def test_sigkilled_node_leaves_presence_within_pruning_time(redis_url: str) -> None:
+    prefix = f"tk{uuid.uuid4().hex[:8]}"
+    a = start_node(redis_url, prefix, "node-a")
+    b = start_node(redis_url, prefix, "node-b")
+    try:
+        async with chat(a, "survivor") as survivor, chat(b, "doomed") as doomed:
+            await survivor.join("ghosts")
+            await doomed.join("ghosts")
+            await survivor.members("ghosts", lambda names: names == {"survivor", "doomed"})
+            b.kill()
+            killed_at = time.monotonic()
+            await survivor.members("ghosts", lambda names: names == {"survivor"}, timeout=12.0)
+            elapsed = time.monotonic() - killed_at
+            assert elapsed <= 10.5, f"leave arrived after {elapsed:.1f} s"
+            # The dashboard on A no longer lists B either.
+            async with dashboard(a) as dash:
+                snap = await dash.next("cluster")
+                assert [n["node_id"] for n in snap["nodes"]] == ["node-a"]
+    finally:
+        b.stop()
+        a.stop()
+        _drop_prefix(redis_url, prefix)
