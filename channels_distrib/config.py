@@ -100,7 +100,9 @@ def _fail(message: str) -> ImproperlyConfigured:
 
 def _number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(f"{name} must be a number of seconds, e.g. {name}={minimum + 1!r}; got {value!r}")
+        raise _fail(
+            f"{name} must be a number of seconds, e.g. {name}={minimum + 1!r}; got {value!r}"
+        )
     if value < minimum or (strict and value == minimum):
         relation = ">" if strict else ">="
         raise _fail(f"{name} must be {relation} {minimum}; got {value!r}")
@@ -156,7 +158,9 @@ def decode_host(host: Any) -> HostConfig:
             master_name = options.pop("master_name", None)
             sentinel_kwargs = options.pop("sentinel_kwargs", None) or {}
             if not isinstance(master_name, str) or not master_name:
-                raise _fail("a Sentinel host needs 'master_name', e.g. {'sentinels': [...], 'master_name': 'mymaster'}")
+                raise _fail(
+                    "a Sentinel host needs 'master_name', e.g. {'sentinels': [...], 'master_name': 'mymaster'}"
+                )
             pairs: list[tuple[str, int]] = []
             if not isinstance(sentinels, Sequence) or isinstance(sentinels, str) or not sentinels:
                 raise _fail("'sentinels' must be a non-empty list of (host, port) pairs")
@@ -169,7 +173,9 @@ def decode_host(host: Any) -> HostConfig:
                 ):
                     pairs.append((item[0], item[1]))
                 else:
-                    raise _fail(f"Sentinel address {item!r} must be a (host, port) pair like ('127.0.0.1', 26379)")
+                    raise _fail(
+                        f"Sentinel address {item!r} must be a (host, port) pair like ('127.0.0.1', 26379)"
+                    )
             if not isinstance(sentinel_kwargs, Mapping):
                 raise _fail("'sentinel_kwargs' must be a dict of connection options")
             options.pop("address", None)
@@ -214,7 +220,9 @@ def compile_capacities(channel_capacity: Any) -> tuple[tuple[re.Pattern[str], st
     if channel_capacity is None:
         return ()
     if not isinstance(channel_capacity, Mapping):
-        raise _fail("channel_capacity must be a dict of glob → capacity, e.g. {'http.request': 200}")
+        raise _fail(
+            "channel_capacity must be a dict of glob → capacity, e.g. {'http.request': 200}"
+        )
     compiled = []
     for glob, value in channel_capacity.items():
         if hasattr(glob, "match"):
@@ -224,7 +232,13 @@ def compile_capacities(channel_capacity: Any) -> tuple[tuple[re.Pattern[str], st
             )
         if not isinstance(glob, str) or not glob:
             raise _fail(f"channel_capacity key {glob!r} must be a non-empty glob string")
-        compiled.append((re.compile(fnmatch.translate(glob)), glob, _int(f"channel_capacity[{glob!r}]", value, minimum=1)))
+        compiled.append(
+            (
+                re.compile(fnmatch.translate(glob)),
+                glob,
+                _int(f"channel_capacity[{glob!r}]", value, minimum=1),
+            )
+        )
     return tuple(compiled)
 
 
@@ -271,7 +285,9 @@ def build_config(
         raise _fail(f"serializer must be 'msgpack', 'json' or a dotted path; got {chosen!r}")
     keys: tuple[str, ...] = ()
     if symmetric_encryption_keys is not None:
-        if isinstance(symmetric_encryption_keys, (str, bytes)) or not isinstance(symmetric_encryption_keys, Sequence):
+        if isinstance(symmetric_encryption_keys, (str, bytes)) or not isinstance(
+            symmetric_encryption_keys, Sequence
+        ):
             raise _fail("symmetric_encryption_keys must be a list of strings, e.g. [SECRET_KEY]")
         if not symmetric_encryption_keys or not all(
             isinstance(key, str) and key for key in symmetric_encryption_keys

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from channels.exceptions import InvalidChannelLayerError, StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import BaseChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 
 from channels_distrib import api
@@ -121,6 +122,16 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         return False
+
+
+def _is_client_id(value: object) -> bool:
+    """A process-local channel name (``specific.<token>!<id>``), as ``client_id`` gives."""
+    return (
+        isinstance(value, str)
+        and "!" in value
+        and len(value) < BaseChannelLayer.MAX_NAME_LENGTH
+        and BaseChannelLayer.channel_name_regex.match(value) is not None
+    )
 
 
 async def _run_all(coros: Sequence[Coroutine[Any, Any, Any]]) -> list[BaseException]:
@@ -414,12 +425,9 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         Raises :class:`ClientError` (``invalid_message``) when ``client_id`` is not a
         connection's id, so client-supplied ids cannot reach worker queues.
         """
-        if not isinstance(client_id, str) or "!" not in client_id:
+        if not _is_client_id(client_id):
             raise ClientError("invalid_message", f"Invalid client id {client_id!r}")
-        try:
-            await self.channel_layer.send(client_id, api.make_envelope(message))
-        except TypeError as exc:  # a malformed channel name (channels' own validation)
-            raise ClientError("invalid_message", f"Invalid client id {client_id!r}") from exc
+        await self.channel_layer.send(client_id, api.make_envelope(message))
 
     async def send_to_user(self, user_id: object, message: Message) -> None:
         """Send ``message`` to every connection of the user ``user_id``, on every node."""

@@ -31,10 +31,23 @@ from .types import Member, Message, Meta, NodeInfo
 logger = logging.getLogger(__name__)
 
 _OPTIONS = (
-    "hosts", "prefix", "expiry", "group_expiry", "capacity", "channel_capacity",
-    "symmetric_encryption_keys", "serializer_format", "random_prefix_length", "node_id",
-    "heartbeat_interval", "node_timeout", "serializer", "max_message_size", "max_meta_size",
-    "retry_timeout", "connection_limit",
+    "hosts",
+    "prefix",
+    "expiry",
+    "group_expiry",
+    "capacity",
+    "channel_capacity",
+    "symmetric_encryption_keys",
+    "serializer_format",
+    "random_prefix_length",
+    "node_id",
+    "heartbeat_interval",
+    "node_timeout",
+    "serializer",
+    "max_message_size",
+    "max_meta_size",
+    "retry_timeout",
+    "connection_limit",
 )
 
 
@@ -96,22 +109,41 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if unknown:
             name = sorted(unknown)[0]
             close = difflib.get_close_matches(name, _OPTIONS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid options: {', '.join(_OPTIONS)}"
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else f"; valid options: {', '.join(_OPTIONS)}"
+            )
             raise ImproperlyConfigured(f"channels_distrib: unknown CONFIG option {name!r}{hint}")
         self.config: LayerConfig = build_config(
-            hosts=hosts, prefix=prefix, expiry=expiry, group_expiry=group_expiry, capacity=capacity,
-            channel_capacity=channel_capacity, symmetric_encryption_keys=symmetric_encryption_keys,
-            serializer_format=serializer_format, random_prefix_length=random_prefix_length,
-            node_id=node_id, heartbeat_interval=heartbeat_interval, node_timeout=node_timeout,
-            serializer=serializer, max_message_size=max_message_size, max_meta_size=max_meta_size,
-            retry_timeout=retry_timeout, connection_limit=connection_limit,
+            hosts=hosts,
+            prefix=prefix,
+            expiry=expiry,
+            group_expiry=group_expiry,
+            capacity=capacity,
+            channel_capacity=channel_capacity,
+            symmetric_encryption_keys=symmetric_encryption_keys,
+            serializer_format=serializer_format,
+            random_prefix_length=random_prefix_length,
+            node_id=node_id,
+            heartbeat_interval=heartbeat_interval,
+            node_timeout=node_timeout,
+            serializer=serializer,
+            max_message_size=max_message_size,
+            max_meta_size=max_meta_size,
+            retry_timeout=retry_timeout,
+            connection_limit=connection_limit,
         )
         super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
-        self.channel_capacity = [(regex, value) for regex, _glob, value in self.config.channel_capacity]
+        self.channel_capacity = [
+            (regex, value) for regex, _glob, value in self.config.channel_capacity
+        ]
         self.group_expiry = self.config.group_expiry
         self.prefix = self.config.prefix
         self.connection_limit = self.config.connection_limit
-        self.serializer = make_serializer(self.config.serializer, self.config.symmetric_encryption_keys)
+        self.serializer = make_serializer(
+            self.config.serializer, self.config.symmetric_encryption_keys
+        )
         self.keys = Keys(self.config.prefix)
         self.registry = Registry(self.config, self.keys, self.serializer)
         self._token = new_token()
@@ -128,7 +160,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         state = self._loops.get(loop)
         if state is None:
             transport = Transport(
-                self.config.host, client_name=f"distrib:{self.config.prefix}",
+                self.config.host,
+                client_name=f"distrib:{self.config.prefix}",
                 retry_timeout=self.config.retry_timeout,
             )
             state = self._loops[loop] = _LoopState(transport)
@@ -189,9 +222,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         try:
             size = len(msgpack.packb(meta, use_bin_type=True))
         except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"meta must be serializable (str keys, JSON-like values): {exc}") from exc
+            raise TypeError(
+                f"meta must be serializable (str keys, JSON-like values): {exc}"
+            ) from exc
         if size > self.config.max_meta_size:
-            raise ValueError(f"meta is {size} bytes encoded; max_meta_size is {self.config.max_meta_size}")
+            raise ValueError(
+                f"meta is {size} bytes encoded; max_meta_size is {self.config.max_meta_size}"
+            )
 
     # -- channels -------------------------------------------------------------------------
 
@@ -204,8 +241,14 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         starting: asyncio.Future[Node] = asyncio.get_running_loop().create_future()
         self._node_starting = starting
         try:
-            node = Node(self.config, self.keys, self.registry, self._transport(),
-                        token=self._token, node_id=self.node_id)
+            node = Node(
+                self.config,
+                self.keys,
+                self.registry,
+                self._transport(),
+                token=self._token,
+                node_id=self.node_id,
+            )
             await node.start()
             self._node = node
             starting.set_result(node)
@@ -227,7 +270,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def new_channel(self, prefix: str = "specific") -> str:
         """A new process-local channel, delivered to this process; makes this process a node."""
         if not isinstance(prefix, str) or not self.group_name_regex.match(prefix):
-            raise TypeError("new_channel prefix must be letters, digits, hyphens, underscores or periods")
+            raise TypeError(
+                "new_channel prefix must be letters, digits, hyphens, underscores or periods"
+            )
         node = await self._ensure_node()
         return node.new_channel(prefix)
 
@@ -276,7 +321,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 popper = state.poppers.get(channel)
                 if popper is None or popper.done():
                     state.poppers[channel] = asyncio.get_running_loop().create_task(
-                        self._pop_loop(state, channel, buffer), name=f"channels_distrib.pop.{channel}"
+                        self._pop_loop(state, channel, buffer),
+                        name=f"channels_distrib.pop.{channel}",
                     )
             message = self._decode(await buffer.get(), channel)
             if message is not None:
@@ -303,7 +349,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 await asyncio.sleep(backoff(attempt))
                 continue
             if item is not None:
-                stamp, _, payload = item[1].partition(b":")
+                stamp, _, payload = (
+                    item[1] if isinstance(item[1], bytes) else item[1].encode()
+                ).partition(b":")
                 try:
                     remaining = int(stamp) / 1000.0 - time.time()
                 except ValueError:
@@ -349,21 +397,32 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         token = token_of(channel)
         return token or None
 
-    async def _announce(self, transport: Transport, group: str, channel: str, result: Any, presence: bool) -> None:
+    async def _announce(
+        self, transport: Transport, group: str, channel: str, result: Any, presence: bool
+    ) -> None:
         """presence.state to a joining presence member, presence.diff to the others."""
         entry = presence_entry(channel, result.record)
         if presence:
             state = {"type": "presence.state", "group": group, "members": result.state}
             node = self._node
             if node is not None and node.owns(channel):
-                node.local_channel(channel).put(self.serializer.dumps(state), time.monotonic() + self.config.expiry)
+                node.local_channel(channel).put(
+                    self.serializer.dumps(state), time.monotonic() + self.config.expiry
+                )
             else:
                 await self.send(channel, state)
             leaves = [presence_entry(channel, result.old_presence)] if result.old_presence else []
-            if result.old_presence is None or result.old_presence.partition(b":")[2] != result.record.partition(b":")[2]:
-                await self.registry.send_presence(transport, group, [entry], leaves, exclude=channel)
+            if (
+                result.old_presence is None
+                or result.old_presence.partition(b":")[2] != result.record.partition(b":")[2]
+            ):
+                await self.registry.send_presence(
+                    transport, group, [entry], leaves, exclude=channel
+                )
         elif result.old_presence is not None:
-            await self.registry.send_presence(transport, group, [], [presence_entry(channel, result.old_presence)])
+            await self.registry.send_presence(
+                transport, group, [], [presence_entry(channel, result.old_presence)]
+            )
 
     async def group_discard(self, group: str, channel: str) -> None:
         """Remove a channel from a group; does nothing if it is not a member."""
@@ -376,7 +435,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         transport = self._transport()
         record = await self.registry.discard(transport, group, channel, notify=not owned)
         if record is not None:
-            await self.registry.send_presence(transport, group, [], [presence_entry(channel, record)])
+            await self.registry.send_presence(
+                transport, group, [], [presence_entry(channel, record)]
+            )
 
     async def group_send(self, group: str, message: Message) -> None:
         """Send to every member of a group: one Redis round trip, encoded once, never ChannelFull."""
@@ -389,8 +450,12 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             now = time.monotonic()
             if now - self._last_drop_log >= 1.0:
                 self._last_drop_log = now
-                logger.warning("group_send to %s dropped %d message(s) for full channels (%d in all)",
-                               group, dropped, self._dropped)
+                logger.warning(
+                    "group_send to %s dropped %d message(s) for full channels (%d in all)",
+                    group,
+                    dropped,
+                    self._dropped,
+                )
 
     # -- registry queries -----------------------------------------------------------------
 

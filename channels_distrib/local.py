@@ -36,8 +36,17 @@ def _wake(future: asyncio.Future[None]) -> None:
 class LocalChannel:
     """The messages waiting for one process-local channel, and who is waiting for them."""
 
-    __slots__ = ("name", "capacity", "items", "waiters", "pending", "last_active", "expired",
-                 "room_waiter", "created")
+    __slots__ = (
+        "name",
+        "capacity",
+        "items",
+        "waiters",
+        "pending",
+        "last_active",
+        "expired",
+        "room_waiter",
+        "created",
+    )
 
     def __init__(self, name: str, capacity: int) -> None:
         self.name = name

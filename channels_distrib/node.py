@@ -58,8 +58,14 @@ class Node:
     """Owns this process's inbox reader and heartbeat tasks (start, cancel, await) and local state."""
 
     def __init__(
-        self, config: LayerConfig, keys: Keys, registry: Registry, transport: Transport,
-        *, token: str, node_id: str,
+        self,
+        config: LayerConfig,
+        keys: Keys,
+        registry: Registry,
+        transport: Transport,
+        *,
+        token: str,
+        node_id: str,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -91,7 +97,9 @@ class Node:
         await self._beat(first=True)
         self._tasks = [
             self.loop.create_task(self._read_loop(), name=f"channels_distrib.inbox.{self.token}"),
-            self.loop.create_task(self._heartbeat_loop(), name=f"channels_distrib.heartbeat.{self.token}"),
+            self.loop.create_task(
+                self._heartbeat_loop(), name=f"channels_distrib.heartbeat.{self.token}"
+            ),
         ]
         self._install_twisted_trigger()
         logger.info("Node %s registered (token %s)", self.node_id, self.token)
@@ -114,7 +122,9 @@ class Node:
                 await self.registry.prune_token(self.transport, self.token, own=True)
                 logger.info("Node %s deregistered", self.node_id)
             except Exception:
-                logger.warning("Node %s could not deregister; it will be pruned", self.node_id, exc_info=True)
+                logger.warning(
+                    "Node %s could not deregister; it will be pruned", self.node_id, exc_info=True
+                )
 
     def _install_twisted_trigger(self) -> None:
         """Under daphne, deregister before the reactor stops (daphne runs no consumer cleanup)."""
@@ -201,10 +211,13 @@ class Node:
             except Exception as exc:
                 attempt += 1
                 if attempt in (1, 10) or attempt % 100 == 0:
-                    logger.warning("Inbox read for node %s failed (%s); reconnecting", self.node_id, exc)
+                    logger.warning(
+                        "Inbox read for node %s failed (%s); reconnecting", self.node_id, exc
+                    )
                 await asyncio.sleep(backoff(attempt))
                 continue
-            for _stream, entries in response or ():
+            streams: Any = response or []
+            for _stream, entries in streams:
                 for entry_id, fields in entries:
                     self._last_id = entry_id
                     try:
@@ -212,7 +225,9 @@ class Node:
                     except asyncio.CancelledError:
                         raise
                     except Exception:
-                        logger.exception("Skipping inbox entry %r of node %s", entry_id, self.node_id)
+                        logger.exception(
+                            "Skipping inbox entry %r of node %s", entry_id, self.node_id
+                        )
             if self._to_mark:
                 await self._mark_full()
 
@@ -275,8 +290,13 @@ class Node:
         now = time.monotonic()
         if now - self._last_drop_log >= 1.0:
             self._last_drop_log = now
-            logger.warning("Node %s dropped a message for %s (%s); %d dropped so far",
-                           self.node_id, channel, reason, self.dropped)
+            logger.warning(
+                "Node %s dropped a message for %s (%s); %d dropped so far",
+                self.node_id,
+                channel,
+                reason,
+                self.dropped,
+            )
 
     async def _mark_full(self) -> None:
         """Tell senders (through Redis) which channels are dropping, so send() raises ChannelFull."""
@@ -296,7 +316,9 @@ class Node:
     async def _heartbeat_loop(self) -> None:
         attempt = 0
         while True:
-            await asyncio.sleep(self.config.heartbeat_interval if attempt == 0 else backoff(attempt, 1.0))
+            await asyncio.sleep(
+                self.config.heartbeat_interval if attempt == 0 else backoff(attempt, 1.0)
+            )
             try:
                 await self._beat()
                 await self._housekeeping()
@@ -310,24 +332,47 @@ class Node:
     def _info(self) -> bytes:
         now = time.monotonic()
         count = sum(1 for channel in self.channels.values() if channel.receiving(now))
-        return msgpack.packb({
-            "node_id": self.node_id, "hostname": self.hostname, "pid": self.pid,
-            "started_at": self.started_at, "channel_count": count,
-        })
+        info: bytes = msgpack.packb(
+            {
+                "node_id": self.node_id,
+                "hostname": self.hostname,
+                "pid": self.pid,
+                "started_at": self.started_at,
+                "channel_count": count,
+            }
+        )
+        return info
 
     async def _beat(self, first: bool = False) -> None:
         """One heartbeat: stay listed, notice pruning / data loss / flush, prune dead nodes."""
-        keys = [self.keys.nodes, self.keys.node_info, self.keys.node_ids, self.keys.token_ids,
-                self.keys.tombstone(self.token), self.keys.flush]
-        args = [self.token, self.node_id, self._info(), int(self.config.node_timeout * 1000),
-                "1" if first else "0"]
+        keys = [
+            self.keys.nodes,
+            self.keys.node_info,
+            self.keys.node_ids,
+            self.keys.token_ids,
+            self.keys.tombstone(self.token),
+            self.keys.flush,
+        ]
+        args = [
+            self.token,
+            self.node_id,
+            self._info(),
+            int(self.config.node_timeout * 1000),
+            "1" if first else "0",
+        ]
         result = await self.transport.script("heartbeat", keys, args)
         if int(result[0]) == -1:
             raise ImproperlyConfigured(
                 f"channels_distrib: node_id {self.node_id!r} is taken by another live process; "
                 "give each process its own node_id (or leave node_id unset to generate one)"
             )
-        existed, pruned, now_ms, flush, dead = int(result[0]), int(result[1]), int(result[2]), result[3], result[4]
+        existed, pruned, now_ms, flush, dead = (
+            int(result[0]),
+            int(result[1]),
+            int(result[2]),
+            result[3],
+            result[4],
+        )
         self.clock_offset = now_ms / 1000.0 - time.time()
         if first:
             self.flush_epoch = flush
@@ -350,16 +395,25 @@ class Node:
         items: list[Any] = []
         for group, members in self.groups.items():
             for channel, membership in members.items():
-                items.extend([group, channel, membership.record, "1" if membership.presence else "0"])
+                items.extend(
+                    [group, channel, membership.record, "1" if membership.presence else "0"]
+                )
         step = REREGISTER_BATCH * 4
         for start in range(0, len(items), step):
-            args = [self.keys.prefix, self.token, int(self.config.group_expiry * 1000), *items[start:start + step]]
+            args = [
+                self.keys.prefix,
+                self.token,
+                int(self.config.group_expiry * 1000),
+                *items[start : start + step],
+            ]
             added = await self.transport.script("reregister", [], args)
             if announce and added:
                 joins: dict[str, list[dict[str, Any]]] = {}
                 for i in range(0, len(added), 3):
                     group = added[i].decode()
-                    joins.setdefault(group, []).append(presence_entry(added[i + 1].decode(), added[i + 2]))
+                    joins.setdefault(group, []).append(
+                        presence_entry(added[i + 1].decode(), added[i + 2])
+                    )
                 for group, entries in joins.items():
                     await self.registry.send_presence(self.transport, group, entries, [])
 
@@ -371,22 +425,24 @@ class Node:
             for channel, membership in members.items():
                 if now - membership.joined > self.config.group_expiry:
                     expired.append((group, channel))
-        for name, channel in list(self.channels.items()):
-            idle = channel.pending == 0 and now - channel.last_active > self.config.expiry
+        for name, local in list(self.channels.items()):
+            idle = local.pending == 0 and now - local.last_active > self.config.expiry
             if not idle:
                 continue
-            channel.purge_expired(now)
+            local.purge_expired(now)
             groups = self.channel_groups.get(name, set())
-            if channel.expired and groups:
+            if local.expired and groups:
                 # Its consumer stopped receiving while its messages expired: it is gone.
                 expired.extend((group, name) for group in groups)
                 del self.channels[name]
-            elif not groups and not channel.items:
+            elif not groups and not local.items:
                 del self.channels[name]
         for group, channel in expired:
             await self.discard(group, channel)
         if self._marked_full:
-            drained = [n for n in self._marked_full if n not in self.channels or not self.channels[n].full]
+            drained = [
+                n for n in self._marked_full if n not in self.channels or not self.channels[n].full
+            ]
             if drained:
                 self._marked_full.difference_update(drained)
                 key = self.keys.full(self.token)
@@ -397,7 +453,9 @@ class Node:
         self.forget(group, channel)
         record = await self.registry.discard(self.transport, group, channel, notify=False)
         if record is not None:
-            await self.registry.send_presence(self.transport, group, [], [presence_entry(channel, record)])
+            await self.registry.send_presence(
+                self.transport, group, [], [presence_entry(channel, record)]
+            )
 
     def owns(self, channel: str) -> bool:
         return token_of(channel) == self.token

@@ -39,7 +39,8 @@ def token_of(channel: str) -> str:
 
 def encode_record(node_id: str | None, meta: Meta | None) -> bytes:
     """A member record without its time; the script stamps the join time (leading ':')."""
-    return b":" + msgpack.packb([node_id, meta], use_bin_type=True)
+    packed: bytes = msgpack.packb([node_id, meta], use_bin_type=True)
+    return b":" + packed
 
 
 def decode_record(record: bytes) -> tuple[float, str | None, Meta | None]:
@@ -53,9 +54,9 @@ def decode_record(record: bytes) -> tuple[float, str | None, Meta | None]:
         return 0.0, None, None
 
 
-def presence_entry(channel: str, record: bytes) -> dict[str, Any]:
+def presence_entry(channel: str, record: bytes | str) -> dict[str, Any]:
     """The ``{"channel", "node_id", "meta"}`` form presence messages carry."""
-    _joined, node_id, meta = decode_record(record)
+    _joined, node_id, meta = decode_record(record.encode() if isinstance(record, str) else record)
     return {"channel": channel, "node_id": node_id, "meta": meta}
 
 
@@ -85,16 +86,29 @@ class Registry:
     # -- writes ---------------------------------------------------------------------------
 
     async def add(
-        self, t: Transport, group: str, channel: str, node_id: str | None, meta: Meta | None,
-        presence: bool, notify: bool,
+        self,
+        t: Transport,
+        group: str,
+        channel: str,
+        node_id: str | None,
+        meta: Meta | None,
+        presence: bool,
+        notify: bool,
     ) -> AddResult:
         """Add or update one membership; ``notify`` tells the owning node through its inbox."""
         token = token_of(channel)
         keys = self.keys.membership_keys(group, channel, token)
         args = [
-            self.keys.prefix, group, channel, token, encode_record(node_id, meta),
-            "1" if presence else "0", int(self.config.group_expiry * 1000),
-            "1" if notify and token else "0", INBOX_MAXLEN, self.inbox_ttl_ms,
+            self.keys.prefix,
+            group,
+            channel,
+            token,
+            encode_record(node_id, meta),
+            "1" if presence else "0",
+            int(self.config.group_expiry * 1000),
+            "1" if notify and token else "0",
+            INBOX_MAXLEN,
+            self.inbox_ttl_ms,
         ]
         old, old_presence, record, flat = await t.script("group_add", keys, args)
         state = [presence_entry(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
@@ -104,24 +118,47 @@ class Registry:
         """Remove one membership; returns its presence record when it was a presence member."""
         token = token_of(channel)
         keys = self.keys.membership_keys(group, channel, token)
-        args = [group, channel, token, "1" if notify and token else "0", INBOX_MAXLEN,
-                self.inbox_ttl_ms, self.keys.prefix]
+        args = [
+            group,
+            channel,
+            token,
+            "1" if notify and token else "0",
+            INBOX_MAXLEN,
+            self.inbox_ttl_ms,
+            self.keys.prefix,
+        ]
         removed, presence = await t.script("group_discard", keys, args)
         return presence if removed and presence else None
 
-    def group_send_args(self, kind: str, group: str, payload: bytes, exclude: str = "") -> tuple[list[str], list[Any]]:
+    def group_send_args(
+        self, kind: str, group: str, payload: bytes, exclude: str = ""
+    ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of GROUP_SEND; 'g' reaches all members, 'p' presence members only."""
-        nodes = self.keys.group_nodes(group) if kind == "g" else self.keys.group_presence_nodes(group)
+        nodes = (
+            self.keys.group_nodes(group) if kind == "g" else self.keys.group_presence_nodes(group)
+        )
         keys = [nodes, self.keys.group_queues(group), self.keys.group(group)]
         args: list[Any] = [
-            self.keys.prefix, kind, group, payload, exclude, INBOX_MAXLEN, self.inbox_ttl_ms,
-            int(self.config.expiry * 1000), int(self.config.group_expiry * 1000), self.config.capacity,
+            self.keys.prefix,
+            kind,
+            group,
+            payload,
+            exclude,
+            INBOX_MAXLEN,
+            self.inbox_ttl_ms,
+            int(self.config.expiry * 1000),
+            int(self.config.group_expiry * 1000),
+            self.config.capacity,
             *self.config.lua_capacity_patterns(),
         ]
         return keys, args
 
     async def send_presence(
-        self, t: Transport, group: str, joins: list[dict[str, Any]], leaves: list[dict[str, Any]],
+        self,
+        t: Transport,
+        group: str,
+        joins: list[dict[str, Any]],
+        leaves: list[dict[str, Any]],
         exclude: str = "",
     ) -> None:
         """Send one ``presence.diff`` to the group's presence members (except ``exclude``)."""
@@ -155,8 +192,13 @@ class Registry:
     async def prune_token(self, t: Transport, token: str, *, own: bool = False) -> bool:
         """Remove a dead node (or, with ``own``, this node on a clean stop) and announce leaves."""
         keys = [self.keys.nodes, self.keys.node_info, self.keys.node_ids, self.keys.token_ids]
-        args = [self.keys.prefix, token, int(self.config.node_timeout * 1000), TOMBSTONE_MS,
-                "1" if own else "0"]
+        args = [
+            self.keys.prefix,
+            token,
+            int(self.config.node_timeout * 1000),
+            TOMBSTONE_MS,
+            "1" if own else "0",
+        ]
         result = await t.script("prune_node", keys, args)
         if not result or int(result[0]) != 1:
             return False
@@ -186,7 +228,9 @@ class Registry:
         raw = await t.run(lambda c: c.hgetall(self.keys.group(group)))
         members = []
         for channel, record in raw.items():
-            joined_at, node_id, meta = decode_record(record)
+            joined_at, node_id, meta = decode_record(
+                record if isinstance(record, bytes) else record.encode()
+            )
             members.append(Member(_text(channel), node_id, meta, joined_at))
         members.sort(key=lambda m: (m.joined_at, m.channel))
         return members
@@ -196,7 +240,9 @@ class Registry:
         return {_text(group) for group in groups}
 
     async def _node_table(self, t: Transport) -> tuple[float, dict[str, float], dict[str, Any]]:
-        now_ms, flat_seen, flat_info = await t.script("nodes", [self.keys.nodes, self.keys.node_info], [])
+        now_ms, flat_seen, flat_info = await t.script(
+            "nodes", [self.keys.nodes, self.keys.node_info], []
+        )
         seen = {_text(flat_seen[i]): float(flat_seen[i + 1]) for i in range(0, len(flat_seen), 2)}
         info = {}
         for i in range(0, len(flat_info), 2):
@@ -219,11 +265,16 @@ class Registry:
             entry = info.get(token)
             if last_seen < cutoff or not isinstance(entry, dict):
                 continue
-            result.append(NodeInfo(
-                node_id=str(entry.get("node_id", token)), hostname=str(entry.get("hostname", "")),
-                pid=int(entry.get("pid", 0)), started_at=float(entry.get("started_at", 0.0)),
-                last_seen=last_seen / 1000.0, channel_count=int(entry.get("channel_count", 0)),
-            ))
+            result.append(
+                NodeInfo(
+                    node_id=str(entry.get("node_id", token)),
+                    hostname=str(entry.get("hostname", "")),
+                    pid=int(entry.get("pid", 0)),
+                    started_at=float(entry.get("started_at", 0.0)),
+                    last_seen=last_seen / 1000.0,
+                    channel_count=int(entry.get("channel_count", 0)),
+                )
+            )
         result.sort(key=lambda n: (n.started_at, n.node_id))
         return result
 

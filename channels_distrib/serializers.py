@@ -15,7 +15,13 @@ import msgpack
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-__all__ = ["JSONSerializer", "MsgPackSerializer", "Serializer", "SerializerError", "make_serializer"]
+__all__ = [
+    "JSONSerializer",
+    "MsgPackSerializer",
+    "Serializer",
+    "SerializerError",
+    "make_serializer",
+]
 
 
 class SerializerError(ValueError):
@@ -90,7 +96,7 @@ class EncryptedSerializer:
         return base64.urlsafe_b64encode(hashlib.sha256(key.encode()).digest())
 
     def dumps(self, message: dict[str, Any]) -> bytes:
-        return self._fernet.encrypt(self._inner.dumps(message))  # type: ignore[no-any-return]
+        return self._fernet.encrypt(self._inner.dumps(message))
 
     def loads(self, data: bytes) -> dict[str, Any]:
         try:
@@ -120,7 +126,9 @@ def make_serializer(name: str, encryption_keys: tuple[str, ...] = ()) -> Seriali
         try:
             factory = import_string(name)
         except ImportError as exc:
-            raise ImproperlyConfigured(f"channels_distrib: serializer {name!r} cannot be imported: {exc}") from exc
+            raise ImproperlyConfigured(
+                f"channels_distrib: serializer {name!r} cannot be imported: {exc}"
+            ) from exc
         serializer = factory()
         if not isinstance(serializer, Serializer):
             raise ImproperlyConfigured(

@@ -89,12 +89,16 @@ def make_client(host: HostConfig, *, client_name: str, socket_timeout: float | N
     if host.sentinels:
         from redis.asyncio.sentinel import Sentinel
 
-        sentinel = Sentinel(list(host.sentinels), sentinel_kwargs=host.sentinel_kwargs or None)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(host.sentinels), sentinel_kwargs=host.sentinel_kwargs or None
+        )
         client: Redis = sentinel.master_for(host.master_name or "", **options)
         return client
     if host.url is None:
         raise ValueError("host has neither url nor sentinels")
-    pool = ConnectionPool.from_url(host.url, connection_class=_connection_class(host.url), **options)
+    pool = ConnectionPool.from_url(
+        host.url, connection_class=_connection_class(host.url), **options
+    )
     return Redis(connection_pool=pool)
 
 
@@ -117,7 +121,9 @@ class Transport:
         self.blocking = make_client(
             host, client_name=client_name, socket_timeout=BLOCK_SECONDS + 5.0
         )
-        self.scripts = {name: self.client.register_script(src) for name, src in SCRIPT_SOURCES.items()}
+        self.scripts = {
+            name: self.client.register_script(src) for name, src in SCRIPT_SOURCES.items()
+        }
 
     async def run(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
         """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``."""
