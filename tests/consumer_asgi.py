@@ -1,0 +1,58 @@
+"""ASGI entry point for daphne nodes in the consumer tests: ``tests.consumer_asgi:application``.
+
+Configures Django itself from the environment (``tests.settings`` is left alone):
+
+- ``DISTRIB_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``), ``DISTRIB_PREFIX``;
+- ``DISTRIB_LAYER_CONFIG``: JSON object merged into the layer's CONFIG
+  (``connection_limit``, ``heartbeat_interval``, ``node_timeout``...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import django
+from django.conf import settings
+
+from tests import settings as test_settings
+
+_config = {
+    "hosts": [os.environ.get("DISTRIB_REDIS_URL", "redis://127.0.0.1:6379/0")],
+    "prefix": os.environ.get("DISTRIB_PREFIX", "distrib-consumer-tests"),
+    **json.loads(os.environ.get("DISTRIB_LAYER_CONFIG", "{}")),
+}
+
+if not settings.configured:
+    settings.configure(
+        SECRET_KEY=test_settings.SECRET_KEY,
+        DEBUG=False,
+        USE_TZ=True,
+        INSTALLED_APPS=test_settings.INSTALLED_APPS,
+        DATABASES=test_settings.DATABASES,
+        ROOT_URLCONF="tests.consumer_app",
+        ALLOWED_HOSTS=["127.0.0.1", "localhost"],
+        CHANNEL_LAYERS={
+            "default": {
+                "BACKEND": "channels_distrib.layers.DistributedChannelLayer",
+                "CONFIG": _config,
+            }
+        },
+    )
+    django.setup()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs configured settings)
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+from tests.consumer_app import QueryUserMiddleware, websocket_routes  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": get_asgi_application(),
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(QueryUserMiddleware(websocket_routes()))
+        ),
+    }
+)
