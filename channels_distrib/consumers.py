@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 import weakref
 from collections import deque
@@ -122,6 +123,38 @@ class TokenBucket:
             self._tokens -= 1.0
             return True
         return False
+
+
+# Codes a server may close with (RFC 6455 section 7.4.1) that autobahn's public sendClose
+# refuses: it allows only 1000 and 3000-4999 (django/daphne#374, autobahn-python#1642).
+_SERVER_CLOSE_CODES = frozenset({1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def allow_server_close_codes() -> None:
+    """Let daphne close WebSockets with codes such as 1008, 1009 and 1013.
+
+    Daphne passes ``websocket.close`` codes to autobahn's ``sendClose``, which raises for
+    anything but 1000 and 3000-4999, so the consumer crashes and the client sees 1011.
+    This wraps daphne's ``serverClose`` to send those codes with autobahn's
+    ``sendCloseFrame`` (what daphne itself uses for 1011). It does nothing unless daphne
+    is already imported (running under uvicorn or the test communicator), and is
+    idempotent. The mixin calls it on every connect.
+    """
+    module = sys.modules.get("daphne.ws_protocol")
+    protocol = getattr(module, "WebSocketProtocol", None)
+    if protocol is None or getattr(protocol.serverClose, "_distrib_close_codes", False):
+        return
+    original = protocol.serverClose
+
+    def serverClose(self: Any, code: int | None = None) -> None:
+        if code in _SERVER_CLOSE_CODES:
+            self.sendCloseFrame(code=code, isReply=False)
+        else:
+            original(self, code)
+
+    serverClose._distrib_close_codes = True  # type: ignore[attr-defined]
+    protocol.serverClose = serverClose
+    logger.debug("daphne allowed to send close codes %s", sorted(_SERVER_CLOSE_CODES))
 
 
 def _is_client_id(value: object) -> bool:
@@ -254,6 +287,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     async def websocket_connect(self, message: Message) -> None:
         """Check the layer and the node's connection limit, then run Channels' connect."""
         layer = self._require_distributed_layer()
+        allow_server_close_codes()
         limit = getattr(layer, "connection_limit", None)
         if limit is not None and _open_connections.get(layer, 0) >= limit:
             # Accept first: browsers only see a close code after the handshake succeeded.
