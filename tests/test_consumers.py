@@ -8,7 +8,6 @@ layer instances on the test's prefix, and ``OtherNodeProbe`` is ``ProbeConsumer`
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -24,11 +23,9 @@ from tests.consumer_app import (
     LobbyConsumer,
     PlainConsumer,
     ProbeConsumer,
-    QueryUserMiddleware,
 )
 from tests.consumer_clients import CommClient
-
-BACKEND = "channels_distrib.layers.DistributedChannelLayer"
+from tests.consumer_fixtures import connect_fixture, nodes_fixture  # noqa: F401  (fixtures)
 
 
 class OtherNodeProbe(ProbeConsumer):
@@ -47,59 +44,6 @@ class CrashConsumer(ProbeConsumer):
 
     async def handle_crash(self, content: dict[str, Any]) -> None:
         raise RuntimeError("handler failed")
-
-
-def layer_settings(redis_url: str, prefix: str, **config: Any) -> dict[str, Any]:
-    conf = {"hosts": [redis_url], "prefix": prefix, **config}
-    return {alias: {"BACKEND": BACKEND, "CONFIG": conf} for alias in ("default", "other")}
-
-
-@pytest.fixture
-async def nodes(redis_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
-    """Installs CHANNEL_LAYERS for the test; call it (optionally with CONFIG) to get layers."""
-    state: dict[str, Any] = {"override": None}
-
-    def install(**config: Any) -> Any:
-        if state["override"] is None:
-            state["override"] = override_settings(
-                CHANNEL_LAYERS=layer_settings(redis_url, prefix, **config)
-            )
-            state["override"].enable()
-        return channel_layers
-
-    yield install
-    made = list(channel_layers.backends.values())
-    try:
-        if made:
-            await made[0].flush()
-        for layer in made:
-            await layer.close()
-    finally:
-        if state["override"] is not None:
-            state["override"].disable()
-
-
-@pytest.fixture
-async def connect(nodes: Callable[..., Any]) -> AsyncIterator[Callable[..., Awaitable[CommClient]]]:
-    """``await connect(consumer_class, user=None, name=None)`` → a connected CommClient."""
-    clients: list[CommClient] = []
-
-    async def open_client(
-        consumer: type[Any] = ProbeConsumer, user: str | None = None, name: str | None = None
-    ) -> CommClient:
-        nodes()
-        query = "&".join(f"{k}={v}" for k, v in (("user", user), ("name", name)) if v)
-        comm = WebsocketCommunicator(QueryUserMiddleware(consumer.as_asgi()), f"/ws/?{query}")
-        connected, _ = await comm.connect(timeout=5)
-        assert connected
-        client = CommClient(comm)
-        clients.append(client)
-        return client
-
-    yield open_client
-    for client in clients:
-        if not client.closed and not client.comm.future.done():
-            await client.close()
 
 
 async def whoami(client: CommClient) -> dict[str, Any]:
