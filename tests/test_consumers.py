@@ -8,6 +8,7 @@ layer instances on the test's prefix, and ``OtherNodeProbe`` is ``ProbeConsumer`
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,8 +121,9 @@ async def test_layer_without_registry_is_refused() -> None:
     memory = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     with override_settings(CHANNEL_LAYERS=memory):
         comm = WebsocketCommunicator(ProbeConsumer.as_asgi(), "/ws/")
+        await comm.send_input({"type": "websocket.connect"})
         with pytest.raises(InvalidChannelLayerError, match="registry, presence"):
-            await comm.connect(timeout=5)
+            await comm.wait(timeout=5)
 
 
 async def test_denied_connect_registers_nothing(connect, nodes) -> None:
@@ -425,3 +427,44 @@ def test_broadcast_group_names() -> None:
     name = Local.get_broadcast_group()  # "<locals>" is not a valid group-name character
     assert name.startswith("distrib.bc-h.") and len(name) < 100
     assert OtherNodeProbe.get_broadcast_group() == ProbeConsumer.get_broadcast_group()
+
+
+def readme_chat_consumer() -> type[Any]:
+    """The first Python block of README.md's "## Consumer" section, executed as is."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Consumer\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) < 30
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    chat: type[Any] = namespace["ChatConsumer"]
+    return chat
+
+
+async def test_readme_chat_consumer_works(connect) -> None:
+    chat = readme_chat_consumer()
+    chat.broadcast_group = "readme-chat"
+    alice = await connect(chat, user="alice")
+    bob = await connect(chat, user="bob")
+    await alice.send_json({"type": "sendMessage", "message": "too early"})
+    await alice.expect_error("not_in_room")
+    await alice.send_json({"type": "joinRoom", "room": "lobby"})
+    await alice.expect_error("forbidden")
+    for client in (alice, bob):
+        await client.send_json({"type": "joinRoom", "room": "chat-1"})
+        await client.expect("presence.state", group="chat-1")
+    await alice.send_json({"type": "sendMessage", "message": "hi"})
+    assert await bob.expect("message") == {
+        "type": "message",
+        "room": "chat-1",
+        "from": "QueryUser(pk='alice', is_authenticated=True)",
+        "message": "hi",
+    }
+    await alice.assert_none("message", within=0.3)
+    await alice.send_json({"type": "joinRoom", "room": "chat-2"})  # moves rooms
+    diff = await bob.expect("presence.diff", group="chat-1")
+    assert len(diff["leaves"]) == 1
+    await bob.send_json({"type": "sendMessage", "message": "anyone?"})
+    await alice.assert_none("message", within=0.3)
+    await alice.send_text("not json")
+    assert (await alice.expect_error("invalid_json"))["message"] == "Invalid message format"
