@@ -144,6 +144,12 @@ def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
         dash.wait_for_function(
             """() => { const r = document.querySelector('#rooms tr[data-room="room1"]');
                        return r && r.querySelector('.room-members').textContent === '2'; }""")
+        # alice's chat and this dashboard on node A, bob's chat on node B (refreshed by
+        # the nodes' heartbeats).
+        dash.wait_for_function(
+            """() => ['node-a', 'node-b'].map(id => document.querySelector(
+                       `#nodes tr[data-node-id="${id}"] .node-connections`).textContent
+                     ).join() === '2,1'""")
         ids = sorted(dash.locator("#nodes .node-id").all_inner_texts())
         assert ids == ["node-a (this page)", "node-b"]
         dash.screenshot(path=str(SHOTS / "dashboard.png"))

@@ -50,8 +50,9 @@ def test_demo_starts_embedded_valkey_and_three_nodes_then_stops_them(tmp_path: P
 
     def pump() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line.rstrip("\n"))
+        with proc.stdout:
+            for line in proc.stdout:
+                lines.put(line.rstrip("\n"))
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()

@@ -149,7 +149,7 @@ def test_manage_check_passes() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "no issues" in result.stdout
+    assert "no issues" in result.stdout, result.stderr
 
 
 def test_pages_are_served_by_every_node(cluster: tuple[Node, Node]) -> None:
