@@ -10,7 +10,9 @@ Usage::
 
 The child inherits this process's environment plus ``env``, runs from the repository
 root (so ``tests.*`` modules import) with ``sys.executable -m daphne``, and its output
-goes to a log file whose tail is included in errors (``node.log_tail()``).
+goes to a log file whose tail is included in errors (``node.log_tail()``); the log is
+deleted when the node stops unless ``DAPHNE_KEEP_LOGS`` is set (its path is
+``node.log_path``, under the temp directory as ``daphne-*.log``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class DaphneProcess:
             return ""
 
     def _remove_log(self) -> None:
+        if os.environ.get("DAPHNE_KEEP_LOGS"):
+            return
         try:
             os.unlink(self.log_path)
         except OSError:
