@@ -130,6 +130,9 @@ class ProbeConsumer(DistributedConsumer):
     async def handle_echo(self, content: dict[str, Any]) -> None:
         await self.send_json({**content, "type": "reply.echo"})
 
+    async def handle_crash(self, content: dict[str, Any]) -> None:
+        raise RuntimeError("crash requested by the test client")
+
 
 class LobbyConsumer(ProbeConsumer):
     """Joins the class-level room ``lobby`` on connect."""

@@ -377,3 +377,20 @@ async def test_presence_leave_when_a_node_is_killed_or_stopped(cluster, ws, spaw
     await asyncio.to_thread(stopping.terminate)
     diff = await watcher.expect("presence.diff", timeout=5, group=room)
     assert [x["channel"] for x in diff["leaves"]] == [leaver_id]
+
+
+async def test_crashed_consumer_leaves_its_rooms_under_daphne(cluster, ws) -> None:
+    node1, node2 = cluster
+    room = unique("crash")
+    watcher = await ws(node2)
+    await watcher.request("join", room=room)
+    crasher = await ws(node1, user=unique("crasher"))
+    await crasher.request("join", room=room)
+    crasher_id = (await crasher.request("whoami"))["client_id"]
+    await watcher.expect("presence.diff", group=room)
+    await crasher.send_json({"type": "crash"})
+    assert await crasher.expect_close() == 1011
+    diff = await watcher.expect("presence.diff", group=room)
+    assert [x["channel"] for x in diff["leaves"]] == [crasher_id]
+    assert (await watcher.request("size", room=room))["size"] == 1
+    assert (await (await ws(node1)).request("echo", ok=1))["ok"] == 1
