@@ -66,7 +66,7 @@ class ChatConsumer(DistributedConsumer):
 
     async def get_presence_meta(self) -> dict[str, Any]:
         meta = dict(await super().get_presence_meta())
-        meta.update({"name": self.display_name, "node": self.node_id})
+        meta["name"] = self.display_name  # the default meta already has node_id
         return meta
 
     async def handle_joinRoom(self, content: dict[str, Any]) -> None:  # noqa: N802 (protocol name)

@@ -24,7 +24,22 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     return render(request, "dashboard.html", {"node_id": _node_id()})
 
 
-def health(request: HttpRequest) -> JsonResponse:
-    """For load balancers and the demo launcher: this process answers HTTP."""
+_became_node = False
+
+
+async def health(request: HttpRequest) -> JsonResponse:
+    """For load balancers and the demo launcher: this process answers HTTP.
+
+    The first call also makes this process a node (a process becomes one when it first
+    creates a process-local channel), so the dashboard lists every node the launcher
+    started, not only those somebody has connected to already. That channel is never
+    received on, so it is not counted in the node's connections.
+    """
+    global _became_node
+    if not _became_node:
+        layer = get_channel_layer()
+        if layer is not None:
+            await layer.new_channel()
+        _became_node = True
     return JsonResponse({"ok": True, "node_id": _node_id(), "host": socket.gethostname(),
                          "pid": os.getpid()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect
 
 from tests.redis_server import free_port, server_binary
 
@@ -84,6 +86,12 @@ def test_demo_starts_embedded_valkey_and_three_nodes_then_stops_them(tmp_path: P
                 page = resp.read().decode()
             assert "/ws/chat/" in page and node_id in page
         assert all(_alive(pid) for pid in pids)
+        # Every node is listed on the dashboard, even those nobody has connected to yet.
+        with connect(f"ws://127.0.0.1:{ports[1]}/ws/dashboard/", open_timeout=10,
+                     origin=f"http://127.0.0.1:{ports[1]}") as dash:  # type: ignore[arg-type]
+            snap = json.loads(dash.recv(timeout=10))
+        assert sorted(n["node_id"] for n in snap["nodes"]) == sorted(n for n, _, _ in nodes)
+        assert sorted(n["pid"] for n in snap["nodes"]) == sorted(int(p) for _, _, p in nodes)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # what Ctrl-C does

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -144,9 +145,11 @@ async def dashboard(node: Node) -> AsyncIterator[Client]:
 
 
 def test_manage_check_passes() -> None:
+    # pytest-django exported tests.settings; the demo's manage.py must use its own.
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     result = subprocess.run(
         [sys.executable, "testproject/manage.py", "check"], cwd=ROOT,
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )
     assert result.returncode == 0, result.stderr
     assert "no issues" in result.stdout, result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -78,8 +79,9 @@ class LayerCommand(BaseCommand):
             "--layer", default="default", help="CHANNEL_LAYERS alias (default: default)."
         )
         parser.add_argument(
-            "--timeout", type=float, default=5.0,
-            help="Seconds to wait for Redis before giving up (default: 5).",
+            "--timeout", type=float, default=10.0,
+            help="Seconds to wait for Redis before giving up (default: 10; the layer's own "
+            "retry_timeout, 5 s by default, usually ends the wait first).",
         )
 
     def run_on_layer(
@@ -100,11 +102,26 @@ class LayerCommand(BaseCommand):
             finally:
                 await layer.close()
 
+        started = time.monotonic()
         with _quiet_library_logs():
             try:
                 return async_to_sync(run)()
             except _unreachable_errors() as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "timed out"
+                waited = time.monotonic() - started
                 raise CommandError(
-                    f"Cannot reach Redis at {describe_hosts(alias)}: {reason}"
+                    f"Cannot reach Redis at {describe_hosts(alias)} "
+                    f"(gave up after {waited:.0f} s): {_root_cause(exc)}"
                 ) from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost exception's message ("timed out" if it has none)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or not str(inner).strip():
+            break
+        exc = inner
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "timed out"
