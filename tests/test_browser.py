@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from testproject.testing import Node, start_node
+from tests.test_testproject import Node, start_node
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent

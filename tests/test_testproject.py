@@ -17,6 +17,8 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,9 +26,64 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from testproject.testing import ROOT, Node, start_node
+from tests.helpers_daphne import DaphneProcess, start_daphne
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Node:
+    """A daphne process serving testproject.asgi:application, with its node id."""
+
+    node_id: str
+    daphne: DaphneProcess
+
+    @property
+    def pid(self) -> int:
+        return self.daphne.pid
+
+    @property
+    def http_url(self) -> str:
+        return self.daphne.http_url
+
+    @property
+    def ws_url(self) -> str:
+        return self.daphne.url
+
+    @property
+    def origin(self) -> str:
+        return self.daphne.http_url
+
+    def kill(self) -> None:
+        self.daphne.kill()
+
+    def stop(self) -> None:
+        self.daphne.terminate()
+
+
+def start_node(redis_url: str, prefix: str, node_id: str, timeout: float = 20.0) -> Node:
+    """Start the demo project under daphne; return once /healthz/ answers.
+
+    The first /healthz/ also makes the process a node, so it is in ``nodes()`` at once.
+    """
+    daphne = start_daphne("testproject.asgi:application", {
+        "DJANGO_SETTINGS_MODULE": "testproject.settings", "REDIS_URL": redis_url,
+        "DISTRIB_PREFIX": prefix, "DISTRIB_NODE_ID": node_id,
+    })
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{daphne.http_url}/healthz/", timeout=2) as resp:
+                if json.load(resp)["node_id"] == node_id:
+                    return Node(node_id, daphne)
+        except OSError:
+            pass
+        if time.monotonic() > deadline or not daphne.alive():
+            log = daphne.log_tail()
+            daphne.terminate()
+            raise RuntimeError(f"{node_id} never answered /healthz/:\n{log}")
+        time.sleep(0.1)
 
 
 def _drop_prefix(redis_url: str, prefix: str) -> None:
