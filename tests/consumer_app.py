@@ -168,7 +168,18 @@ def send_user_view(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"sent": user})
 
 
+def login_view(request: HttpRequest) -> HttpResponse:
+    """Create (once) and log in the user ``?user=<username>``; the session cookie is the result."""
+    from django.contrib.auth import login
+    from django.contrib.auth.models import User
+
+    user, _ = User.objects.get_or_create(username=request.GET["user"])
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    return JsonResponse({"pk": user.pk})
+
+
 urlpatterns = [
+    path("login/", login_view),
     path("send-room/", send_room_view),
     path("send-user/", send_user_view),
 ]

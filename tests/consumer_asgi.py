@@ -4,7 +4,9 @@ Configures Django itself from the environment (``tests.settings`` is left alone)
 
 - ``DISTRIB_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``), ``DISTRIB_PREFIX``;
 - ``DISTRIB_LAYER_CONFIG``: JSON object merged into the layer's CONFIG
-  (``connection_limit``, ``heartbeat_interval``, ``node_timeout``...).
+  (``connection_limit``, ``heartbeat_interval``, ``node_timeout``...);
+- ``DISTRIB_DB``: an SQLite file shared by the nodes (migrated at startup), so a user
+  logged in over HTTP on one node is authenticated on every node; default in-memory.
 """
 
 from __future__ import annotations
@@ -23,13 +25,24 @@ _config = {
     **json.loads(os.environ.get("DISTRIB_LAYER_CONFIG", "{}")),
 }
 
+_db_file = os.environ.get("DISTRIB_DB")
+_databases = (
+    {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": _db_file}}
+    if _db_file
+    else test_settings.DATABASES
+)
+
 if not settings.configured:
     settings.configure(
         SECRET_KEY=test_settings.SECRET_KEY,
         DEBUG=False,
         USE_TZ=True,
         INSTALLED_APPS=test_settings.INSTALLED_APPS,
-        DATABASES=test_settings.DATABASES,
+        DATABASES=_databases,
+        MIDDLEWARE=[
+            "django.contrib.sessions.middleware.SessionMiddleware",
+            "django.contrib.auth.middleware.AuthenticationMiddleware",
+        ],
         ROOT_URLCONF="tests.consumer_app",
         ALLOWED_HOSTS=["127.0.0.1", "localhost"],
         CHANNEL_LAYERS={
@@ -40,6 +53,10 @@ if not settings.configured:
         },
     )
     django.setup()
+    if _db_file:
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0, interactive=False)
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs configured settings)
 from channels.routing import ProtocolTypeRouter  # noqa: E402

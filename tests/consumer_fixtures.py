@@ -28,8 +28,16 @@ def layer_settings(redis_url: str, prefix: str, **config: Any) -> dict[str, Any]
 
 
 @pytest.fixture(name="nodes")
-async def nodes_fixture(redis_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
-    """Installs CHANNEL_LAYERS for the test; call it (optionally with CONFIG) to get layers."""
+async def nodes_fixture(
+    redis_url: str, prefix: str, django_db_blocker: Any
+) -> AsyncIterator[Callable[..., Any]]:
+    """Installs CHANNEL_LAYERS for the test; call it (optionally with CONFIG) to get layers.
+
+    Channels' consumers call ``close_old_connections`` on every message, in the thread
+    ``sync_to_async`` uses. If an earlier ``transaction=True`` test left a connection
+    there, pytest-django's blocker would make that check fail, so DB access stays
+    unblocked while the consumers run (they make no queries of their own).
+    """
     state: dict[str, Any] = {"override": None}
 
     def install(**config: Any) -> Any:
@@ -40,17 +48,18 @@ async def nodes_fixture(redis_url: str, prefix: str) -> AsyncIterator[Callable[.
             state["override"].enable()
         return channel_layers
 
-    yield install
-    if state["override"] is None:
-        return
-    made = list(channel_layers.backends.values())
-    try:
-        if made:
-            await made[0].flush()
-        for layer in made:
-            await layer.close()
-    finally:
-        state["override"].disable()
+    with django_db_blocker.unblock():
+        yield install
+        if state["override"] is None:
+            return
+        made = list(channel_layers.backends.values())
+        try:
+            if made:
+                await made[0].flush()
+            for layer in made:
+                await layer.close()
+        finally:
+            state["override"].disable()
 
 
 @pytest.fixture(name="connect")

@@ -117,7 +117,7 @@ async def test_class_level_rooms_joined_on_connect(connect) -> None:
     assert (await client.request("rooms"))["rooms"] == ["lobby"]
 
 
-async def test_layer_without_registry_is_refused() -> None:
+async def test_layer_without_registry_is_refused(nodes) -> None:  # nodes: DB unblocked
     memory = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     with override_settings(CHANNEL_LAYERS=memory):
         comm = WebsocketCommunicator(ProbeConsumer.as_asgi(), "/ws/")
@@ -468,44 +468,3 @@ async def test_readme_chat_consumer_works(connect) -> None:
     await alice.assert_none("message", within=0.3)
     await alice.send_text("not json")
     assert (await alice.expect_error("invalid_json"))["message"] == "Invalid message format"
-
-
-@pytest.mark.django_db(transaction=True)
-async def test_real_django_user_through_auth_middleware_stack(nodes) -> None:
-    from asgiref.sync import sync_to_async
-    from channels.auth import AuthMiddlewareStack
-    from django.conf import settings
-    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
-    from django.contrib.auth.models import User
-    from django.contrib.sessions.backends.db import SessionStore
-
-    def login() -> tuple[str, str]:
-        user = User.objects.create_user("ivy", password="pw-for-tests")
-        session = SessionStore()
-        session[SESSION_KEY] = str(user.pk)
-        session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
-        session[HASH_SESSION_KEY] = user.get_session_auth_hash()
-        session.save()
-        return str(user.pk), str(session.session_key)
-
-    user_id, session_key = await sync_to_async(login)()
-    nodes()
-    cookie = f"{settings.SESSION_COOKIE_NAME}={session_key}".encode()
-    app = AuthMiddlewareStack(ProbeConsumer.as_asgi())
-    comm = WebsocketCommunicator(app, "/ws/", headers=[(b"cookie", cookie)])
-    assert (await comm.connect(timeout=5))[0]
-    client = CommClient(comm)
-    try:
-        me = await whoami(client)
-        assert me["user_id"] == user_id
-        layer = channel_layers["default"]
-        assert await layer.group_channels(api.user_group(user_id)) == {me["client_id"]}
-        await api.send_to_user(int(user_id), {"type": "hello"})
-        assert await client.expect("hello") == {"type": "hello"}
-    finally:
-        await client.close()
-    anonymous = WebsocketCommunicator(AuthMiddlewareStack(ProbeConsumer.as_asgi()), "/ws/")
-    assert (await anonymous.connect(timeout=5))[0]
-    anon = CommClient(anonymous)
-    assert (await whoami(anon))["user_id"] is None
-    await anon.close()

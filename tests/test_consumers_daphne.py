@@ -55,12 +55,16 @@ def cluster_prefix(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_url: str, cluster_prefix: str) -> Iterator[list[DaphneProcess]]:
-    """Two daphne nodes on one prefix, for the whole module."""
+def cluster(
+    redis_url: str, cluster_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[DaphneProcess]]:
+    """Two daphne nodes on one prefix and one SQLite file (users, sessions), for the module."""
+    env = node_env(redis_url, cluster_prefix)
+    env["DISTRIB_DB"] = str(tmp_path_factory.mktemp("consumer-db") / "db.sqlite3")
     started: list[DaphneProcess] = []
     try:
         for _ in range(2):
-            started.append(start_daphne(APP, node_env(redis_url, cluster_prefix)))
+            started.append(start_daphne(APP, env))
         yield started
     finally:
         for node in started:
@@ -333,6 +337,38 @@ async def test_connection_limit_closes_1013_while_other_node_accepts(cluster, ws
             await asyncio.sleep(0.1)
     else:
         raise AssertionError("the freed slot was never reused")
+
+
+async def test_user_logged_in_over_http_on_one_node_is_known_on_the_other(cluster) -> None:
+    """A real Django login (session cookie) through AuthMiddlewareStack, across nodes."""
+    node1, node2 = cluster
+    username = unique("ivy")
+
+    def login() -> tuple[int, str]:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{node1.http_url}/login/?user={username}", timeout=10) as response:
+            cookie = response.headers["Set-Cookie"].split(";", 1)[0]
+            return int(json.loads(response.read())["pk"]), cookie
+
+    pk, cookie = await asyncio.to_thread(login)
+    from websockets.asyncio.client import connect
+
+    ws2 = await connect(
+        f"{node2.url}/ws/test/",
+        origin="http://127.0.0.1",  # type: ignore[arg-type]
+        additional_headers={"Cookie": cookie},
+        proxy=None,
+    )
+    tab2 = WsClient(ws2)
+    anon = await WsClient.connect(f"{node1.url}/ws/test/")
+    try:
+        assert (await tab2.request("whoami"))["user_id"] == str(pk)
+        assert (await anon.request("whoami"))["user_id"] is None
+        await anon.request("user.send", user_id=pk, message={"type": "for-you"})
+        assert await tab2.expect("for-you") == {"type": "for-you"}
+    finally:
+        await tab2.close()
+        await anon.close()
 
 
 async def test_origin_validator_and_auth_stack_are_in_front(cluster) -> None:
