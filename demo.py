@@ -77,15 +77,21 @@ def ensure_environment(args: argparse.Namespace) -> None:
     if os.environ.get("DEMO_BOOTSTRAPPED"):
         sys.exit("demo: the virtualenv still lacks packages after installing; see pip's output.")
     python = venv_python()
-    if not python.exists():
-        say(f"Creating virtualenv {VENV} ...")
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    if not has_packages(str(python)):
-        say("Installing channels_distrib and the demo's dependencies into .venv ...")
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
-                       check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-e", str(ROOT),
-                        *demo_requirements()], check=True)
+    try:
+        if not python.exists():
+            say(f"Creating virtualenv {VENV} ...")
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        if not has_packages(str(python)):
+            say("Installing channels_distrib and the demo's dependencies into .venv ...")
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade",
+                            "pip"], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-e", str(ROOT),
+                            *demo_requirements()], check=True)
+    except subprocess.CalledProcessError as exc:
+        hint = ("  (on Debian/Ubuntu: apt install python3-venv)" if "venv" in exc.cmd else "")
+        sys.exit(f"demo: `{' '.join(map(str, exc.cmd))}` failed with {exc.returncode}{hint}")
+    except KeyboardInterrupt:
+        sys.exit("demo: interrupted while setting up .venv")
     env = dict(os.environ, DEMO_BOOTSTRAPPED="1")
     argv = [str(python), str(Path(__file__).resolve()), *sys.argv[1:]]
     if os.name == "nt":
