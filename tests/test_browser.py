@@ -8,7 +8,6 @@ Screenshots go to docs/screenshots/ (the README shows them), or to $SCREENSHOT_D
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,27 +18,33 @@ import redis
 
 from tests.test_testproject import Node, start_node
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = Path(os.environ.get("SCREENSHOT_DIR") or ROOT / "docs" / "screenshots")
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
 
-def _skip(reason: str) -> None:
-    # Printed past pytest's capture so the reason shows even without -rs.
-    print(f"\ntests/test_browser.py skipped: {reason}", file=sys.__stderr__, flush=True)
+def _skip(request: pytest.FixtureRequest, reason: str) -> None:
+    # Printed past pytest's output capture, so the reason shows even without -rs.
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    message = f"\ntests/test_browser.py skipped: {reason}"
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            print(message, flush=True)
+    else:
+        print(message, flush=True)
     pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
     if not os.access(CHROMIUM, os.X_OK):
-        _skip(f"{CHROMIUM} is not installed (run .ci/install-browser)")
+        _skip(request, f"{CHROMIUM} is not installed (run .ci/install-browser)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _skip("the playwright package is not installed (pip install playwright)")
+        _skip(request, "the playwright package is not installed (pip install playwright)")
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(
             executable_path=CHROMIUM,
@@ -157,3 +162,29 @@ def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
         context.close()
     for shot in ("chat.png", "dashboard.png"):
         assert (SHOTS / shot).stat().st_size > 5_000
+
+
+def test_members_of_a_killed_node_vanish_from_the_page(
+    browser: Any, nodes: tuple[Node, Node], redis_url: str
+) -> None:
+    a, _b = nodes
+    prefix = a.daphne.env["DISTRIB_PREFIX"]
+    c = start_node(redis_url, prefix, "node-c")
+    context = browser.new_context(viewport={"width": 1100, "height": 640})
+    context.set_default_timeout(15_000)
+    try:
+        alice = context.new_page()
+        carol = context.new_page()
+        _join(alice, f"{a.http_url}/", "alice", "vanish")
+        _join(carol, f"{c.http_url}/", "carol", "vanish")
+        alice.wait_for_function("() => document.querySelectorAll('#members li').length === 2")
+        assert _members(alice) == [("alice", "node-a"), ("carol", "node-c")]
+        c.kill()
+        # Node C's heartbeats stop; a live node prunes it (node_timeout 6 s by default)
+        # and alice's page gets the presence leave.
+        alice.wait_for_function(
+            "() => document.querySelectorAll('#members li').length === 1", timeout=12_000)
+        assert _members(alice) == [("alice", "node-a")]
+    finally:
+        context.close()
+        c.stop()

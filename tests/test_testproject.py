@@ -8,11 +8,14 @@ dashboard feed, and presence after a node is SIGKILLed.
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -62,15 +65,17 @@ class Node:
         self.daphne.terminate()
 
 
-def start_node(redis_url: str, prefix: str, node_id: str, timeout: float = 20.0) -> Node:
+def start_node(redis_url: str, prefix: str, node_id: str, timeout: float = 20.0,
+               database: str | None = None) -> Node:
     """Start the demo project under daphne; return once /healthz/ answers.
 
     The first /healthz/ also makes the process a node, so it is in ``nodes()`` at once.
     """
-    daphne = start_daphne("testproject.asgi:application", {
-        "DJANGO_SETTINGS_MODULE": "testproject.settings", "REDIS_URL": redis_url,
-        "DISTRIB_PREFIX": prefix, "DISTRIB_NODE_ID": node_id,
-    })
+    env = {"DJANGO_SETTINGS_MODULE": "testproject.settings", "REDIS_URL": redis_url,
+           "DISTRIB_PREFIX": prefix, "DISTRIB_NODE_ID": node_id}
+    if database:
+        env["DEMO_DATABASE"] = database
+    daphne = start_daphne("testproject.asgi:application", env)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -96,13 +101,30 @@ def _drop_prefix(redis_url: str, prefix: str) -> None:
         client.close()
 
 
+USER, PASSWORD = "dora", "dora-pw-1234"
+
+
+def manage(*args: str, database: str, **env: str) -> None:
+    """Run the demo's manage.py with its own settings and the given database."""
+    child_env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    child_env.update(DEMO_DATABASE=database, **env)
+    result = subprocess.run([sys.executable, "testproject/manage.py", *args], cwd=ROOT,
+                            env=child_env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture(scope="module")
-def cluster(redis_url: str) -> Iterator[tuple[Node, Node]]:
-    """Nodes A and B of the demo project on one prefix, for the whole module."""
+def cluster(redis_url: str, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[Node, Node]]:
+    """Nodes A and B of the demo project on one prefix and one database, for the module."""
     prefix = f"tp{uuid.uuid4().hex[:8]}"
-    a = start_node(redis_url, prefix, "node-a")
+    database = str(tmp_path_factory.mktemp("demo-db") / "db.sqlite3")
+    manage("migrate", "--noinput", "-v", "0", database=database)
+    manage("createsuperuser", "--noinput", "--username", USER, "--email", "dora@example.com",
+           database=database, DJANGO_SUPERUSER_PASSWORD=PASSWORD)
+    a = start_node(redis_url, prefix, "node-a", database=database)
     try:
-        b = start_node(redis_url, prefix, "node-b")
+        b = start_node(redis_url, prefix, "node-b", database=database)
     except BaseException:
         a.stop()
         raise
@@ -112,6 +134,24 @@ def cluster(redis_url: str) -> Iterator[tuple[Node, Node]]:
         b.stop()
         a.stop()
         _drop_prefix(redis_url, prefix)
+
+
+def log_in(node: Node) -> str:
+    """Log in through the admin's login form over HTTP; returns the session id."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with opener.open(f"{node.http_url}/admin/login/", timeout=5) as resp:
+        form = resp.read().decode()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form)
+    assert token, form
+    data = urllib.parse.urlencode({"username": USER, "password": PASSWORD, "next": "/",
+                                   "csrfmiddlewaretoken": token.group(1)}).encode()
+    with opener.open(f"{node.http_url}/admin/login/?next=/", data=data, timeout=5) as resp:
+        assert resp.status == 200
+        assert f'value="{USER}"' in resp.read().decode()  # the chat page, name filled in
+    session = next((c.value for c in jar if c.name == "sessionid"), None)
+    assert session, list(jar)
+    return session
 
 
 class Client:
@@ -186,11 +226,12 @@ class Client:
 
 
 @asynccontextmanager
-async def chat(node: Node, name: str | None = None, origin: str | None = None
-               ) -> AsyncIterator[Client]:
+async def chat(node: Node, name: str | None = None, origin: str | None = None,
+               session: str | None = None) -> AsyncIterator[Client]:
     url = f"{node.ws_url}/ws/chat/" + (f"?name={name}" if name else "")
+    headers = {"Cookie": f"sessionid={session}"} if session else None
     async with connect(url, origin=origin or node.origin,  # type: ignore[arg-type]
-                       open_timeout=10) as ws:
+                       additional_headers=headers, open_timeout=10) as ws:
         yield Client(ws)
 
 
@@ -262,6 +303,19 @@ async def test_second_join_moves_the_connection(cluster: tuple[Node, Node]) -> N
         await new.send({"type": "sendMessage", "message": "welcome"})
         assert (await mover.next("message"))["room"] == "kitchen"
         await old.members("lobby", lambda names: names == {"old"})
+
+
+async def test_logged_in_user_is_named_by_username_on_any_node(
+    cluster: tuple[Node, Node],
+) -> None:
+    a, b = cluster
+    session = await asyncio.to_thread(log_in, a)
+    # Logged in on A's HTTP side; the session is in the shared database, so B knows it too.
+    async with chat(b, "someone-else", session=session) as dora, chat(a, "eve") as eve:
+        await eve.join("auth-room")
+        assert (await dora.join("auth-room", name="not-dora"))["name"] == USER
+        await dora.send({"type": "sendMessage", "message": "signed"})
+        assert (await eve.next("message"))["from"] == USER
 
 
 async def test_invalid_json_gets_error_frame_and_stays_open(cluster: tuple[Node, Node]) -> None:
