@@ -22,7 +22,7 @@ from django.core.exceptions import ImproperlyConfigured
 from .config import MIB, LayerConfig, build_config
 from .keys import Keys
 from .local import LocalChannel
-from .node import Node, default_node_id, new_token
+from .node import Node, cancel_and_wait, default_node_id, new_token
 from .registry import INBOX_MAXLEN, Registry, encode_record, presence_entry, token_of
 from .serializers import SerializerError, make_serializer
 from .transport import BLOCK_SECONDS, Transport, backoff
@@ -60,13 +60,7 @@ class _LoopState:
         self.poppers: dict[str, asyncio.Task[None]] = {}
 
     async def close(self) -> None:
-        for task in self.poppers.values():
-            task.cancel()
-        for task in list(self.poppers.values()):
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(list(self.poppers.values()))
         self.poppers.clear()
         await self.transport.close()
 
@@ -285,9 +279,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if token:
             node = self._node
             if node is not None and node.owns(channel):
-                local = node.channels.get(channel)
-                if local is not None and local.full:
+                # Our own channel: deliver in memory, so capacity is exact and no round trip
+                # is spent. FIFO per sender holds: every send() of ours to it takes this path.
+                local = node.local_channel(channel)
+                if local.full:
                     raise ChannelFull(channel)
+                local.put(payload, time.monotonic() + self.config.expiry)
+                return
             keys = [self.keys.inbox(token), self.keys.full(token)]
             args = [channel, payload, INBOX_MAXLEN, self.registry.inbox_ttl_ms]
             if not await transport.script("send_inbox", keys, args):
@@ -336,7 +334,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """
         key = self.keys.queue(channel)
         attempt = 0
-        while True:
+        # Pop only while a receive here is still unserved, so this loop never takes
+        # messages another process could be receiving.
+        while buffer.waiters:
             try:
                 item = await state.transport.blocking.blpop([key], timeout=BLOCK_SECONDS)
                 attempt = 0
@@ -359,8 +359,6 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     continue
                 if remaining > 0:
                     buffer.put(payload, time.monotonic() + remaining)
-            if buffer.pending == 0 and (item is not None or not buffer.waiters):
-                return
 
     # -- groups ---------------------------------------------------------------------------
 

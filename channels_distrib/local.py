@@ -54,7 +54,9 @@ class LocalChannel:
         self.items: deque[tuple[float, bytes]] = deque()
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.pending = 0
-        self.created = self.last_active = time.monotonic()
+        self.created = time.monotonic()
+        # Never received yet: not "receiving", so a channel nobody reads never paces the node.
+        self.last_active = self.created - RECEIVING_GRACE
         self.expired = 0
         self.room_waiter: asyncio.Future[None] | None = None
 

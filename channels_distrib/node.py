@@ -43,6 +43,24 @@ class Membership:
     joined: float  # time.monotonic() at join, for group_expiry
 
 
+async def cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait until they are done, cancelling again if one swallowed it.
+
+    redis-py turns a cancellation that races its own read timeout into a TimeoutError, which
+    a reconnecting loop would treat as a network error; so cancel until the task is done
+    (the loops also check ``stopped`` after each Redis call).
+    """
+    pending = [task for task in tasks if not task.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        _done, still = await asyncio.wait(pending, timeout=0.5)
+        pending = list(still)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("Task %s ended with an error", task.get_name(), exc_info=task.exception())
+
+
 def default_node_id(token: str) -> str:
     """``<short hostname>-<pid>-<token>``: readable, and unique even when pids are reused."""
     short_host = socket.gethostname().split(".")[0][:24] or "node"
@@ -109,13 +127,7 @@ class Node:
         if self.stopped:
             return
         self.stopped = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if deregister:
             try:
@@ -200,7 +212,7 @@ class Node:
         """
         inbox = self.keys.inbox(self.token)
         attempt = 0
-        while True:
+        while not self.stopped:
             try:
                 response = await self.transport.blocking.xread(
                     {inbox: self._last_id}, count=500, block=int(BLOCK_SECONDS * 1000)
@@ -272,8 +284,12 @@ class Node:
     async def _deliver(self, name: str, payload: bytes, expires: float) -> None:
         channel = self.channels.get(name)
         if channel is None:
-            self._count_drop(name, "no such channel on this node")
-            return
+            if not self.owns(name):
+                self._count_drop(name, "not a channel of this node")
+                return
+            # Forgotten after being idle (or never created here): keep the message; if nobody
+            # receives it, it expires and housekeeping forgets the channel again.
+            channel = self.local_channel(name)
         # Pacing: a consumer that keeps receiving is worth waiting for; the messages wait
         # in Redis meanwhile. One that stopped receiving never holds the node back.
         while channel.full and channel.receiving(time.monotonic()):
@@ -315,7 +331,7 @@ class Node:
 
     async def _heartbeat_loop(self) -> None:
         attempt = 0
-        while True:
+        while not self.stopped:
             await asyncio.sleep(
                 self.config.heartbeat_interval if attempt == 0 else backoff(attempt, 1.0)
             )
