@@ -31,6 +31,11 @@ from .config import HostConfig
 from .exceptions import RedisUnavailable
 from .scripts import ALL as SCRIPT_SOURCES
 
+try:  # redis-py >= 7
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - older redis-py has no maintenance notifications
+    MaintNotificationsConfig = None  # type: ignore[assignment,misc]
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -85,6 +90,10 @@ def make_client(host: HostConfig, *, client_name: str, socket_timeout: float | N
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
     }
+    if MaintNotificationsConfig is not None:
+        # With maintenance notifications on ("auto"), redis-py skips its check that a pooled
+        # connection is still open, and a killed connection fails the next command.
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
     options.update(host.kwargs)
     if host.sentinels:
         from redis.asyncio.sentinel import Sentinel
@@ -129,6 +138,10 @@ class Transport:
         """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``."""
         started = time.monotonic()
         attempt = 0
+        # One pass of the event loop first, so a close the server already sent (a restart, a
+        # CLIENT KILL) is seen before a pooled connection is reused: that reconnects
+        # without ever writing, instead of failing a command that cannot be retried.
+        await asyncio.sleep(0)
         while True:
             try:
                 return await operation(self.client)
