@@ -89,7 +89,6 @@ def test_construction_needs_no_event_loop():
     "hosts",
     [
         None,
-        [],
         ["redis://127.0.0.1:1"],
         ["redis://127.0.0.1:1/3"],
         ["redis://:secret@127.0.0.1:1/0"],
@@ -104,12 +103,9 @@ def test_construction_needs_no_event_loop():
         [{"address": "redis://127.0.0.1:1/0", "password": "x", "socket_connect_timeout": 1,
           "retry_on_timeout": True, "health_check_interval": 10}],
         [{"address": "rediss://127.0.0.1:1/0", "ssl_cert_reqs": None}],
-        [{"host": "127.0.0.1", "port": 1}],
-        [{"host": "127.0.0.1", "port": 1, "db": 2, "password": "x"}],
         [{"sentinels": [("127.0.0.1", 26379)], "master_name": "mymaster"}],
         [{"sentinels": [("127.0.0.1", 26379), ("127.0.0.2", 26379)], "master_name": "mymaster",
           "sentinel_kwargs": {"password": "sentinel-secret"}, "password": "x", "db": 1}],
-        ["redis://127.0.0.1:1/0", "redis://127.0.0.2:1/0"],
     ],
     ids=lambda h: repr(h)[:60],
 )
@@ -122,13 +118,14 @@ def test_hosts_forms_accepted(hosts):
     [
         ("redis://127.0.0.1:6379", r"list"),  # a bare string: channels_redis's classic mistake
         (b"redis://127.0.0.1:6379", r"list"),
-        ([123], r"hosts"),
-        ([("127.0.0.1",)], r"hosts"),
-        ([("127.0.0.1", 6379, "extra", "more")], r"hosts"),
-        ([("127.0.0.1", "not-a-port")], r"hosts"),
+        ([123], r"redis://"),
+        ([("127.0.0.1",)], r"redis://|\(host, port\)"),
+        ([("127.0.0.1", 6379, "extra", "more")], r"redis://|\(host, port\)"),
+        ([("127.0.0.1", "not-a-port")], r"redis://|\(host, port\)"),
         (["http://127.0.0.1:6379"], r"redis://|rediss://|unix://"),
         (["127.0.0.1:6379"], r"redis://|rediss://|unix://"),
-        (["redis://127.0.0.1:notaport/0"], r"hosts|port"),
+        (["redis://127.0.0.1:notaport/0"], r"port"),
+        (["redis://"], r"redis://127"),
         ([{"nothing": "useful"}], r"address|host|sentinels"),
         ([{"sentinels": [("127.0.0.1", 26379)]}], r"master_name"),
         ([{"master_name": "mymaster"}], r"sentinels|address|host"),
@@ -169,15 +166,39 @@ def test_channels_redis_options_accepted():
     assert layer.get_capacity("other") == 50
 
 
-def test_channel_capacity_first_match_wins_and_regex_accepted():
-    layer = make(
-        capacity=3,
-        channel_capacity={re.compile(r"^rx\.\d+$"): 9, "limited.*": 2, "*": 7},
-    )
+def test_channel_capacity_first_match_wins():
+    layer = make(capacity=3, channel_capacity={"limited.*": 2, "lim*": 5, "*": 7})
+    assert layer.get_capacity("limited.x") == 2
+    assert layer.get_capacity("limbo") == 5
+    assert layer.get_capacity("zzz") == 7
+
+
+# channels_redis accepts these forms; "every channels_redis option is accepted with the same
+# meaning" (DESIGN.md), so a settings file that works there must construct here.
+
+
+def test_channels_redis_compat_regex_capacity_keys():
+    """channels_redis (BaseChannelLayer.compile_capacities) accepts precompiled regexes."""
+    layer = make(capacity=3, channel_capacity={re.compile(r"^rx\.\d+$"): 9, "*": 7})
     assert layer.get_capacity("rx.12") == 9
     assert layer.get_capacity("rx.ab") == 7
-    assert layer.get_capacity("limited.x") == 2
-    assert layer.get_capacity("zzz") == 7
+
+
+def test_channels_redis_compat_empty_hosts_means_localhost():
+    """channels_redis decode_hosts: `if not hosts` → localhost:6379."""
+    make(hosts=[])
+
+
+@pytest.mark.parametrize("entry", [{"host": "127.0.0.1", "port": 1},
+                                   {"host": "127.0.0.1", "port": 1, "db": 2, "password": "x"}])
+def test_channels_redis_compat_host_dict_without_address(entry):
+    """channels_redis create_pool: a dict without 'address' is ConnectionPool(**dict)."""
+    make(hosts=[entry])
+
+
+def test_channels_redis_compat_several_hosts():
+    """channels_redis shards over several hosts; the option must at least be accepted."""
+    make(hosts=["redis://127.0.0.1:1/0", "redis://127.0.0.2:1/0"])
 
 
 def test_random_prefix_length_accepted_with_any_value():

@@ -590,7 +590,7 @@ async def test_fifo_while_receiving_concurrently(make_layer):
 
 async def test_normal_channel_two_receiver_processes(make_layer, redis_url, prefix):
     """Each message to a shared queue goes to at most one receiver; none lost while both receive."""
-    sender = make_layer()
+    sender = make_layer(capacity=1000)
     children = [ProcReceiver(redis_url, prefix, "work.shared") for _ in range(2)]
     try:
         for child in children:
@@ -673,7 +673,7 @@ async def test_receive_cancellation_loses_nothing(make_layer, caplog):
             _cancelling_consumer(layer, "cancel.named", total, got_named),
         )
         await producer
-    assert min(cancels) > 50, "the test did not actually cancel many receives"
+    assert min(cancels) > 20, f"the test did not actually cancel many receives: {cancels}"
     assert got_local == list(range(total))
     assert got_named == list(range(total))
     assert await nothing_arrives(layer, local, 0.3)
@@ -849,7 +849,9 @@ async def test_flush_leaves_no_message_or_group_keys(make_layer, redis_url, pref
     async with raw_redis(redis_url) as raw:
         assert await prefix_keys(raw, prefix)
         await layer.flush()
-        assert await prefix_keys(raw, prefix) == []
+        left = await prefix_keys(raw, prefix)
+        # only the flush epoch marker (keys.py: P:flush) may remain: no messages, no groups
+        assert [k for k in left if k != f"{prefix}:flush".encode()] == []
 
 
 # ------------------------------------------------------------------ corrupt payloads
@@ -857,11 +859,11 @@ async def test_flush_leaves_no_message_or_group_keys(make_layer, redis_url, pref
 
 async def test_corrupt_payloads_are_logged_and_skipped(make_layer, redis_url, prefix, caplog):
     caplog.set_level(logging.DEBUG, logger="channels_distrib")
-    layer = make_layer()
+    layer, sender = make_layer(), make_layer()
     local = await layer.new_channel()
     await layer.group_add("corruptgroup", local)
-    await layer.send("corrupt.named", msg(1))
-    await layer.send(local, msg(1))
+    await sender.send("corrupt.named", msg(1))
+    await sender.send(local, msg(1))  # from another instance: goes through the inbox stream
     assert await recv(layer, local) == msg(1)
 
     future_ms = int((time.time() + 600) * 1000)
@@ -882,9 +884,9 @@ async def test_corrupt_payloads_are_logged_and_skipped(make_layer, redis_url, pr
             await raw.xadd(stream, {"hello": "world"})
             await raw.xadd(stream, {"c": local})
             await raw.xadd(stream, {"c": "no-such!channel", "m": msgpack.packb({"type": "x"})})
-    await layer.send("corrupt.named", msg(2))
-    await layer.send(local, msg(2))
-    await layer.group_send("corruptgroup", msg(3))
+    await sender.send("corrupt.named", msg(2))
+    await sender.send(local, msg(2))
+    await sender.group_send("corruptgroup", msg(3))
     assert await recv(layer, "corrupt.named") == msg(1)
     assert await recv(layer, "corrupt.named") == msg(2)
     assert await recv(layer, local) == msg(2)
