@@ -960,3 +960,81 @@ async def test_group_send_cost_does_not_grow_with_group_size(own_redis, prefix):
             assert crowd_total <= 40 * sends, results
     finally:
         await proxy.stop()
+
+
+# ------------------------------------------------------------------ drops, pacing
+
+
+async def test_group_send_drops_are_logged_rate_limited(make_layer, caplog):
+    """Drops for full channels are counted and logged at most once per second, never raised."""
+    caplog.set_level(logging.DEBUG, logger="channels_distrib")
+    sender, node = make_layer(capacity=1), make_layer(capacity=1)
+    stuck = await node.new_channel()
+    await sender.group_add("dropgroup", "drop.named")
+    await node.group_add("dropgroup", stuck)
+    started = time.monotonic()
+    for i in range(80):
+        await sender.group_send("dropgroup", msg(i))
+    await asyncio.sleep(0.5)  # the owning node counts its drops as it reads its inbox
+    elapsed = time.monotonic() - started
+    drops = [r for r in caplog.records if r.name.startswith("channels_distrib")
+             and r.levelno >= logging.WARNING]
+    assert drops, "dropped group messages must be logged"
+    # one sender-side and one node-side log line per second at most
+    assert len(drops) <= 2 * (1 + int(elapsed)), [r.getMessage() for r in drops]
+    assert await recv(sender, "drop.named") == msg(0)
+    assert await recv(node, stuck) == msg(0)
+
+
+async def test_burst_to_receiving_consumer_is_paced_not_dropped(make_layer):
+    """While a receiving consumer's queue is full the node waits; nothing is dropped."""
+    sender, node = make_layer(capacity=5), make_layer(capacity=5)
+    local = await node.new_channel()
+    await node.group_add("burst", local)
+    got: list[int] = []
+
+    async def consume() -> None:
+        while len(got) < 300:
+            got.append((await node.receive(local))["n"])
+            await asyncio.sleep(0.001)
+
+    consumer = asyncio.create_task(consume())
+    try:
+        for i in range(300):
+            await sender.group_send("burst", msg(i))
+        async with asyncio.timeout(30):
+            await asyncio.shield(consumer)
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+    assert got == list(range(300))
+
+
+async def test_stuck_channel_does_not_hold_the_node_back(make_layer):
+    sender, node = make_layer(capacity=5), make_layer(capacity=5)
+    stuck, active = await node.new_channel(), await node.new_channel()
+    await node.group_add("mixedspeed", stuck)
+    await node.group_add("mixedspeed", active)
+    got: list[int] = []
+
+    async def consume() -> None:
+        while len(got) < 100:
+            got.append((await node.receive(active))["n"])
+
+    consumer = asyncio.create_task(consume())
+    try:
+        for i in range(100):
+            await sender.group_send("mixedspeed", msg(i))
+        async with asyncio.timeout(8):
+            await asyncio.shield(consumer)
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+    assert got == list(range(100))
+    leftover = []
+    while True:
+        try:
+            leftover.append((await asyncio.wait_for(node.receive(stuck), 0.3))["n"])
+        except asyncio.TimeoutError:
+            break
+    assert 1 <= len(leftover) <= 5 and leftover == sorted(leftover), leftover

@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import signal
+import subprocess
 import time
 from typing import Any
 
+import msgpack
 import pytest
 from asgiref.sync import async_to_sync
 
@@ -25,8 +29,9 @@ from tests.helpers_layers import (
     own_layer,
     raw_redis,
     recv,
+    url_host_port,
 )
-from tests.redis_server import free_port
+from tests.redis_server import free_port, ping, server_binary, start_server
 
 
 async def _collect(layer: Any, channel: str, into: list[int]) -> None:
@@ -285,3 +290,133 @@ async def test_idle_sender_connection_after_30_seconds(make_layer):
     await sender.send("idlesend.named", msg(1))
     assert await recv(receiver, "idlesend.named") == msg(1)
     assert await nothing_arrives(receiver, "idlesend.named", 0.2)
+
+
+# ------------------------------------------------------------------ hosts forms, for real
+
+
+async def _round_trip(config: dict[str, Any], prefix: str) -> None:
+    async with own_layer(prefix=prefix, **config) as layer:
+        local = await layer.new_channel()
+        await layer.group_add("hostsgroup", local)
+        await layer.send("hosts.named", msg(1))
+        await layer.group_send("hostsgroup", msg(2))
+        assert await recv(layer, "hosts.named") == msg(1)
+        assert await recv(layer, local) == msg(2)
+
+
+async def test_tuple_and_dict_hosts_work(redis_url, prefix):
+    host, port = url_host_port(redis_url)
+    await _round_trip({"hosts": [(host, port)]}, prefix + "t")
+    await _round_trip({"hosts": [{"address": redis_url, "socket_connect_timeout": 2,
+                                  "health_check_interval": 5}]}, prefix + "d")
+
+
+async def test_unix_socket_host(tmp_path, prefix):
+    sock = tmp_path / "redis.sock"
+    server = await asyncio.to_thread(start_server, ["--unixsocket", str(sock),
+                                                    "--unixsocketperm", "700"])
+    try:
+        await _round_trip({"hosts": [f"unix://{sock}"]}, prefix)
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def test_sentinel_host(own_redis, prefix, tmp_path):
+    binary = server_binary()
+    assert binary, "no redis-server to run a sentinel with"
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {own_redis.port} 1\n"
+        "sentinel down-after-milliseconds mymaster 60000\n"
+    )
+    proc = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not ping("127.0.0.1", port):
+            assert proc.poll() is None and time.monotonic() < deadline, "sentinel did not start"
+            await asyncio.sleep(0.05)
+        await _round_trip({"hosts": [{"sentinels": [("127.0.0.1", port)],
+                                      "master_name": "mymaster"}]}, prefix)
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(proc.wait, 10)
+
+
+async def test_named_message_survives_kill_of_the_blocked_receiver(make_layer, redis_url, prefix):
+    """Deterministic form of the CLIENT KILL race for a normal channel.
+
+    A message is pushed and the receiver's blocked connection is killed in the same server
+    event-loop turn (one pipelined write: RPUSH then CLIENT KILL), so Redis hands the item to
+    the blocked pop and then drops the reply with the connection. The item is written in the
+    layer's own queue format (keys.py: P:q:<channel>, b"<expire ms>:<payload>"), exactly what a
+    send() would have written; its send "returned", so it must still be delivered.
+    """
+    layer = make_layer()
+    pending = asyncio.create_task(layer.receive("popkill.named"))
+    blocking_cmds = {"blpop", "brpop", "blmove", "brpoplpush", "blmpop", "xread", "xreadgroup"}
+    try:
+        async with raw_redis(redis_url) as raw:
+
+            async def poppers() -> list[dict[str, Any]]:
+                return [c for c in await layer_clients(raw, prefix) if c.get("cmd") in blocking_cmds]
+
+            async def blocked() -> bool:
+                return bool(await poppers())
+
+            assert await eventually(blocked, 5), await layer_clients(raw, prefix)
+            item = b"%d:" % int((time.time() + 60) * 1000) + msgpack.packb(msg(1), use_bin_type=True)
+            pipe = raw.pipeline(transaction=False)
+            pipe.rpush(f"{prefix}:q:popkill.named", item)
+            for client in await poppers():
+                pipe.execute_command("CLIENT", "KILL", "ID", client["id"])
+            await pipe.execute()
+            try:
+                got = await asyncio.wait_for(asyncio.shield(pending), 10)
+            except asyncio.TimeoutError:
+                left = await raw.llen(f"{prefix}:q:popkill.named")
+                raise AssertionError(
+                    f"message never delivered; {left} item(s) left in the queue "
+                    "(0 = popped by the killed connection and lost)"
+                ) from None
+        assert got == msg(1)
+    finally:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+
+
+async def test_inbox_message_survives_kill_of_the_blocked_reader(make_layer, redis_url, prefix):
+    """The same race for a process-local channel: XADD to the node's inbox (keys.py:
+    P:in:<token>, fields c=<channel>, m=<payload>) and CLIENT KILL of its blocked XREAD in one
+    server turn; the reader resumes from its cursor, so the entry is still delivered."""
+    node = make_layer()
+    local = await node.new_channel()
+    token = local.split(".", 1)[1].split("!", 1)[0]
+    pending = asyncio.create_task(node.receive(local))
+    try:
+        async with raw_redis(redis_url) as raw:
+
+            async def readers() -> list[dict[str, Any]]:
+                return [c for c in await layer_clients(raw, prefix) if c.get("cmd") == "xread"]
+
+            async def blocked() -> bool:
+                return bool(await readers())
+
+            assert await eventually(blocked, 5), await layer_clients(raw, prefix)
+            pipe = raw.pipeline(transaction=False)
+            pipe.xadd(f"{prefix}:in:{token}", {"c": local,
+                                               "m": msgpack.packb(msg(1), use_bin_type=True)})
+            for client in await readers():
+                pipe.execute_command("CLIENT", "KILL", "ID", client["id"])
+            await pipe.execute()
+        assert await asyncio.wait_for(asyncio.shield(pending), 10) == msg(1)
+    finally:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
