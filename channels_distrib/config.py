@@ -7,6 +7,7 @@ Every ``channels_redis`` option is accepted with its meaning, so moving over is 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from django.core.exceptions import ImproperlyConfigured
+
+logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 MIN_MESSAGE_SIZE = MIB
@@ -52,7 +55,7 @@ class LayerConfig:
     expiry: float
     group_expiry: float
     capacity: int
-    channel_capacity: tuple[tuple[re.Pattern[str], str, int], ...]
+    channel_capacity: tuple[tuple[re.Pattern[str], int], ...]
     serializer: str
     symmetric_encryption_keys: tuple[str, ...]
     node_id: str | None
@@ -65,33 +68,10 @@ class LayerConfig:
 
     def capacity_for(self, channel: str) -> int:
         """The capacity of one channel: the first matching ``channel_capacity`` glob, else ``capacity``."""
-        for regex, _glob, value in self.channel_capacity:
+        for regex, value in self.channel_capacity:
             if regex.match(channel):
                 return value
         return self.capacity
-
-    def lua_capacity_patterns(self) -> list[str | int]:
-        """``channel_capacity`` as flat (Lua pattern, capacity) pairs for the group-send script."""
-        flat: list[str | int] = []
-        for _regex, glob, value in self.channel_capacity:
-            flat.extend([glob_to_lua(glob), value])
-        return flat
-
-
-def glob_to_lua(glob: str) -> str:
-    """Translate an fnmatch glob into an anchored Lua pattern (channel names are plain ASCII)."""
-    out = ["^"]
-    for char in glob:
-        if char == "*":
-            out.append(".*")
-        elif char == "?":
-            out.append(".")
-        elif char.isalnum():
-            out.append(char)
-        else:
-            out.append("%" + char)
-    out.append("$")
-    return "".join(out)
 
 
 def _fail(message: str) -> ImproperlyConfigured:
@@ -119,6 +99,12 @@ def _int(name: str, value: Any, *, minimum: int) -> int:
 
 def _decode_url(url: str) -> str:
     parsed = urlparse(url)
+    try:
+        parsed.port  # noqa: B018 - urlparse validates the port lazily
+    except ValueError:
+        raise _fail(
+            f"host URL {url!r} has an invalid port; write e.g. 'redis://127.0.0.1:6379/0'"
+        ) from None
     if parsed.scheme not in {"redis", "rediss", "unix", "valkey", "valkeys"}:
         raise _fail(
             f"host URL {url!r} has no redis://, rediss:// or unix:// scheme; "
@@ -147,6 +133,35 @@ def _decode_address(address: Any) -> str:
         f"host address {address!r} is not a URL or a (host, port) pair; "
         "write e.g. 'redis://127.0.0.1:6379/0' or ('127.0.0.1', 6379)"
     )
+
+
+def _connection_options() -> frozenset[str]:
+    """Keyword arguments redis-py's connection classes accept (what a host dict may carry)."""
+    import inspect
+
+    from redis.asyncio.connection import (
+        AbstractConnection,
+        Connection,
+        SSLConnection,
+        UnixDomainSocketConnection,
+    )
+
+    names: set[str] = {"max_connections", "ssl"}
+    for cls in (AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection):
+        names.update(inspect.signature(cls.__init__).parameters)
+    return frozenset(names - {"self", "args", "kwargs", "decode_responses", "encoding"})
+
+
+def _check_options(host: Any, options: dict[str, Any]) -> dict[str, Any]:
+    allowed = _connection_options()
+    unknown = sorted(name for name in options if name not in allowed)
+    if unknown:
+        raise _fail(
+            f"host {host!r} has unknown option(s) {', '.join(map(repr, unknown))}; a host dict takes "
+            "'address' (or 'sentinels' + 'master_name', or 'host'/'port'/'db') plus redis-py "
+            "connection options such as 'password', 'username', 'ssl_cert_reqs'"
+        )
+    return options
 
 
 def decode_host(host: Any) -> HostConfig:
@@ -183,40 +198,59 @@ def decode_host(host: Any) -> HostConfig:
                 sentinels=tuple(pairs),
                 master_name=master_name,
                 sentinel_kwargs=dict(sentinel_kwargs),
-                kwargs=options,
+                kwargs=_check_options(host, options),
             )
         if "address" not in options:
-            raise _fail(
-                f"host dict {host!r} needs an 'address' (or 'sentinels'); "
-                "write e.g. {'address': 'redis://127.0.0.1:6379/0'}"
+            # channels_redis passes such a dict to ConnectionPool(**dict): host, port, db, ...
+            host_name = options.pop("host", "localhost")
+            port = options.pop("port", 6379)
+            db = options.pop("db", 0)
+            if (
+                not isinstance(host_name, str)
+                or not isinstance(port, int)
+                or not isinstance(db, int)
+            ):
+                raise _fail(
+                    f"host dict {host!r} needs an 'address', e.g. "
+                    "{'address': 'redis://127.0.0.1:6379/0'}, or 'host' (str), 'port' and 'db' (int)"
+                )
+            if "master_name" in options or "sentinel_kwargs" in options:
+                raise _fail(
+                    f"host dict {host!r} names a master but no 'sentinels'; write "
+                    "{'sentinels': [('127.0.0.1', 26379)], 'master_name': 'mymaster'}"
+                )
+            return HostConfig(
+                url=f"redis://{host_name}:{port}/{db}", kwargs=_check_options(host, options)
             )
         url = _decode_address(options.pop("address"))
-        return HostConfig(url=url, kwargs=options)
+        return HostConfig(url=url, kwargs=_check_options(host, options))
     return HostConfig(url=_decode_address(host))
 
 
 def decode_hosts(hosts: Any) -> HostConfig:
     """Validate ``hosts``; one host (or one Sentinel set) backs the whole layer."""
-    if hosts is None:
-        return HostConfig(url="redis://127.0.0.1:6379/0")
-    if isinstance(hosts, (str, Mapping)) or not isinstance(hosts, Sequence):
+    if hosts is None or (isinstance(hosts, (list, tuple)) and not hosts):
+        return HostConfig(url="redis://localhost:6379/0")  # channels_redis's default
+    if isinstance(hosts, (str, bytes, Mapping)) or not isinstance(hosts, Sequence):
         raise _fail(
             "You must pass a list of Redis hosts, even if there is only one: "
             "hosts=['redis://127.0.0.1:6379/0']"
         )
-    if not hosts:
-        raise _fail("hosts is empty; write hosts=['redis://127.0.0.1:6379/0']")
     decoded = [decode_host(host) for host in hosts]
     if len(decoded) > 1:
-        raise _fail(
-            "sharding over several independent Redis hosts is not supported: group membership "
-            "must live on one server. Give one host (or one Sentinel dict) in hosts=[...]"
+        # channels_redis shards over several hosts; membership here must live on one server,
+        # so the first host serves everything (the system checks warn about it too).
+        logger.warning(
+            "channels_distrib: %d hosts given; all data lives on the first (%s). "
+            "Give one host, or use Sentinel for failover.",
+            len(decoded),
+            decoded[0].address,
         )
     return decoded[0]
 
 
-def compile_capacities(channel_capacity: Any) -> tuple[tuple[re.Pattern[str], str, int], ...]:
-    """Validate ``channel_capacity`` (glob → capacity) and compile each glob once."""
+def compile_capacities(channel_capacity: Any) -> tuple[tuple[re.Pattern[str], int], ...]:
+    """Validate ``channel_capacity`` (glob or compiled regex → capacity); compile globs once."""
     if channel_capacity is None:
         return ()
     if not isinstance(channel_capacity, Mapping):
@@ -224,21 +258,17 @@ def compile_capacities(channel_capacity: Any) -> tuple[tuple[re.Pattern[str], st
             "channel_capacity must be a dict of glob → capacity, e.g. {'http.request': 200}"
         )
     compiled = []
-    for glob, value in channel_capacity.items():
-        if hasattr(glob, "match"):
+    for pattern, value in channel_capacity.items():
+        capacity = _int(f"channel_capacity[{pattern!r}]", value, minimum=1)
+        if hasattr(pattern, "match"):
+            compiled.append((pattern, capacity))  # a precompiled regex, as channels allows
+        elif isinstance(pattern, str) and pattern:
+            compiled.append((re.compile(fnmatch.translate(pattern)), capacity))
+        else:
             raise _fail(
-                "channel_capacity keys must be glob strings (compiled regexes cannot be used "
-                "server-side); write e.g. {'websocket.send*': 20}"
+                f"channel_capacity key {pattern!r} must be a glob string or a compiled regex, "
+                "e.g. {'websocket.send*': 20}"
             )
-        if not isinstance(glob, str) or not glob:
-            raise _fail(f"channel_capacity key {glob!r} must be a non-empty glob string")
-        compiled.append(
-            (
-                re.compile(fnmatch.translate(glob)),
-                glob,
-                _int(f"channel_capacity[{glob!r}]", value, minimum=1),
-            )
-        )
     return tuple(compiled)
 
 

@@ -10,6 +10,7 @@ Layout under ``<prefix>`` (P)::
     P:gp:<group>         hash     node token -> number of that node's presence members
     P:gpm:<group>        hash     channel -> member record, presence members only
     P:gq:<group>         zset     normal channel members -> joined ms (for group_expiry)
+    P:qc                 hash     normal channel -> its capacity (read by GROUP_SEND)
     P:cg:<channel>       set      groups the channel is in
     P:nc:<token>         set      a node's channels that are in any group
     P:nodes              zset     node token -> last heartbeat ms (Redis time)

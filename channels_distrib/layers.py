@@ -129,9 +129,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             connection_limit=connection_limit,
         )
         super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
-        self.channel_capacity = [
-            (regex, value) for regex, _glob, value in self.config.channel_capacity
-        ]
+        self.channel_capacity = list(self.config.channel_capacity)
         self.group_expiry = self.config.group_expiry
         self.prefix = self.config.prefix
         self.connection_limit = self.config.connection_limit

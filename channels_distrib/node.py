@@ -267,10 +267,15 @@ class Node:
             return
         exclude = fields.get(b"x", b"").decode()
         presence_only = b"p" in fields
+        channels = self.channels
         for channel, membership in list(members.items()):
             if channel == exclude or (presence_only and not membership.presence):
                 continue
-            await self._deliver(channel, payload, expires)
+            local = channels.get(channel)
+            if local is not None and len(local.items) < local.capacity:
+                local.put(payload, expires)  # the fast path: no await per member
+            else:
+                await self._deliver(channel, payload, expires)
 
     def _control(self, fields: dict[bytes, bytes]) -> None:
         """Another process added or removed one of this node's channels in a group."""

@@ -109,6 +109,7 @@ class Registry:
             "1" if notify and token else "0",
             INBOX_MAXLEN,
             self.inbox_ttl_ms,
+            self.config.capacity_for(channel),
         ]
         old, old_presence, record, flat = await t.script("group_add", keys, args)
         state = [presence_entry(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
@@ -149,7 +150,6 @@ class Registry:
             int(self.config.expiry * 1000),
             int(self.config.group_expiry * 1000),
             self.config.capacity,
-            *self.config.lua_capacity_patterns(),
         ]
         return keys, args
 

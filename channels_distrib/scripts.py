@@ -19,6 +19,10 @@ end
 local function decr(key, field)
   if redis.call('HINCRBY', key, field, -1) <= 0 then redis.call('HDEL', key, field) end
 end
+local function extend(key, ms)
+  -- Lengthen a key's TTL, never shorten it: processes with a longer group_expiry win.
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
 local function drop_expired(queue, now)
   -- Items are "<expire ms>:<payload>" in send order, so expired ones sit at the head.
   for _ = 1, 1000 do
@@ -65,7 +69,7 @@ return 1
 # ARGV[1] prefix, ARGV[2] entry kind: 'g' (all members) or 'p' (presence members only),
 # ARGV[3] group, ARGV[4] payload, ARGV[5] channel to exclude ('' for none),
 # ARGV[6] inbox max length, ARGV[7] inbox TTL ms, ARGV[8] expiry ms, ARGV[9] group_expiry ms,
-# ARGV[10] default capacity, ARGV[11..] (Lua pattern, capacity) pairs from channel_capacity
+# ARGV[10] default capacity (P:qc holds each normal member's own capacity)
 # Returns {nodes written, queues written, queue messages dropped for capacity}.
 GROUP_SEND = (
     _PRELUDE
@@ -93,10 +97,7 @@ if kind == 'g' and redis.call('EXISTS', KEYS[2]) == 1 then
   end
   for _, channel in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     if channel ~= exclude then
-      local capacity = tonumber(ARGV[10])
-      for i = 11, #ARGV, 2 do
-        if string.match(channel, ARGV[i]) then capacity = tonumber(ARGV[i + 1]); break end
-      end
+      local capacity = tonumber(redis.call('HGET', prefix .. ':qc', channel) or ARGV[10])
       local queue = prefix .. ':q:' .. channel
       drop_expired(queue, now)
       if redis.call('LLEN', queue) >= capacity then
@@ -115,7 +116,7 @@ return {#tokens, queued, dropped}
 
 # Membership helpers shared by GROUP_ADD and REREGISTER.
 _MEMBERSHIP = """
-local function add_member(prefix, group, channel, token, record, presence, gexp)
+local function add_member(prefix, group, channel, token, record, presence, gexp, capacity)
   local g, gn, gp = prefix .. ':g:' .. group, prefix .. ':gn:' .. group, prefix .. ':gp:' .. group
   local gpm, gq = prefix .. ':gpm:' .. group, prefix .. ':gq:' .. group
   local cg = prefix .. ':cg:' .. channel
@@ -125,28 +126,30 @@ local function add_member(prefix, group, channel, token, record, presence, gexp)
   redis.call('HSET', g, channel, record)
   if token == '' then
     redis.call('ZADD', gq, now_ms(), channel)
-    redis.call('PEXPIRE', gq, gexp)
+    extend(gq, gexp)
+    redis.call('HSET', prefix .. ':qc', channel, capacity)
+    extend(prefix .. ':qc', gexp)
   elseif not old then
     redis.call('HINCRBY', gn, token, 1)
   end
   if presence == '1' then
     redis.call('HSET', gpm, channel, record)
     if not old_presence and token ~= '' then redis.call('HINCRBY', gp, token, 1) end
-    redis.call('PEXPIRE', gpm, gexp)
-    redis.call('PEXPIRE', gp, gexp)
+    extend(gpm, gexp)
+    extend(gp, gexp)
   elseif old_presence then
     redis.call('HDEL', gpm, channel)
     if token ~= '' then decr(gp, token) end
   end
   redis.call('SADD', cg, group)
-  redis.call('PEXPIRE', cg, gexp)
+  extend(cg, gexp)
   if token ~= '' then
     local nc = prefix .. ':nc:' .. token
     redis.call('SADD', nc, channel)
-    redis.call('PEXPIRE', nc, gexp)
-    redis.call('PEXPIRE', gn, gexp)
+    extend(nc, gexp)
+    extend(gn, gexp)
   end
-  redis.call('PEXPIRE', g, gexp)
+  extend(g, gexp)
   return old, old_presence, record
 end
 """
@@ -158,7 +161,8 @@ end
 # ARGV[1] prefix, ARGV[2] group, ARGV[3] channel, ARGV[4] owning node token ('' for a normal
 # channel), ARGV[5] member record ':<msgpack [node_id, meta]>' (stamped here with the join
 # time), ARGV[6] presence '1'/'0', ARGV[7] group_expiry ms, ARGV[8] '1' to notify the owning
-# node's inbox, ARGV[9] inbox max length, ARGV[10] inbox TTL ms
+# node's inbox, ARGV[9] inbox max length, ARGV[10] inbox TTL ms, ARGV[11] the channel's
+# capacity (kept in P:qc for normal channels, so GROUP_SEND can enforce it server-side)
 # Returns {old record or false, old presence record or false, stored record, presence state
 # as a flat channel/record list (only when ARGV[6] is '1')}.
 GROUP_ADD = (
@@ -166,7 +170,7 @@ GROUP_ADD = (
     + _MEMBERSHIP
     + """
 local prefix, group, channel, token, presence = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
-local old, old_presence, record = add_member(prefix, group, channel, token, ARGV[5], presence, tonumber(ARGV[7]))
+local old, old_presence, record = add_member(prefix, group, channel, token, ARGV[5], presence, tonumber(ARGV[7]), ARGV[11])
 if ARGV[8] == '1' then
   local inbox = prefix .. ':in:' .. token
   redis.call('XADD', inbox, 'MAXLEN', '~', ARGV[9], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', presence)
@@ -191,7 +195,7 @@ REREGISTER = (
 local added = {}
 local gexp = tonumber(ARGV[3])
 for i = 4, #ARGV, 4 do
-  local _, old_presence, record = add_member(ARGV[1], ARGV[i], ARGV[i + 1], ARGV[2], ARGV[i + 2], ARGV[i + 3], gexp)
+  local _, old_presence, record = add_member(ARGV[1], ARGV[i], ARGV[i + 1], ARGV[2], ARGV[i + 2], ARGV[i + 3], gexp, 0)
   if ARGV[i + 3] == '1' and not old_presence then
     table.insert(added, ARGV[i]); table.insert(added, ARGV[i + 1]); table.insert(added, record)
   end
