@@ -728,7 +728,8 @@ async def test_close_is_idempotent_and_leaves_no_tasks(make_layer):
 # ------------------------------------------------------------------ several event loops
 
 
-async def test_async_to_sync_senders_in_threads(make_layer):
+async def test_async_to_sync_senders_in_threads(make_layer, caplog):
+    caplog.set_level(logging.WARNING)
     layer = make_layer(capacity=1000)
     local = await layer.new_channel()
 
@@ -748,6 +749,9 @@ async def test_async_to_sync_senders_in_threads(make_layer):
     expected = sorted(k * 100 + i for k in range(4) for i in range(10))
     for messages in got:
         assert sorted(m["n"] for m in messages) == expected
+    gc.collect()
+    assert not [r.getMessage() for r in caplog.records
+                if "destroyed" in r.getMessage() or "Unclosed" in r.getMessage()]
 
 
 async def test_sync_receiver_while_main_loop_sends(make_layer):
@@ -773,14 +777,24 @@ async def test_sync_receiver_while_main_loop_sends(make_layer):
     assert received == list(range(10))
 
 
-async def test_layer_first_used_from_a_foreign_loop(make_layer):
+async def test_layer_first_used_from_a_foreign_loop(make_layer, caplog):
     """A layer whose first call is async_to_sync in a thread still works in the main loop."""
+    caplog.set_level(logging.WARNING)
     layer = make_layer()
     await asyncio.to_thread(async_to_sync(layer.send), "loops.first", msg(1))
     assert await recv(layer, "loops.first") == msg(1)
     await asyncio.to_thread(async_to_sync(layer.group_add), "g1", "loops.first")
     await layer.group_send("g1", msg(2))
     assert await recv(layer, "loops.first") == msg(2)
+    # a node made inside a short-lived loop (async_to_sync) is stopped when that loop closes
+    channel = await asyncio.to_thread(async_to_sync(layer.new_channel))
+    assert channel.startswith("specific.")
+    gc.collect()
+    assert not [r.getMessage() for r in caplog.records
+                if "destroyed" in r.getMessage() or "Unclosed" in r.getMessage()]
+    local = await layer.new_channel()  # and the main loop can become the node afterwards
+    await layer.send(local, msg(3))
+    assert await recv(layer, local) == msg(3)
 
 
 # ------------------------------------------------------------------ prefix isolation, flush
@@ -949,9 +963,11 @@ async def test_group_send_cost_does_not_grow_with_group_size(own_redis, prefix):
 
             for group, (turns, delta) in results.items():
                 per_send = turns / sends
+                assert turns >= sends, f"{group}: the sender did not go through the proxy"
                 assert turns <= 2 * sends, f"{group}: {per_send:.1f} round trips per group_send"
                 appends = sum(delta.get(c, 0) for c in ("xadd", "rpush", "lpush", "publish"))
                 nodes_with_members = 1 if group == "solo" else 3
+                assert appends >= sends, (group, delta)  # the measurement sees the writes
                 assert appends <= nodes_with_members * sends, (group, delta)
             solo_total = sum(results["solo"][1].values())
             crowd_total = sum(results["crowd"][1].values())
@@ -1038,3 +1054,22 @@ async def test_stuck_channel_does_not_hold_the_node_back(make_layer):
         except asyncio.TimeoutError:
             break
     assert 1 <= len(leftover) <= 5 and leftover == sorted(leftover), leftover
+
+
+async def test_flush_is_not_undone_by_self_healing(make_layer, redis_url, prefix):
+    """After flush() nodes drop their local membership state: heartbeats do not re-register it."""
+    node = make_layer(heartbeat_interval=0.3, node_timeout=1.5)
+    sender = make_layer(heartbeat_interval=0.3, node_timeout=1.5)
+    local = await node.new_channel()
+    await node.group_add("healgroup", local)
+    await sender.group_send("healgroup", msg(0))
+    assert await recv(node, local) == msg(0)
+    await sender.flush()
+    await asyncio.sleep(1.5)  # several heartbeats
+    await sender.group_send("healgroup", msg(1))
+    assert await nothing_arrives(node, local, 0.5)
+    async with raw_redis(redis_url) as raw:
+        assert not await raw.exists(f"{prefix}:g:healgroup", f"{prefix}:gn:healgroup")
+    # the node itself keeps working
+    await sender.send(local, msg(2))
+    assert await recv(node, local) == msg(2)

@@ -49,6 +49,24 @@ class NotASerializer:
     pass
 
 
+class CountingMsgpack:
+    """msgpack that counts dumps() calls, to see how often the layer encodes."""
+
+    dumps_calls = 0
+
+    def __init__(self) -> None:
+        from channels_distrib.serializers import MsgPackSerializer
+
+        self._inner = MsgPackSerializer()
+
+    def dumps(self, message: dict[str, Any]) -> bytes:
+        type(self).dumps_calls += 1
+        return self._inner.dumps(message)
+
+    def loads(self, data: bytes) -> dict[str, Any]:
+        return self._inner.loads(data)
+
+
 # ------------------------------------------------------------------ unit level
 
 
@@ -219,3 +237,26 @@ async def test_layer_key_rotation(make_layer, caplog):
     assert await nothing_arrives(old, local, 0.2)
     assert any(r.levelno >= logging.WARNING for r in caplog.records
                if r.name.startswith("channels_distrib"))
+
+
+async def test_group_send_encodes_once(make_layer):
+    """The payload is encoded once per group_send, whatever the group size and node count."""
+    path = "tests.test_serializers.CountingMsgpack"
+    sender, n1, n2 = make_layer(serializer=path), make_layer(serializer=path), \
+        make_layer(serializer=path)
+    members = []
+    for node in (n1, n2):
+        for _ in range(25):
+            channel = await node.new_channel()
+            await node.group_add("encodeonce", channel)
+            members.append((node, channel))
+    for i in range(3):
+        await sender.group_add("encodeonce", f"encodeonce.q{i}")
+    before = CountingMsgpack.dumps_calls
+    await sender.group_send("encodeonce", msg(1))
+    assert CountingMsgpack.dumps_calls - before == 1
+    for node, channel in members:
+        assert await recv(node, channel) == msg(1)
+    for i in range(3):
+        assert await recv(sender, f"encodeonce.q{i}") == msg(1)
+    assert CountingMsgpack.dumps_calls - before == 1
