@@ -80,8 +80,13 @@ def _connection_class(url: str) -> type[AbstractConnection]:
     return _TcpConnection
 
 
-def make_client(host: HostConfig, *, client_name: str, socket_timeout: float | None) -> Redis:
-    """A redis.asyncio client for ``host`` with redis-py retries off and our connect marker on."""
+def make_client(
+    host: HostConfig, *, client_name: str, socket_timeout: float | None
+) -> tuple[Redis, list[Redis]]:
+    """A redis.asyncio client for ``host`` (redis-py retries off, our connect marker on).
+
+    Also returns the clients of the sentinels behind it, which the owner must close too.
+    """
     options: dict[str, Any] = {
         "client_name": client_name,
         "socket_timeout": socket_timeout,
@@ -102,13 +107,13 @@ def make_client(host: HostConfig, *, client_name: str, socket_timeout: float | N
             list(host.sentinels), sentinel_kwargs=host.sentinel_kwargs or None
         )
         client: Redis = sentinel.master_for(host.master_name or "", **options)
-        return client
+        return client, list(sentinel.sentinels)
     if host.url is None:
         raise ValueError("host has neither url nor sentinels")
     pool = ConnectionPool.from_url(
         host.url, connection_class=_connection_class(host.url), **options
     )
-    return Redis(connection_pool=pool)
+    return Redis(connection_pool=pool), []
 
 
 def backoff(attempt: int, cap: float = 2.0) -> float:
@@ -122,14 +127,16 @@ class Transport:
     def __init__(self, host: HostConfig, *, client_name: str, retry_timeout: float) -> None:
         self.host = host
         self.retry_timeout = retry_timeout
-        self.client = make_client(
+        self.client, sentinels = make_client(
             host, client_name=client_name, socket_timeout=max(retry_timeout, 2.0) + 3.0
         )
         # Blocking reads get their own pool whose socket timeout outlasts the server-side block,
-        # so an idle receive never surfaces a timeout (channels_redis #396 with redis-py 6+).
-        self.blocking = make_client(
+        # so an idle receive never surfaces a timeout (channels_redis 4.3 on redis-py 8 raises
+        # TimeoutError from a receive() idle for 5 s).
+        self.blocking, more = make_client(
             host, client_name=client_name, socket_timeout=BLOCK_SECONDS + 5.0
         )
+        self._others = sentinels + more
         self.scripts = {
             name: self.client.register_script(src) for name, src in SCRIPT_SOURCES.items()
         }
@@ -159,6 +166,6 @@ class Transport:
 
     async def close(self) -> None:
         """Close both pools; safe to call twice."""
-        for client in (self.client, self.blocking):
+        for client in (self.client, self.blocking, *self._others):
             await client.aclose()
             await client.connection_pool.disconnect()
