@@ -37,6 +37,7 @@ class LocalChannel:
     """The messages waiting for one process-local channel, and who is waiting for them."""
 
     __slots__ = (
+        "no_pace_until",
         "name",
         "capacity",
         "items",
@@ -59,6 +60,7 @@ class LocalChannel:
         self.last_active = self.created - RECEIVING_GRACE
         self.expired = 0
         self.room_waiter: asyncio.Future[None] | None = None
+        self.no_pace_until = 0.0  # the node does not wait for this consumer before then
 
     @property
     def full(self) -> bool:

@@ -28,8 +28,13 @@ from .transport import BLOCK_SECONDS, Transport, backoff
 
 logger = logging.getLogger(__name__)
 
-#: Longest single pause of the inbox reader waiting for a busy consumer's queue to drain (s).
+#: One wait of the inbox reader for a busy consumer's queue to drain (s).
 PACE_STEP = 0.25
+#: The longest the reader waits for one consumer before dropping for it instead (s); a
+#: consumer that needed that long is not waited for again for PACE_COOLDOWN seconds, so
+#: one slow consumer cannot slow down every other channel of the node.
+PACE_LIMIT = 1.0
+PACE_COOLDOWN = 10.0
 #: Memberships re-registered per script call.
 REREGISTER_BATCH = 200
 
@@ -297,7 +302,13 @@ class Node:
             channel = self.local_channel(name)
         # Pacing: a consumer that keeps receiving is worth waiting for; the messages wait
         # in Redis meanwhile. One that stopped receiving never holds the node back.
-        while channel.full and channel.receiving(time.monotonic()):
+        started = time.monotonic()
+        while channel.full and channel.receiving(now := time.monotonic()):
+            if now < channel.no_pace_until:
+                break
+            if now - started >= PACE_LIMIT:
+                channel.no_pace_until = now + PACE_COOLDOWN
+                break
             await channel.wait_for_room(PACE_STEP)
         if channel.full:
             self._count_drop(name, "capacity")
