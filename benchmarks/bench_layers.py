@@ -452,13 +452,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the layers, interleaved; see summarise() for how rounds "
                         "are combined")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="before each layer, wait up to this long for the machine to be "
+                        "idle (under 0.3 busy cores), for steadier figures on a shared host")
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--profile", help="py-spy node 0 and the sender during max rate, "
                         "raw stacks into this directory")
     args = parser.parse_args(argv)
-    unknown = set(args.layers.split(",")) - set(LAYERS)
+    keys = args.layers.split(",")
+    unknown = set(keys) - set(LAYERS)
     if unknown:
         parser.error(f"unknown layers: {', '.join(sorted(unknown))}")
+    if len(set(keys)) != len(keys):
+        parser.error("a layer is listed twice; use --rounds to repeat")
     return args
 
 
@@ -469,6 +475,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_all(args.redis_url, args, started)
     with private_redis() as url:
         return run_all(url, args, started)
+
+
+def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float:
+    """Wait up to ``limit`` s for a ``window`` in which the machine is busy for less than
+    ``threshold`` cores (nothing of this run is running then). Returns the last load seen."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        busy = (machine_busy_seconds() - before) / window
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy
 
 
 def summarise(rounds: list[LayerResult]) -> LayerResult:
@@ -496,6 +514,9 @@ def run_all(url: str, args: argparse.Namespace, started: float) -> int:
     for number in range(args.rounds):
         for key in keys:  # interleaved, so a burst of outside load hits every layer alike
             print(f"... round {number + 1}/{args.rounds}: {key}", file=sys.stderr, flush=True)
+            if args.quiet_wait > 0:
+                busy = wait_quiet(args.quiet_wait)
+                print(f"    other load before start: {busy:.2f} cores", file=sys.stderr)
             result = run_layer(LAYERS[key], url, args)
             rounds[key].append(result)
             if result.paced and result.max:
