@@ -134,9 +134,30 @@ async def test_two_survivors_pruning_at_once_emit_each_leave_once(layer, spawn_n
     assert len(await layer.group_members(GROUP)) == 4
 
 
-async def test_sigstop_past_timeout_then_sigcont_reregisters(layer, spawn_node):
+async def test_prune_returns_each_dead_node_once(make_layer, spawn_node):
+    """``prune()`` by hand, twice at once, from two sender-only layers (no live node prunes)."""
+    victim = spawn_node(channels=4, group=GROUP, presence=True, **FAST)
+    await victim.ready()
+    first, second = make_layer(**FAST), make_layer(**FAST)
+    assert await first.prune() == [], "a live node is not dead"
+    victim.kill()
+    await asyncio.sleep(FAST["node_timeout"] + 0.5)
+    results = await asyncio.gather(first.prune(), second.prune())
+    assert sorted(results[0] + results[1]) == [victim.node_id], results
+    assert await first.group_size(GROUP) == 0
+    assert await first.node_channels(victim.node_id) == set()
+    assert victim.node_id not in node_ids(await first.nodes())
+    assert await second.prune() == []
+
+
+@pytest.mark.parametrize("configured_id", [False, True], ids=["generated-id", "configured-id"])
+async def test_sigstop_past_timeout_then_sigcont_reregisters(layer, spawn_node, configured_id):
+    """A paused node comes back by itself; with a configured node_id it must not refuse itself."""
     watcher = spawn_node(channels=1, group=GROUP, presence=True, **FAST)
-    paused = spawn_node(channels=3, group=GROUP, presence=True, meta={"who": "paused"}, **FAST)
+    extra = {"node_id": f"paused-{uuid.uuid4().hex[:6]}"} if configured_id else {}
+    paused = spawn_node(
+        channels=3, group=GROUP, presence=True, meta={"who": "paused"}, **extra, **FAST
+    )
     await asyncio.gather(watcher.ready(), paused.ready())
     watch = watcher.info["channels"][0]
     paused.pause()
@@ -218,7 +239,10 @@ async def test_flushdb_rebuilds_registry_within_a_heartbeat(own_redis, spawn_nod
 async def test_redis_restart_rebuilds_registry_and_delivery_works(own_redis, spawn_node, prefix):
     from channels_distrib.layers import DistributedChannelLayer
 
-    nodes = await start_nodes(spawn_node, 2, url=own_redis.url, channels=3, group=GROUP, **FAST)
+    nodes = await start_nodes(
+        spawn_node, 2, url=own_redis.url, channels=3, group=GROUP, presence=True, **FAST
+    )
+    killed_at = time.time()
     own_redis.kill()
     await asyncio.sleep(1.0)
     own_redis.restart()
@@ -245,6 +269,15 @@ async def test_redis_restart_rebuilds_registry_and_delivery_works(own_redis, spa
             nodes[0].info["channels"][0], {"type": "room.message", "text": "direct after restart"}
         )
         await expect_everywhere(nodes, "after restart")
+        # Data loss is not a leave: re-registering announces no joins (and no leaves).
+        await asyncio.sleep(2 * FAST["heartbeat_interval"])
+        for node in nodes:
+            late = [
+                e["message"]
+                for e in node.snapshot()
+                if e.get("event") == "message" and e["t"] > killed_at
+            ]
+            assert joins_of(late) == [] and leaves_of(late) == [], late
         await nodes[0].wait_event(
             lambda e: (
                 e.get("event") == "message" and e["message"].get("text") == "direct after restart"
@@ -283,6 +316,19 @@ async def test_same_node_id_as_a_live_node_is_refused(layer, spawn_node):
     await asyncio.sleep(2 * FAST["heartbeat_interval"])
     assert node_id in node_ids(await layer.nodes())
     assert await layer.group_channels(GROUP) == set(first.channels)
+    # Once the holder is dead and pruned (by another live node), the id is free again.
+    pruner = spawn_node(channels=1, **FAST)
+    await pruner.ready()
+    first.kill()
+    await wait_until(
+        layer.nodes,
+        lambda ns: node_id not in node_ids(ns),
+        FAST["node_timeout"] + FAST["heartbeat_interval"] + 3,
+        what="dead holder of the id pruned",
+    )
+    third = spawn_node(channels=1, group=GROUP, node_id=node_id, **FAST)
+    assert (await third.ready())["node_id"] == node_id
+    assert await layer.group_channels(GROUP) == set(third.channels)
 
 
 async def test_close_removes_node_and_memberships_at_once(layer, spawn_node):

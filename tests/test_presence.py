@@ -136,6 +136,30 @@ async def test_pruned_node_leaves_arrive_in_at_most_three_diffs(make_layer, spaw
     assert await survivor.group_channels(GROUP) == {watcher}
 
 
+async def test_pruned_node_leaves_arrive_as_one_diff_per_group(make_layer, spawn_node):
+    victim = spawn_node(channels=0, idle=5, group=[GROUP, "second"], presence=True, **FAST)
+    await victim.ready()
+    survivor = make_layer(**FAST)
+    watchers = {}
+    for group in (GROUP, "second"):
+        watchers[group] = await survivor.new_channel()
+        await survivor.group_add(group, watchers[group], presence=True)
+        await receive_all(survivor, watchers[group], quiet=0.2)  # the state
+    victim.kill()
+    for group, watcher in watchers.items():
+        got = await collect(
+            survivor,
+            watcher,
+            lambda ms: set(leaves_of(ms)) >= set(victim.channels),
+            timeout=FAST["node_timeout"] + FAST["heartbeat_interval"] + 5,
+        )
+        got += await receive_all(survivor, watcher, quiet=2 * FAST["heartbeat_interval"])
+        diffs = [m for m in got if m.get("type") == "presence.diff"]
+        assert len(diffs) == 1, f"{group}: {diffs}"
+        assert diffs[0]["group"] == group and diffs[0]["joins"] == []
+        assert sorted(e["channel"] for e in diffs[0]["leaves"]) == sorted(victim.channels)
+
+
 async def test_reregistration_after_flushdb_sends_no_join_diffs(own_redis, make_layer):
     x_node = make_layer(hosts=[own_redis.url], **FAST)
     y_node = make_layer(hosts=[own_redis.url], **FAST)

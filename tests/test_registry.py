@@ -145,6 +145,21 @@ async def test_nodes_reports_live_node_info(make_layer, redis_url):
     assert now - info.last_seen <= FAST["node_timeout"]
 
 
+async def test_channel_count_counts_channels_receiving_now(layer, spawn_node):
+    """``channel_count`` is the node's process-local channels with a receive pending."""
+    node = spawn_node(channels=3, idle=2, group=GROUP, **FAST)
+    await node.ready()
+    listed, _ = await wait_until(
+        layer.nodes,
+        lambda ns: [n.channel_count for n in ns if n.node_id == node.node_id] == [3],
+        timeout=3 * FAST["heartbeat_interval"] + 1,
+        what="channel_count 3 (the 2 idle channels never receive)",
+    )
+    info = next(n for n in listed if n.node_id == node.node_id)
+    assert info.pid == node.pid
+    assert await layer.node_channels(node.node_id) == set(node.channels), "idle ones are members"
+
+
 async def test_unknown_names_give_empty_results(layer):
     assert await layer.group_channels("no-such-group") == set()
     assert await layer.group_size("no-such-group") == 0
