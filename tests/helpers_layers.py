@@ -175,6 +175,9 @@ class RoundTripProxy:
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
     port: int = 0
+    refusing: bool = False  # while True, new connections are closed at once (a partition)
+    sever_next_request: bool = False  # one-shot: forward the next request, then drop the reply
+    severed: int = 0
 
     async def start(self) -> RoundTripProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -195,6 +198,10 @@ class RoundTripProxy:
         conn = _ProxyConn()
         self.conns.append(conn)
         self._writers.append(cwriter)
+        if self.refusing:
+            cwriter.close()
+            self._tasks.discard(task)
+            return
         try:
             sreader, swriter = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
@@ -210,6 +217,14 @@ class RoundTripProxy:
                     conn.last = way
                     dst.write(data)
                     await dst.drain()
+                    if way == "c2s" and self.sever_next_request:
+                        # The request reached Redis; its reply never reaches the client.
+                        self.sever_next_request = False
+                        self.severed += 1
+                        await asyncio.sleep(0.1)
+                        cwriter.close()
+                        swriter.close()
+                        return
             except (ConnectionError, OSError):
                 pass
             finally:
@@ -219,6 +234,15 @@ class RoundTripProxy:
             await asyncio.gather(pump(creader, swriter, "c2s"), pump(sreader, cwriter, "s2c"))
         finally:
             self._tasks.discard(task)
+
+    def cut(self) -> None:
+        """Drop every proxied connection and refuse new ones until heal()."""
+        self.refusing = True
+        for w in self._writers:
+            w.close()
+
+    def heal(self) -> None:
+        self.refusing = False
 
     async def stop(self) -> None:
         if self._server is not None:

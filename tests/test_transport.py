@@ -21,6 +21,7 @@ from asgiref.sync import async_to_sync
 
 from channels_distrib.exceptions import RedisUnavailable
 from tests.helpers_layers import (
+    RoundTripProxy,
     eventually,
     kill_layer_clients,
     layer_clients,
@@ -29,6 +30,7 @@ from tests.helpers_layers import (
     own_layer,
     raw_redis,
     recv,
+    recv_n,
     url_host_port,
 )
 from tests.redis_server import free_port, ping, server_binary, start_server
@@ -420,3 +422,72 @@ async def test_inbox_message_survives_kill_of_the_blocked_reader(make_layer, red
     finally:
         pending.cancel()
         await asyncio.gather(pending, return_exceptions=True)
+
+
+async def test_node_partitioned_from_redis_gets_everything_after(redis_url, prefix):
+    """A node cut off from Redis for 2 s (< node_timeout, < expiry) then reconnected receives
+    every message sent to it meanwhile, exactly once, and keeps its group memberships."""
+    host, port = url_host_port(redis_url)
+    proxy = await RoundTripProxy(host, port).start()
+    try:
+        async with own_layer(hosts=[proxy.url], prefix=prefix, capacity=1000,
+                             _flush=False) as node, \
+                own_layer(hosts=[redis_url], prefix=prefix, capacity=1000) as sender:
+            local = await node.new_channel()
+            member = await node.new_channel()
+            await node.group_add("partgroup", member)
+            await sender.send(local, msg(-1))
+            assert await recv(node, local) == msg(-1)
+            pending = asyncio.create_task(recv_n(node, local, 40, 20))
+            pending_group = asyncio.create_task(recv_n(node, member, 40, 20))
+            await asyncio.sleep(0.2)
+            proxy.cut()
+            for i in range(40):
+                await sender.send(local, msg(i))
+                await sender.group_send("partgroup", msg(i))
+                await asyncio.sleep(0.05)
+            proxy.heal()
+            got, got_group = await pending, await pending_group
+            assert [m["n"] for m in got] == list(range(40))
+            assert [m["n"] for m in got_group] == list(range(40))
+            assert await nothing_arrives(node, local, 0.3)
+            assert await nothing_arrives(node, member, 0.1)
+    finally:
+        await proxy.stop()
+
+
+# ------------------------------------------------------------------ at most once
+
+
+@pytest.mark.parametrize("kind", ["named", "local", "group"])
+async def test_send_whose_reply_is_lost_is_not_retried(redis_url, prefix, kind):
+    """The command reached Redis but the connection died before the reply: the send may raise,
+    but must not be retried (that would deliver twice)."""
+    host, port = url_host_port(redis_url)
+    proxy = await RoundTripProxy(host, port).start()
+    try:
+        async with own_layer(hosts=[redis_url], prefix=prefix) as node, \
+                own_layer(hosts=[proxy.url], prefix=prefix, retry_timeout=3,
+                          _flush=False) as sender:
+            local = await node.new_channel()
+            await node.group_add("oncegroup", "once.member")
+            target = {"named": "once.named", "local": local, "group": "once.member"}[kind]
+            # warm up: connection open and every script loaded (EVALSHA must not hit NOSCRIPT)
+            await sender.send("once.named", msg(-1))
+            await sender.send(local, msg(-1))
+            await sender.group_send("oncegroup", msg(-1))
+            for channel in ("once.named", local, "once.member"):
+                assert await recv(node, channel) == msg(-1)
+            proxy.sever_next_request = True
+            try:
+                if kind == "group":
+                    await sender.group_send("oncegroup", msg(1))
+                else:
+                    await sender.send(target, msg(1))
+            except Exception:  # noqa: BLE001 - raising is allowed, retrying is not
+                pass
+            assert proxy.severed == 1
+            assert await recv(node, target) == msg(1)  # it did reach Redis
+            assert await nothing_arrives(node, target, 0.5), "delivered twice"
+    finally:
+        await proxy.stop()
