@@ -58,7 +58,10 @@ async def validate_mode(url: str, prefix: str) -> dict[str, object]:
     results: dict[str, object] = {"optimize": sys.flags.optimize}
     layer = DistributedChannelLayer(hosts=[url], prefix=prefix)
     good = {"type": "x"}
+    local = await layer.new_channel()
     cases = {
+        "send_local_nondict": lambda: layer.send(local, "not a dict"),
+        "send_local_bad_name": lambda: layer.send(local + "!x", good),
         "send_bad_channel": lambda: layer.send("bad name!!", good),
         "send_long_channel": lambda: layer.send("a" * 100, good),
         "send_nonstr_channel": lambda: layer.send(123, good),
@@ -89,6 +92,7 @@ async def validate_mode(url: str, prefix: str) -> dict[str, object]:
         results["unknown_option"] = f"{type(exc).__name__}: {exc}"
     else:
         results["unknown_option"] = "no error"
+    await layer.flush()
     await layer.close()
     return results
 

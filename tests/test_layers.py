@@ -488,15 +488,19 @@ async def test_group_expiry(make_layer):
 
 
 async def test_message_expiry(make_layer):
-    layer = make_layer(expiry=1)
-    local = await layer.new_channel()
+    """Unread messages expire: same-node sends, sends from another node, group sends."""
+    layer, other = make_layer(expiry=1), make_layer(expiry=1)
+    local, remote_target, group_target = [await layer.new_channel() for _ in range(3)]
+    await layer.group_add("expgroup", group_target)
+    await layer.group_add("expgroup", "exp.groupq")
     await layer.send("exp.named", msg(0))
     await layer.send(local, msg(0))
+    await other.send(remote_target, msg(0))
+    await other.group_send("expgroup", msg(0))
     await asyncio.sleep(2.2)
-    await layer.send("exp.named", msg(1))
-    await layer.send(local, msg(1))
-    assert await recv(layer, "exp.named") == msg(1)
-    assert await recv(layer, local) == msg(1)
+    for channel in ("exp.named", local, remote_target, group_target, "exp.groupq"):
+        await other.send(channel, msg(1))
+        assert await recv(layer, channel) == msg(1), channel
 
 
 async def test_expired_messages_free_capacity(make_layer):
@@ -687,6 +691,35 @@ async def test_receive_cancellation_loses_nothing(make_layer, caplog):
     assert not leftover, leftover
     destroyed = [r for r in caplog.records if "Task was destroyed" in r.getMessage()]
     assert not destroyed
+
+
+async def test_cancelling_several_receivers_of_one_channel(make_layer):
+    """Three receive loops on one named channel (and three on one process-local channel),
+    each cancelling at varied points: every message arrives once, none lost."""
+    sender = make_layer(capacity=1000)
+    layer = make_layer(capacity=1000)
+    local = await layer.new_channel()
+    total = 200
+    got: dict[str, list[int]] = {"shared.cancel": [], local: []}
+
+    async def produce() -> None:
+        for i in range(total):
+            await sender.send("shared.cancel", msg(i))
+            await sender.send(local, msg(i))
+            if i % 4 == 0:
+                await asyncio.sleep(0.002)
+
+    async with asyncio.timeout(45):
+        producer = asyncio.create_task(produce())
+        await asyncio.gather(*(
+            _cancelling_consumer(layer, channel, total, got[channel])
+            for channel in got for _ in range(3)
+        ))
+        await producer
+    await asyncio.sleep(0.2)
+    for channel, numbers in got.items():
+        assert sorted(numbers) == list(range(total)), channel
+        assert await nothing_arrives(layer, channel, 0.2)
 
 
 async def test_receive_cancelled_while_idle_leaves_nothing(make_layer, caplog):
