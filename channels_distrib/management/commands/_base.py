@@ -30,10 +30,10 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (OSError, asyncio.TimeoutError)
 def _unreachable_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions
 
-    from channels_distrib.exceptions import DistribError
+    from channels_distrib.exceptions import RedisUnavailable
 
     return (*_UNREACHABLE, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-            DistribError)
+            RedisUnavailable)
 
 
 def describe_hosts(alias: str) -> str:
