@@ -69,6 +69,12 @@ InboundMiddleware = Callable[["DistributedMixin", Message], Awaitable["Message |
 _open_connections: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
+def _clip(value: object, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for echoing client input in error frames."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ClientError(DistribError):
     """Raise from a ``handle_<type>`` method (or inbound middleware) to answer with an error frame.
 
@@ -94,7 +100,7 @@ class InvalidRoom(ClientError):
     """A room name that is not a valid group name, or is reserved (code ``invalid_room``)."""
 
     def __init__(self, room: object, reason: str) -> None:
-        super().__init__("invalid_room", f"Invalid room {room!r}: {reason}")
+        super().__init__("invalid_room", f"Invalid room {_clip(room)}: {reason}")
         self.room = room
 
 
@@ -136,9 +142,9 @@ def allow_server_close_codes() -> None:
     Daphne passes ``websocket.close`` codes to autobahn's ``sendClose``, which raises for
     anything but 1000 and 3000-4999, so the consumer crashes and the client sees 1011.
     This wraps daphne's ``serverClose`` to send those codes with autobahn's
-    ``sendCloseFrame`` (what daphne itself uses for 1011). It does nothing unless daphne
-    is already imported (running under uvicorn or the test communicator), and is
-    idempotent. The mixin calls it on every connect.
+    ``sendCloseFrame`` (what daphne itself uses for 1011). It does nothing when daphne is
+    not imported (under uvicorn, hypercorn or the test communicator, which accept any
+    code) and is idempotent. The mixin calls it on every connect.
     """
     module = sys.modules.get("daphne.ws_protocol")
     protocol = getattr(module, "WebSocketProtocol", None)
@@ -460,7 +466,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         connection's id, so client-supplied ids cannot reach worker queues.
         """
         if not _is_client_id(client_id):
-            raise ClientError("invalid_message", f"Invalid client id {client_id!r}")
+            raise ClientError("invalid_message", f"Invalid client id {_clip(client_id)}")
         await self.channel_layer.send(client_id, api.make_envelope(message))
 
     async def send_to_user(self, user_id: object, message: Message) -> None:
@@ -581,7 +587,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
             content = result
         handler = self._inbound_handler(content.get("type"))
         if handler is None:
-            raise ClientError("unknown_type", f"Unknown message type {content.get('type')!r}")
+            raise ClientError("unknown_type", f"Unknown message type {_clip(content.get('type'))}")
         await handler(content)
 
     def _inbound_handler(self, kind: object) -> Callable[[Message], Awaitable[Any]] | None:

@@ -468,3 +468,11 @@ async def test_readme_chat_consumer_works(connect) -> None:
     await alice.assert_none("message", within=0.3)
     await alice.send_text("not json")
     assert (await alice.expect_error("invalid_json"))["message"] == "Invalid message format"
+
+
+async def test_error_messages_do_not_echo_huge_client_input(connect) -> None:
+    a = await connect()
+    await a.send_json({"type": "x" * 5000})
+    assert len((await a.expect_error("unknown_type"))["message"]) < 200
+    await a.send_json({"type": "join", "room": "!" * 5000})
+    assert len((await a.expect_error("invalid_room"))["message"]) < 300
