@@ -1106,3 +1106,59 @@ async def test_flush_is_not_undone_by_self_healing(make_layer, redis_url, prefix
     # the node itself keeps working
     await sender.send(local, msg(2))
     assert await recv(node, local) == msg(2)
+
+
+# ------------------------------------------------------------------ more group and node edges
+
+
+async def test_discard_by_another_process_while_siblings_stay(make_layer):
+    """The owner node still has other members of the group: the discarded one gets nothing."""
+    owner, other = make_layer(), make_layer()
+    kept, dropped = await owner.new_channel(), await owner.new_channel()
+    await owner.group_add("siblings", kept)
+    await owner.group_add("siblings", dropped)
+    await other.group_discard("siblings", dropped)
+    await other.group_send("siblings", msg(1))
+    assert await recv(owner, kept) == msg(1)
+    assert await nothing_arrives(owner, dropped, 0.3)
+
+
+async def test_channel_capacity_glob_character_class(make_layer):
+    """fnmatch globs include [seq]; send and group_send must agree on what matches."""
+    layer = make_layer(capacity=100, channel_capacity={"room[12].*": 2})
+    await layer.send("room2.q", msg(0))
+    await layer.send("room2.q", msg(1))
+    with pytest.raises(ChannelFull):
+        await layer.send("room2.q", msg(2))
+    await layer.group_add("classgroup", "room1.q")
+    for i in range(5):
+        await layer.group_send("classgroup", msg(i))
+    assert [m["n"] for m in await recv_n(layer, "room1.q", 2)] == [0, 1]
+    assert await nothing_arrives(layer, "room1.q", 0.3)
+    await layer.send("room3.q", msg(0))  # no match: default capacity
+    await layer.send("room3.q", msg(1))
+    await layer.send("room3.q", msg(2))
+
+
+async def test_concurrent_first_new_channel_calls_make_one_node(make_layer):
+    layer, other = make_layer(), make_layer()
+    names = await asyncio.gather(*(layer.new_channel() for _ in range(50)))
+    assert len(set(names)) == 50
+    assert len({name.split(".", 1)[1].split("!")[0] for name in names}) == 1
+    for name in names[:5]:
+        await other.send(name, msg(1))
+        assert await recv(layer, name) == msg(1)
+
+
+async def test_send_to_own_channel_from_other_threads_keeps_order(make_layer):
+    layer = make_layer(capacity=1000)
+    local = await layer.new_channel()
+
+    def worker() -> None:
+        for i in range(50):
+            async_to_sync(layer.send)(local, msg(i))
+
+    thread = asyncio.create_task(asyncio.to_thread(worker))
+    got = await recv_n(layer, local, 50, 20)
+    await thread
+    assert [m["n"] for m in got] == list(range(50))
