@@ -197,6 +197,8 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         None (default) for no limit. A frame without a token gets a ``rate_limited``
         error; ``rate_limit_max_rejections`` (10) of those within ``rate_limit_window``
         (10 s) close the connection with 1008.
+    :param allow_anonymous: when False, connections without an authenticated
+        ``scope["user"]`` are refused at the handshake (HTTP 403); default True.
     :param max_message_size: largest inbound frame in bytes (default 64 KiB, None for
         no limit, but daphne's own 1 MiB limit still applies); larger frames close the
         connection with 1009.
@@ -210,6 +212,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     rate_limit_max_rejections: ClassVar[int] = 10
     rate_limit_window: ClassVar[float] = 10.0
     max_message_size: ClassVar[int | None] = 64 * 1024
+    allow_anonymous: ClassVar[bool] = True
 
     if TYPE_CHECKING:
         channel_layer: Any
@@ -226,7 +229,9 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         self._counted_layer: Any = None
         self._registered = False
         self._closing = False
-        self._limit_rejected = False
+        # Refused at connect (anonymous, or over the connection limit): nothing registered,
+        # and the subclass's connect()/disconnect() never run.
+        self._refused = False
         self._connected_at = 0.0
         self._bucket: TokenBucket | None = None
         self._rejections: deque[float] = deque(maxlen=max(1, self.rate_limit_max_rejections))
@@ -291,13 +296,17 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
             await self._cleanup(timeout=CLEANUP_TIMEOUT)
 
     async def websocket_connect(self, message: Message) -> None:
-        """Check the layer and the node's connection limit, then run Channels' connect."""
+        """Check the layer, ``allow_anonymous`` and the node's connection limit, then connect."""
         layer = self._require_distributed_layer()
         allow_server_close_codes()
+        if not self.allow_anonymous and self.get_user_id() is None:
+            self._refused = True
+            await self.close()  # before accept: the handshake fails with HTTP 403
+            return
         limit = getattr(layer, "connection_limit", None)
         if limit is not None and _open_connections.get(layer, 0) >= limit:
             # Accept first: browsers only see a close code after the handshake succeeded.
-            self._limit_rejected = True
+            self._refused = True
             logger.info("connection limit %s reached on node %s", limit, layer.node_id)
             await super().accept()
             await self.close(CLOSE_TRY_AGAIN_LATER)
@@ -315,14 +324,14 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         Registration comes first so that once the client sees the handshake succeed,
         broadcasts, user messages and the class-level ``rooms`` reach it.
         """
-        if not self._registered and not self._limit_rejected:
+        if not self._registered and not self._refused:
             self._registered = True
             await self._register()
         await super().accept(subprotocol, headers)
 
     async def websocket_disconnect(self, message: Message) -> None:
         """Leave every group, then run Channels' disconnect (which calls ``disconnect``)."""
-        if self._limit_rejected:
+        if self._refused:
             raise StopConsumer()
         await self._cleanup()
         await super().websocket_disconnect(message)

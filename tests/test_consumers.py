@@ -24,6 +24,7 @@ from tests.consumer_app import (
     LobbyConsumer,
     PlainConsumer,
     ProbeConsumer,
+    QueryUserMiddleware,
 )
 from tests.consumer_clients import CommClient
 from tests.consumer_fixtures import connect_fixture, nodes_fixture  # noqa: F401  (fixtures)
@@ -476,3 +477,18 @@ async def test_error_messages_do_not_echo_huge_client_input(connect) -> None:
     assert len((await a.expect_error("unknown_type"))["message"]) < 200
     await a.send_json({"type": "join", "room": "!" * 5000})
     assert len((await a.expect_error("invalid_room"))["message"]) < 300
+
+
+async def test_allow_anonymous_false_refuses_the_handshake(connect, nodes) -> None:
+    class MembersOnly(ProbeConsumer):
+        allow_anonymous = False
+
+    nodes()
+    comm = WebsocketCommunicator(QueryUserMiddleware(MembersOnly.as_asgi()), "/ws/")
+    connected, _ = await comm.connect(timeout=5)
+    assert not connected
+    await comm.disconnect(timeout=5)
+    member = await connect(MembersOnly, user="kim")
+    assert (await whoami(member))["user_id"] == "kim"
+    layer = channel_layers["default"]
+    assert await layer.group_size(MembersOnly.get_broadcast_group()) == 1
