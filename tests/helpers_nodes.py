@@ -272,6 +272,19 @@ async def eventually(
     return time.monotonic() - start
 
 
+async def settle(nodes: list[NodeProcess], quiet: float = 0.5, timeout: float = 10.0) -> None:
+    """Wait until none of the nodes has printed anything for ``quiet`` seconds."""
+    start = last_change = time.monotonic()
+    counts = [len(node.snapshot()) for node in nodes]
+    while time.monotonic() - last_change < quiet:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"nodes still busy after {timeout} s")
+        await asyncio.sleep(0.05)
+        now = [len(node.snapshot()) for node in nodes]
+        if now != counts:
+            counts, last_change = now, time.monotonic()
+
+
 def covered_at(node: NodeProcess, channel: str, key: str, expected: set[str]) -> float | None:
     """Wall time (``t``) of the message on which ``channel``'s presence diffs first named every
     channel in ``expected`` under ``key`` ("joins" or "leaves"); None if not yet."""

@@ -23,6 +23,7 @@ from tests.helpers_nodes import (
     joins_of,
     leaves_of,
     node_spawner,
+    settle,
     start_nodes,
     wait_until,
 )
@@ -242,6 +243,7 @@ async def test_redis_restart_rebuilds_registry_and_delivery_works(own_redis, spa
     nodes = await start_nodes(
         spawn_node, 2, url=own_redis.url, channels=3, group=GROUP, presence=True, **FAST
     )
+    await settle(nodes)  # the joins' own presence traffic is over
     killed_at = time.time()
     own_redis.kill()
     await asyncio.sleep(1.0)
@@ -366,6 +368,20 @@ async def test_flush_makes_nodes_drop_local_state(layer, spawn_node):
         for channel in node.channels:
             assert await layer.channel_groups(channel) == set()
         assert node.proc.poll() is None, node.describe()
+    # Flushed nodes keep working: a membership made after the flush is kept.
+    channel = nodes[0].info["channels"][0]
+    await nodes[0].command(cmd="group_add", group=GROUP, channel=channel)
+    await asyncio.sleep(3 * FAST["heartbeat_interval"])
+    assert await layer.group_channels(GROUP) == {channel}
+    await layer.group_send(GROUP, {"type": "room.message", "text": "after flush"})
+    await nodes[0].wait_event(
+        lambda e: (
+            e.get("event") == "message"
+            and e["channel"] == channel
+            and e["message"].get("text") == "after flush"
+        ),
+        5,
+    )
 
 
 async def test_group_expiry_enforced_for_own_channels(layer, spawn_node):
@@ -465,7 +481,8 @@ async def test_idle_channel_with_expired_messages_loses_memberships_slow_one_kee
     assert node.messages(idle) == []
 
 
-async def test_sigterm_to_daphne_removes_node_at_once(layer, prefix, redis_url):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_daphne_stopped_by_signal_removes_node_at_once(layer, prefix, redis_url, signum):
     from websockets.asyncio.client import connect
 
     from tests.helpers_daphne import start_daphne
@@ -489,11 +506,11 @@ async def test_sigterm_to_daphne_removes_node_at_once(layer, prefix, redis_url):
         assert await layer.group_channels(GROUP) == {h["channel"] for h in hello}
         assert node_id in node_ids(await layer.nodes())
 
-        daphne.proc.send_signal(signal.SIGTERM)
+        daphne.proc.send_signal(signum)
         signalled = time.monotonic()
         code = await asyncio.to_thread(daphne.proc.wait, 15)
         exited = time.monotonic() - signalled
-        print(f"\ndaphne exited {exited:.2f} s after SIGTERM (code {code})")
+        print(f"\ndaphne exited {exited:.2f} s after {signum.name} (code {code})")
         # At once: as soon as the process is gone, with node_timeout 6 s nobody pruned it.
         assert node_id not in node_ids(await layer.nodes()), daphne.log_tail()
         assert await layer.group_size(GROUP) == 0, daphne.log_tail()
