@@ -474,14 +474,63 @@ async def test_group_send_fifo(layer):
 
 
 async def test_group_expiry(make_layer):
-    layer = make_layer(group_expiry=1, heartbeat_interval=0.5, node_timeout=2)
-    local = await layer.new_channel()
-    await layer.group_add("short", local)
-    await layer.group_add("short", "short.named")
-    await asyncio.sleep(3.0)
-    await layer.group_send("short", msg(1))
+    """Memberships end group_expiry after the most recent group_add; a new add renews them."""
+    layer = make_layer(group_expiry=2, heartbeat_interval=0.3, node_timeout=1.5)
+    sender = make_layer(group_expiry=2)
+    local, renewed = await layer.new_channel(), await layer.new_channel()
+    for channel in (local, "short.named"):
+        await layer.group_add("short", channel)
+    for channel in (renewed, "renewed.named"):
+        await layer.group_add("renewed", channel)
+    await asyncio.sleep(1.2)
+    for channel in (renewed, "renewed.named"):
+        await layer.group_add("renewed", channel)
+    await asyncio.sleep(1.6)  # 2.8 s after the first adds, 1.6 s after the renewal
+    await sender.group_send("short", msg(1))
+    await sender.group_send("renewed", msg(2))
     assert await nothing_arrives(layer, local, 0.3)
     assert await nothing_arrives(layer, "short.named", 0.1)
+    outcome = {}
+    for channel in (renewed, "renewed.named"):
+        try:
+            outcome[channel] = await recv(layer, channel, 2)
+        except TimeoutError:
+            outcome[channel] = "membership expired despite the renewing group_add"
+    assert outcome == {renewed: msg(2), "renewed.named": msg(2)}
+
+
+async def test_slow_consumer_keeps_its_memberships(make_layer):
+    """Messages expiring in a slow consumer's queue do not cost it its group membership
+    while it keeps receiving (the spec lets a layer drop only channels that stopped)."""
+    node, sender = make_layer(expiry=1, capacity=100), make_layer(expiry=1, capacity=100)
+    local = await node.new_channel()
+    await node.group_add("slowgroup", local)
+    await node.group_add("slowgroup", "slow.named")
+    got: list[int] = []
+
+    async def slow_consumer(channel: str) -> None:
+        while True:
+            got.append((await node.receive(channel))["n"])
+            await asyncio.sleep(0.3)
+
+    consumers = [asyncio.create_task(slow_consumer(c)) for c in (local, "slow.named")]
+    try:
+        for i in range(50):  # ~2.5 s at 20/s: far more than 2 consumers at ~3/s take
+            await sender.group_send("slowgroup", msg(i))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # the backlog has expired by now
+        before = len(got)
+        await sender.group_send("slowgroup", msg(1000))
+
+        async def final_arrived() -> bool:
+            return got.count(1000) == 2
+
+        assert await eventually(final_arrived, 3), got[before:]
+    finally:
+        for task in consumers:
+            task.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)
+    assert len(got) < 100  # the test really made messages expire
 
 
 # ------------------------------------------------------------------ expiry and size
@@ -882,9 +931,14 @@ async def test_flush_empties_only_this_prefix(make_layer, redis_url, prefix):
     await layer.group_send("flushgroup", msg(2))
     assert await nothing_arrives(layer, local, 0.3)
     assert await nothing_arrives(layer, "flush.member", 0.1)
-    # the layer keeps working after a flush
+    # the layer keeps working after a flush, including receives pending across it
     await layer.send(local, msg(3))
     assert await recv(layer, local) == msg(3)
+    pending = asyncio.create_task(layer.receive("flush.across"))
+    await asyncio.sleep(0.2)
+    await layer.flush()
+    await layer.send("flush.across", msg(4))
+    assert await asyncio.wait_for(pending, 5) == msg(4)
 
 
 async def test_flush_leaves_no_message_or_group_keys(make_layer, redis_url, prefix):
@@ -1162,3 +1216,35 @@ async def test_send_to_own_channel_from_other_threads_keeps_order(make_layer):
     got = await recv_n(layer, local, 50, 20)
     await thread
     assert [m["n"] for m in got] == list(range(50))
+
+
+async def test_cancelled_receive_does_not_take_later_messages(make_layer):
+    """A worker stops receiving on a shared queue (its receive is cancelled); messages sent
+    afterwards go to the receivers still receiving, not into the stopped one's process."""
+    stopped, active, sender = make_layer(), make_layer(), make_layer()
+    task = asyncio.create_task(stopped.receive("handoff.q"))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    waiting = asyncio.create_task(active.receive("handoff.q"))
+    await asyncio.sleep(0.1)
+    for i in range(3):
+        await sender.send("handoff.q", msg(i))
+    got: list[int] = []
+    try:
+        async with asyncio.timeout(5):
+            got.append((await waiting)["n"])
+            while len(got) < 3:
+                got.append((await active.receive("handoff.q"))["n"])
+    except TimeoutError:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        taken = []
+        while True:
+            try:
+                taken.append((await asyncio.wait_for(stopped.receive("handoff.q"), 0.5))["n"])
+            except asyncio.TimeoutError:
+                break
+        raise AssertionError(f"active receiver got {got}; the cancelled one's process had "
+                             f"taken {taken}") from None
+    assert got == [0, 1, 2]
