@@ -383,10 +383,13 @@ class RoundTripProxy:
 
     A round trip starts each time a client writes after having read a reply (or writes first on
     a fresh connection): a pipeline or a script call is one, a command per await is one each.
+    ``cut()`` makes a partition: every connection is closed and new ones are closed on accept,
+    until ``heal()``.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
+        self.cut_off = False
         self.round_trips = 0
         self.connections = 0
         self._server: asyncio.Server | None = None
@@ -413,7 +416,19 @@ class RoundTripProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
+    def cut(self) -> None:
+        self.cut_off = True
+        for writer in self._writers:
+            writer.close()
+        self._writers = []
+
+    def heal(self) -> None:
+        self.cut_off = False
+
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            client_w.close()
+            return
         self.connections += 1
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers += [client_w, server_w]

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from tests.helpers_nodes import (
     FAST,
+    RoundTripProxy,
     covered_at,
     eventually,
     joins_of,
@@ -143,12 +144,97 @@ async def test_prune_returns_each_dead_node_once(make_layer, spawn_node):
     assert await first.prune() == [], "a live node is not dead"
     victim.kill()
     await asyncio.sleep(FAST["node_timeout"] + 0.5)
+    # Silent past node_timeout is dead ("nodes() lists live nodes"), pruned or not yet.
+    assert victim.node_id not in node_ids(await first.nodes())
     results = await asyncio.gather(first.prune(), second.prune())
     assert sorted(results[0] + results[1]) == [victim.node_id], results
     assert await first.group_size(GROUP) == 0
     assert await first.node_channels(victim.node_id) == set()
     assert victim.node_id not in node_ids(await first.nodes())
     assert await second.prune() == []
+
+
+async def test_pruning_removes_memberships_others_added_but_not_normal_channels(layer, spawn_node):
+    """A node's channel added to a group by another process goes with the node; a normal
+    channel the dead node added belongs to no node and stays."""
+    survivor = spawn_node(channels=1, group=GROUP, **FAST)
+    victim = spawn_node(channels=2, group=GROUP, **FAST)
+    await asyncio.gather(survivor.ready(), victim.ready())
+    await layer.group_add("added-by-sender", victim.channels[0], meta={"by": "sender"})
+    await victim.command(cmd="group_add", group=GROUP, channel="workers.jobs")
+    assert (await layer.group_members("added-by-sender"))[0].node_id == victim.node_id
+    victim.kill()
+    await wait_until(
+        lambda: layer.group_channels(GROUP),
+        lambda chans: chans == {*survivor.channels, "workers.jobs"},
+        FAST["node_timeout"] + FAST["heartbeat_interval"] + 3,
+        what="victim's channels pruned, the normal channel kept",
+    )
+    assert await layer.group_size("added-by-sender") == 0
+    assert await layer.channel_groups(victim.channels[0]) == set()
+    assert await layer.channel_groups("workers.jobs") == {GROUP}
+
+
+async def test_node_memory_includes_memberships_others_made(own_redis, spawn_node, prefix):
+    """After FLUSHDB the owner re-registers a membership another process added for its channel,
+    and not one another process added and then discarded."""
+    from channels_distrib.layers import DistributedChannelLayer
+
+    node = spawn_node(url=own_redis.url, channels=2, **FAST)
+    await node.ready()
+    kept, dropped = node.channels
+    sender = DistributedChannelLayer(hosts=[own_redis.url], prefix=prefix)
+    try:
+        await sender.group_add("by-sender", kept, meta={"k": 1}, presence=True)
+        await sender.group_add("by-sender", dropped)
+        await sender.group_discard("by-sender", dropped)
+        await asyncio.sleep(2 * FAST["heartbeat_interval"])  # the owner hears of both
+        await flushdb(own_redis.url)
+        members, _ = await wait_until(
+            lambda: sender.group_members("by-sender"),
+            lambda ms: len(ms) >= 1,
+            FAST["heartbeat_interval"] + 2,
+            what="membership rebuilt by its owner",
+        )
+        await asyncio.sleep(FAST["heartbeat_interval"])
+        members = await sender.group_members("by-sender")
+        assert [(m.channel, m.node_id, m.meta) for m in members] == [(kept, node.node_id, {"k": 1})]
+    finally:
+        await sender.close()
+
+
+async def test_partitioned_node_is_pruned_then_reregisters(layer, spawn_node, redis_url):
+    """A node cut off from Redis (its connections closed, reconnects refused) past node_timeout
+    is pruned by the others; when the network heals it re-registers and re-announces joins."""
+    host_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    watcher = spawn_node(channels=1, group=GROUP, presence=True, **FAST)
+    async with RoundTripProxy(host_port) as proxy:
+        cut = spawn_node(url=proxy.url, channels=2, group=GROUP, presence=True, **FAST)
+        await asyncio.gather(watcher.ready(), cut.ready())
+        watch = watcher.info["channels"][0]
+        await settle([watcher, cut])
+        proxy.cut()
+        await wait_until(
+            lambda: layer.group_size(GROUP),
+            lambda n: n == 1,
+            FAST["node_timeout"] + FAST["heartbeat_interval"] + 3,
+            what="partitioned node pruned",
+        )
+        joins_before = len(joins_of(watcher.messages(watch)))
+        await asyncio.sleep(1.0)
+        proxy.heal()
+        _, took = await wait_until(
+            lambda: layer.group_size(GROUP), lambda n: n == 3, 10, what="re-registered"
+        )
+        print(f"\npartition healed: re-registered after {took:.2f} s")
+        await eventually(
+            lambda: set(cut.channels) <= set(joins_of(watcher.messages(watch))[joins_before:]),
+            3,
+            what="joins re-announced after the partition",
+        )
+        await layer.group_send(GROUP, {"type": "room.message", "text": "healed"})
+        await expect_everywhere([cut], "healed")
+        assert took <= FAST["heartbeat_interval"] + 2.0, "reconnect plus one heartbeat"
 
 
 @pytest.mark.parametrize("configured_id", [False, True], ids=["generated-id", "configured-id"])

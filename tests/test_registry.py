@@ -120,6 +120,19 @@ async def test_other_layer_sees_the_same_registry(make_layer):
     assert await reader.node_channels(first.node_id) == {a}
 
 
+async def test_member_added_by_another_layer_names_the_owning_node(make_layer):
+    """A view (sender-only layer) adding a node's channel: node_id is still the owner's node id."""
+    owner = make_layer(**FAST)
+    view = make_layer()
+    channel = await owner.new_channel()
+    await view.group_add(GROUP, channel, meta={"by": "view"})
+    assert await view.node_channels(owner.node_id) == {channel}
+    assert await view.channel_groups(channel) == {GROUP}
+    (member,) = await view.group_members(GROUP)
+    assert member.meta == {"by": "view"}
+    assert member.node_id == owner.node_id, member
+
+
 async def test_nodes_reports_live_node_info(make_layer, redis_url):
     node = make_layer(**FAST)
     channels = [await node.new_channel() for _ in range(2)]
