@@ -196,6 +196,12 @@ def test_channels_redis_compat_host_dict_without_address(entry):
     make(hosts=[entry])
 
 
+def test_channels_redis_compat_prefix_with_colon():
+    """channels_redis prefixes are plain strings glued to key names; "myproject:" is a common
+    way to get a separator, and must not stop a one-line switch of BACKEND."""
+    make(prefix="myproject:")
+
+
 def test_channels_redis_compat_several_hosts():
     """channels_redis shards over several hosts; the option must at least be accepted."""
     make(hosts=["redis://127.0.0.1:1/0", "redis://127.0.0.2:1/0"])

@@ -493,3 +493,14 @@ async def test_send_whose_reply_is_lost_is_not_retried(redis_url, prefix, kind):
             assert await nothing_arrives(node, target, 0.5), "delivered twice"
     finally:
         await proxy.stop()
+
+
+async def test_database_number_in_url_is_used(redis_url, prefix):
+    host, port = url_host_port(redis_url)
+    url5 = f"redis://{host}:{port}/5"
+    async with own_layer(hosts=[url5], prefix=prefix) as layer:
+        await layer.send("db.named", msg(1))
+        async with raw_redis(url5) as raw5, raw_redis(f"redis://{host}:{port}/0") as raw0:
+            assert await raw5.exists(f"{prefix}:q:db.named")
+            assert not await raw0.exists(f"{prefix}:q:db.named")
+        assert await recv(layer, "db.named") == msg(1)
