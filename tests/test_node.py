@@ -470,9 +470,9 @@ async def test_flush_makes_nodes_drop_local_state(layer, spawn_node):
     )
 
 
-async def test_group_expiry_enforced_for_own_channels(layer, spawn_node):
+async def test_group_add_again_restarts_group_expiry(layer, spawn_node):
     """Every node has group_expiry=2. The watcher re-joins every 0.5 s (how an application keeps
-    a membership past group_expiry); the other node's channels joined once and must go."""
+    a membership past group_expiry) and must stay; the other node's channels joined once and go."""
     options = {"group_expiry": 2, **FAST}
     watcher = spawn_node(channels=1, group=GROUP, presence=True, **options)
     expiring = spawn_node(channels=2, group=GROUP, presence=True, **options)
@@ -516,22 +516,33 @@ async def test_group_expiry_enforced_for_own_channels(layer, spawn_node):
     )
 
 
-async def test_short_group_expiry_of_one_node_spares_other_nodes_members(layer, spawn_node):
-    """ "Each node enforces it for its own channels": a node configured with group_expiry=2 must
-    not expire the membership of a channel on a node with the default (24 h)."""
-    keeper = spawn_node(channels=1, group=GROUP, **FAST)  # default group_expiry
+async def test_group_expiry_enforced_per_node_for_own_channels(layer, spawn_node):
+    """ "Each node enforces it for its own channels": a node configured with group_expiry=2 drops
+    its own memberships (announcing the leaves) and leaves a default-configured node's alone."""
+    keeper = spawn_node(channels=1, group=GROUP, presence=True, **FAST)  # default group_expiry
     await keeper.ready()
-    expiring = spawn_node(channels=2, group=GROUP, group_expiry=2, **FAST)
+    expiring = spawn_node(channels=2, group=GROUP, presence=True, group_expiry=2, **FAST)
     await expiring.ready()
+    joined = time.monotonic()
+    await asyncio.sleep(1.0)
+    assert await layer.group_size(GROUP) == 3, "not before group_expiry"
     await wait_until(
-        lambda: layer.channel_groups(expiring.channels[0]),
-        lambda groups: groups == set(),
+        lambda: layer.group_channels(GROUP),
+        lambda chans: not chans & set(expiring.channels),
         2 + 2 * FAST["heartbeat_interval"] + 1.0,
         what="the short-expiry node's memberships gone",
     )
+    print(f"\ngroup_expiry=2: removed {time.monotonic() - joined:.2f} s after joining")
     await asyncio.sleep(FAST["heartbeat_interval"])
     assert await layer.group_channels(GROUP) == set(keeper.channels)
     assert await layer.channel_groups(keeper.channels[0]) == {GROUP}
+    assert expiring.node_id in node_ids(await layer.nodes()), "the node itself is alive"
+    watch = keeper.info["channels"][0]
+    await eventually(
+        lambda: set(expiring.channels) <= set(leaves_of(keeper.messages(watch))),
+        2,
+        what="leaves of the expired memberships",
+    )
 
 
 async def test_idle_channel_with_expired_messages_loses_memberships_slow_one_keeps(
