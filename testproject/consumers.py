@@ -8,7 +8,14 @@
   ``presence.state``; ``presence.diff`` frames follow as people come and go.
 - client ``{"type": "sendMessage", "message": "..."}``; every other member of the
   room, on any node, gets ``{"type": "message", "room", "from", "message"}``.
-- errors are ``{"type": "error", "code", "message"}`` frames; the connection stays open.
+- client ``{"type": "leaveRoom"}`` leaves the current room (answer ``{"type": "left"}``).
+- errors are ``{"type": "error", "code", "message"}`` frames and the connection stays
+  open: ``invalid_json`` (message "Invalid message format"), ``invalid_message``,
+  ``unknown_type``, ``invalid_room``, ``not_in_room`` (``sendMessage`` before ``joinRoom``).
+
+The display name (``from``) is the logged-in username, else the name the visitor chose
+(``?name=`` on the WebSocket URL or ``"name"`` in ``joinRoom``), else ``guest-`` and
+the end of the connection's channel name.
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 ROOM_RE = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 MAX_NAME = 40
-MAX_TEXT = 4000
 DASHBOARD_INTERVAL = 1.0
 
 
@@ -107,8 +113,7 @@ class ChatConsumer(DistributedConsumer):
             return
         await self.broadcast_to_room(
             self.room,
-            {"type": "message", "room": self.room, "from": self.display_name,
-             "message": text[:MAX_TEXT]},
+            {"type": "message", "room": self.room, "from": self.display_name, "message": text},
             exclude_self=True,
         )
 
