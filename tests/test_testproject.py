@@ -326,6 +326,21 @@ async def test_invalid_json_gets_error_frame_and_stays_open(cluster: tuple[Node,
         await ws.join("after-error")
 
 
+async def test_other_bad_frames_get_their_error_codes(cluster: tuple[Node, Node]) -> None:
+    async with chat(cluster[1], "z") as ws:
+        await ws.send("[1, 2]")
+        assert (await ws.next("error"))["code"] == "invalid_message"
+        await ws.send({"type": "dance"})
+        assert (await ws.next("error"))["code"] == "unknown_type"
+        await ws.join("codes")
+        await ws.send({"type": "sendMessage", "message": {"not": "text"}})
+        assert (await ws.next("error"))["code"] == "invalid_message"
+        await ws.send({"type": "leaveRoom"})
+        await ws.next("left")
+        await ws.send({"type": "sendMessage", "message": "gone"})
+        assert (await ws.next("error"))["code"] == "not_in_room"
+
+
 async def test_send_before_join_is_not_in_room(cluster: tuple[Node, Node]) -> None:
     async with chat(cluster[1], "y") as ws:
         await ws.send({"type": "sendMessage", "message": "too early"})
