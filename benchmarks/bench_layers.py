@@ -81,6 +81,10 @@ class PhaseResult:
     cpu: dict[str, float] = field(default_factory=dict)  # cores used: nodes, sender, redis...
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     latencies_ms: dict[str, float] = field(default_factory=dict)
+    call_times: list[float] = field(default_factory=list, repr=False)  # group_send durations
+
+    def call_ms(self, q: float) -> float:
+        return 1000 * percentile(sorted(self.call_times), q)
 
     @property
     def lost_pct(self) -> float:
@@ -211,10 +215,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def send_one(layer: Any, phase: int, i: int, result: PhaseResult) -> None:
+    message = {"type": "bench.message", "p": phase, "i": i, "t": time.time(), "body": BODY}
+    started = time.perf_counter()
     try:
-        await layer.group_send(GROUP, {"type": "bench.message", "p": phase, "i": i,
-                                       "t": time.time(), "body": BODY})
+        await layer.group_send(GROUP, message)
         result.sent += 1
+        result.call_times.append(time.perf_counter() - started)
     except Exception:
         result.send_errors += 1
 
@@ -414,8 +420,9 @@ def report(results: list[LayerResult], machine: str, args: argparse.Namespace) -
         "",
         "| layer | group_sends/s (max) | sent | delivered | cores (max rate) "
         "| cores (paced) | node CPU µs / delivery | sender / Redis CPU µs / group_send "
-        "| paced p99 vs pub/sub | receive errors | keys left after flush |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| group_send call p50 / p99 ms (paced) | paced p99 vs pub/sub | receive errors "
+        "| keys left after flush |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if not (r.paced and r.max):
@@ -429,6 +436,7 @@ def report(results: list[LayerResult], machine: str, args: argparse.Namespace) -
             f"| {r.max.received:,} / {r.max.expected:,} "
             f"| {cores(cm)} | {cores(cp)} | {r.max.node_us_per_delivery:.1f} "
             f"| {r.max.us_per_send('sender'):.0f} / {r.max.us_per_send('redis'):.0f} "
+            f"| {r.paced.call_ms(0.5):.2f} / {r.paced.call_ms(0.99):.2f} "
             f"| {p99_ratio} | {errors} | {r.keys_left} |"
         )
     return "\n".join(lines)

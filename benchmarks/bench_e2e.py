@@ -1,0 +1,314 @@
+"""End-to-end benchmark: daphne nodes, real WebSocket clients, one layer at a time.
+
+Per layer: ``--nodes`` daphne processes (3) serve ``benchmarks.e2e_app`` (a plain Channels
+consumer: ``/ws/<room>`` joins the group ``<room>``); ``--clients`` WebSocket clients (150)
+in one client process connect round-robin over the nodes and ``--rooms`` rooms (5), so
+every room has members on every node. This process then ``group_send``s ``--rate``
+messages per second per room (20) for ``--seconds`` (5) through the layer, each carrying
+its send time; the clients measure latency to the WebSocket frame and count loss
+(expected = sends x clients in the room).
+
+    python -m benchmarks.bench_e2e
+    python -m benchmarks.bench_e2e --clients 300 --rate 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+if not __package__:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import (
+    LAYERS,
+    ROOT,
+    LayerSpec,
+    delete_prefix,
+    free_port,
+    machine_description,
+    ping_tcp,
+    private_redis,
+    run_prefix,
+)
+from benchmarks._nodes import close_layer
+
+
+@dataclass
+class E2EResult:
+    label: str
+    sent: int = 0
+    expected: int = 0
+    received: int = 0
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    connect_failures: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lost_pct(self) -> float:
+        return 100.0 * max(0, self.expected - self.received) / self.expected if self.expected else 0.0
+
+
+# -- client process ------------------------------------------------------------------------
+
+
+async def client(url: str, room: str, stats: dict[str, Any], ready: asyncio.Event,
+                 stop: asyncio.Event) -> None:
+    from websockets.asyncio.client import connect
+
+    try:
+        async with connect(url, max_queue=None, ping_interval=None) as ws:
+            if await asyncio.wait_for(ws.recv(), 20) != "ready":
+                raise RuntimeError("no ready frame")
+            stats["connected"] += 1
+            if stats["connected"] == stats["clients"]:
+                ready.set()
+            while not stop.is_set():
+                try:
+                    frame = await asyncio.wait_for(ws.recv(), 0.5)
+                except asyncio.TimeoutError:
+                    continue
+                now = time.time()
+                data = json.loads(frame)
+                if data["phase"] == "run":
+                    stats["received"] += 1
+                    stats["latencies"].append(now - data["t"])
+                else:
+                    stats["warm"][room] = stats["warm"].get(room, 0) + 1
+    except Exception as exc:  # counted, reported; the run goes on without this client
+        stats["failures"] += 1
+        stats["error"] = f"{type(exc).__name__}: {exc}"
+        if stats["connected"] + stats["failures"] == stats["clients"]:
+            ready.set()
+
+
+async def clients_main(urls: list[tuple[str, str]], conn: Connection) -> None:
+    stats: dict[str, Any] = {"clients": len(urls), "connected": 0, "failures": 0,
+                             "received": 0, "latencies": [], "warm": {}, "error": ""}
+    ready, stop = asyncio.Event(), asyncio.Event()
+    tasks = []
+    for url, room in urls:
+        tasks.append(asyncio.create_task(client(url, room, stats, ready, stop)))
+        await asyncio.sleep(0.002)  # a gentle connect ramp
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+    except asyncio.TimeoutError:
+        pass
+    conn.send({"connected": stats["connected"], "failures": stats["failures"],
+               "error": stats["error"]})
+    loop = asyncio.get_running_loop()
+
+    def on_command() -> None:
+        command = conn.recv()
+        if command == "stats":
+            conn.send({k: v for k, v in stats.items() if k != "latencies"})
+        elif command == "latencies":
+            conn.send(stats["latencies"])
+        elif command == "stop":
+            stop.set()
+
+    loop.add_reader(conn.fileno(), on_command)
+    await stop.wait()
+    loop.remove_reader(conn.fileno())
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def clients_process(urls: list[tuple[str, str]], conn: Connection) -> None:
+    asyncio.run(clients_main(urls, conn))
+
+
+# -- orchestration -------------------------------------------------------------------------
+
+
+def start_daphnes(spec: LayerSpec, url: str, prefix: str, count: int) -> list[tuple[int, subprocess.Popen[bytes]]]:
+    env = dict(os.environ, BENCH_BACKEND=spec.path, BENCH_REDIS=url, BENCH_PREFIX=prefix,
+               PYTHONPATH=ROOT)
+    nodes = []
+    for _ in range(count):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+             "benchmarks.e2e_app:application"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        nodes.append((port, proc))
+    deadline = time.monotonic() + 30
+    for port, proc in nodes:
+        while not ping_tcp("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daphne on port {port} did not start")
+            time.sleep(0.1)
+    return nodes
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def drive(spec: LayerSpec, url: str, prefix: str, conn: Connection, per_room: dict[str, int],
+                args: argparse.Namespace, out: E2EResult) -> None:
+    layer = spec.make(url, prefix)
+    rooms = sorted(per_room)
+    try:
+        # Warm-up: every client must see one message from its room.
+        for room in rooms:
+            await layer.group_send(room, {"type": "room.message",
+                                          "text": json.dumps({"phase": "warm", "t": 0})})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            conn.send("stats")
+            warm = conn.recv()["warm"]
+            if all(warm.get(room, 0) >= per_room[room] for room in rooms):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            out.notes.append(f"warm-up incomplete: {warm}")
+        total = int(args.rate * args.seconds)
+        start = time.monotonic()
+        for i in range(total):
+            delay = start + i / args.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            for room in rooms:
+                text = json.dumps({"phase": "run", "t": time.time(), "i": i})
+                try:
+                    await layer.group_send(room, {"type": "room.message", "text": text})
+                    out.sent += 1
+                    out.expected += per_room[room]
+                except Exception as exc:
+                    out.notes.append(f"send failed: {exc!r}")
+        seen, progress = -1, time.monotonic()
+        while time.monotonic() - progress < 2 and time.monotonic() - start < args.seconds + 20:
+            conn.send("stats")
+            got = conn.recv()["received"]
+            if got >= out.expected:
+                break
+            if got != seen:
+                seen, progress = got, time.monotonic()
+            await asyncio.sleep(0.2)
+    finally:
+        await close_layer(layer)
+
+
+def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> E2EResult:
+    out = E2EResult(spec.label)
+    reason = spec.available()
+    if reason:
+        out.notes.append(f"skipped: {reason}")
+        return out
+    prefix = run_prefix(spec.key)
+    daphnes: list[tuple[int, subprocess.Popen[bytes]]] = []
+    proc = None
+    parent = None
+    try:
+        daphnes = start_daphnes(spec, url, prefix, args.nodes)
+        urls, per_room = [], {f"room{r}": 0 for r in range(args.rooms)}
+        for k in range(args.clients):
+            room = f"room{k % args.rooms}"
+            per_room[room] += 1
+            urls.append((f"ws://127.0.0.1:{daphnes[k % len(daphnes)][0]}/ws/{room}", room))
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=clients_process, args=(urls, child), daemon=True)
+        proc.start()
+        child.close()
+        if not parent.poll(90):
+            raise TimeoutError("clients did not connect within 90 s")
+        hello = parent.recv()
+        out.connect_failures = hello["failures"]
+        if hello["failures"]:
+            out.notes.append(f"{hello['failures']} clients failed: {hello['error']}")
+        asyncio.run(drive(spec, url, prefix, parent, per_room, args, out))
+        parent.send("stats")
+        out.received = parent.recv()["received"]
+        parent.send("latencies")
+        latencies = sorted(parent.recv())
+        if latencies:
+            out.p50_ms = 1000 * latencies[len(latencies) // 2]
+            out.p99_ms = 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    except Exception as exc:
+        out.notes.append(f"failed: {type(exc).__name__}: {exc}")
+    finally:
+        if parent is not None:
+            try:
+                parent.send("stop")
+            except OSError:
+                pass
+        if proc is not None:
+            proc.join(15)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        for _port, daphne in daphnes:
+            stop_process(daphne)
+        if spec.key != "pubsub":
+            asyncio.run(flush(spec, url, prefix))
+        delete_prefix(url, prefix)
+    return out
+
+
+async def flush(spec: LayerSpec, url: str, prefix: str) -> None:
+    layer = spec.make(url, prefix)
+    try:
+        await layer.flush()
+    finally:
+        await close_layer(layer)
+
+
+def report(results: list[E2EResult], machine: str, args: argparse.Namespace) -> str:
+    lines = [
+        f"Machine: {machine}",
+        f"Scenario: {args.nodes} daphne nodes, {args.clients} WebSocket clients in {args.rooms} "
+        f"rooms, {args.rate:g} msg/s per room for {args.seconds:g} s.",
+        "",
+        "| layer | p50 / p99 (ms) | lost | delivered / expected | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(f"| {r.label} | {r.p50_ms:,.1f} / {r.p99_ms:,.1f} | {r.lost_pct:.2f}% "
+                     f"| {r.received:,} / {r.expected:,} | {'; '.join(r.notes)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="daphne + WebSocket end-to-end benchmark")
+    parser.add_argument("--layers", default="core,pubsub,distrib")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=150)
+    parser.add_argument("--rooms", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=20.0, help="messages per second per room")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+
+    def run(url: str) -> int:
+        results = []
+        for key in args.layers.split(","):
+            print(f"... {key}", file=sys.stderr, flush=True)
+            results.append(run_layer(LAYERS[key], url, args))
+        print(report(results, machine_description(url), args))
+        return 0 if all(not r.notes for r in results) else 1
+
+    if args.redis_url:
+        return run(args.redis_url)
+    with private_redis() as url:
+        return run(url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
