@@ -373,6 +373,20 @@ async def test_presence_lists_members_with_their_nodes(cluster: tuple[Node, Node
         assert nodes == {"ann": "node-a", "ben": "node-b"}
 
 
+async def test_renaming_in_the_same_room_updates_presence_elsewhere(
+    cluster: tuple[Node, Node],
+) -> None:
+    a, b = cluster
+    async with chat(a, "watcher") as watcher, chat(b, "before") as renamer:
+        await watcher.join("rename-room")
+        await renamer.join("rename-room")
+        await watcher.members("rename-room", lambda names: names == {"watcher", "before"})
+        assert (await renamer.join("rename-room", name="after"))["name"] == "after"
+        await watcher.members("rename-room", lambda names: names == {"watcher", "after"})
+        await renamer.send({"type": "sendMessage", "message": "new name"})
+        assert (await watcher.next("message"))["from"] == "after"
+
+
 async def test_dashboard_lists_both_nodes_and_rooms(cluster: tuple[Node, Node]) -> None:
     a, b = cluster
     async with chat(b, "dash") as member:
