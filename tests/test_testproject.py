@@ -423,7 +423,8 @@ async def test_sigkilled_node_leaves_presence_within_pruning_time(redis_url: str
             killed_at = time.monotonic()
             await survivor.members("ghosts", lambda names: names == {"survivor"}, timeout=12.0)
             elapsed = time.monotonic() - killed_at
-            assert elapsed <= 10.5, f"leave arrived after {elapsed:.1f} s"
+            assert elapsed <= 10.0, f"leave arrived after {elapsed:.1f} s"
+            print(f"leave seen on node A {elapsed:.2f} s after SIGKILL of node B")
             # The dashboard on A no longer lists B either.
             async with dashboard(a) as dash:
                 snap = await dash.next("cluster")
