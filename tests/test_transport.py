@@ -210,7 +210,7 @@ async def test_receive_survives_redis_restart(own_redis, prefix, caplog):
         }
         await asyncio.sleep(0.3)
         own_redis.kill()
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(2.5)  # longer than node_timeout and the node's retry_timeout
         for name, task in pending.items():
             assert not task.done(), f"receive on {name} ended while Redis was down: {task}"
         await asyncio.to_thread(own_redis.restart)
