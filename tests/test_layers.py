@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import random
 import re
 import socket
 import threading
@@ -1248,3 +1249,49 @@ async def test_cancelled_receive_does_not_take_later_messages(make_layer):
         raise AssertionError(f"active receiver got {got}; the cancelled one's process had "
                              f"taken {taken}") from None
     assert got == [0, 1, 2]
+
+
+async def test_cancelled_sends_leave_connections_sane(make_layer):
+    """Sends cancelled at varied points (a consumer torn down mid-send) may or may not have
+    been delivered, but are never delivered twice, and leave no half-read reply behind that
+    would confuse the next command."""
+    sender, node = make_layer(capacity=10000), make_layer(capacity=10000)
+    local = await node.new_channel()
+    await node.group_add("cancelsend", "cancelsend.gq")
+    completed: dict[str, set[int]] = {"named": set(), "local": set(), "group": set()}
+    rnd = random.Random(7)
+    for i in range(300):
+        kind = ("named", "local", "group")[i % 3]
+        if kind == "named":
+            task = asyncio.ensure_future(sender.send("cancelsend.q", msg(i)))
+        elif kind == "local":
+            task = asyncio.ensure_future(sender.send(local, msg(i)))
+        else:
+            task = asyncio.ensure_future(sender.group_send("cancelsend", msg(i)))
+        delay = rnd.choice([None, 0, 0.0001, 0.0005, 0.001, 0.002])
+        if delay is not None:
+            await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+            completed[kind].add(i)
+        except asyncio.CancelledError:
+            pass
+    for j in range(1000, 1020):
+        await sender.send("cancelsend.q", msg(j))
+        await sender.send(local, msg(j))
+        await sender.group_send("cancelsend", msg(j))
+    for kind, channel in (("named", "cancelsend.q"), ("local", local), ("group", "cancelsend.gq")):
+        got: list[int] = []
+        while True:
+            try:
+                got.append((await asyncio.wait_for(node.receive(channel), 0.5))["n"])
+            except asyncio.TimeoutError:
+                break
+        tried = set(range(("named", "local", "group").index(kind), 300, 3))
+        assert len(got) == len(set(got)), f"{kind}: delivered twice"
+        assert set(range(1000, 1020)) <= set(got), kind
+        assert [n for n in got if n >= 1000] == list(range(1000, 1020)), kind
+        assert completed[kind] <= set(got), f"{kind}: completed sends lost"
+        assert set(got) - set(range(1000, 1020)) <= tried, kind
+    assert all(0 < len(c) < 100 for c in completed.values()), "cancels must hit mid-send"
