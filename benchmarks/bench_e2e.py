@@ -43,6 +43,16 @@ from benchmarks._common import (
 from benchmarks._nodes import close_layer
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (Linux), 0.0 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class E2EResult:
     label: str
@@ -52,6 +62,8 @@ class E2EResult:
     p50_ms: float = float("nan")
     p99_ms: float = float("nan")
     connect_failures: int = 0
+    daphne_cpu: float = 0.0  # CPU seconds all daphne nodes used from first send to the end
+    client_cpu: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -62,8 +74,7 @@ class E2EResult:
 # -- client process ------------------------------------------------------------------------
 
 
-async def client(url: str, room: str, stats: dict[str, Any], ready: asyncio.Event,
-                 stop: asyncio.Event) -> None:
+async def client(url: str, room: str, stats: dict[str, Any], ready: asyncio.Event) -> None:
     from websockets.asyncio.client import connect
 
     try:
@@ -73,11 +84,7 @@ async def client(url: str, room: str, stats: dict[str, Any], ready: asyncio.Even
             stats["connected"] += 1
             if stats["connected"] == stats["clients"]:
                 ready.set()
-            while not stop.is_set():
-                try:
-                    frame = await asyncio.wait_for(ws.recv(), 0.5)
-                except asyncio.TimeoutError:
-                    continue
+            async for frame in ws:  # until the task is cancelled at the end of the run
                 now = time.time()
                 data = json.loads(frame)
                 if data["phase"] == "run":
@@ -98,7 +105,7 @@ async def clients_main(urls: list[tuple[str, str]], conn: Connection) -> None:
     ready, stop = asyncio.Event(), asyncio.Event()
     tasks = []
     for url, room in urls:
-        tasks.append(asyncio.create_task(client(url, room, stats, ready, stop)))
+        tasks.append(asyncio.create_task(client(url, room, stats, ready)))
         await asyncio.sleep(0.002)  # a gentle connect ramp
     try:
         await asyncio.wait_for(ready.wait(), 60)
@@ -120,6 +127,8 @@ async def clients_main(urls: list[tuple[str, str]], conn: Connection) -> None:
     loop.add_reader(conn.fileno(), on_command)
     await stop.wait()
     loop.remove_reader(conn.fileno())
+    for task in tasks:
+        task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -161,7 +170,7 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def drive(spec: LayerSpec, url: str, prefix: str, conn: Connection, per_room: dict[str, int],
-                args: argparse.Namespace, out: E2EResult) -> None:
+                args: argparse.Namespace, out: E2EResult, pids: list[int], client_pid: int) -> None:
     layer = spec.make(url, prefix)
     rooms = sorted(per_room)
     try:
@@ -179,6 +188,8 @@ async def drive(spec: LayerSpec, url: str, prefix: str, conn: Connection, per_ro
         else:
             out.notes.append(f"warm-up incomplete: {warm}")
         total = int(args.rate * args.seconds)
+        daphne_before = sum(proc_cpu_seconds(pid) for pid in pids)
+        client_before = proc_cpu_seconds(client_pid)
         start = time.monotonic()
         for i in range(total):
             delay = start + i / args.rate - time.monotonic()
@@ -201,6 +212,8 @@ async def drive(spec: LayerSpec, url: str, prefix: str, conn: Connection, per_ro
             if got != seen:
                 seen, progress = got, time.monotonic()
             await asyncio.sleep(0.2)
+        out.daphne_cpu = sum(proc_cpu_seconds(pid) for pid in pids) - daphne_before
+        out.client_cpu = proc_cpu_seconds(client_pid) - client_before
     finally:
         await close_layer(layer)
 
@@ -233,7 +246,8 @@ def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> E2EResult:
         out.connect_failures = hello["failures"]
         if hello["failures"]:
             out.notes.append(f"{hello['failures']} clients failed: {hello['error']}")
-        asyncio.run(drive(spec, url, prefix, parent, per_room, args, out))
+        asyncio.run(drive(spec, url, prefix, parent, per_room, args, out,
+                          [d.pid for _port, d in daphnes], proc.pid or 0))
         parent.send("stats")
         out.received = parent.recv()["received"]
         parent.send("latencies")
@@ -276,12 +290,15 @@ def report(results: list[E2EResult], machine: str, args: argparse.Namespace) -> 
         f"Scenario: {args.nodes} daphne nodes, {args.clients} WebSocket clients in {args.rooms} "
         f"rooms, {args.rate:g} msg/s per room for {args.seconds:g} s.",
         "",
-        "| layer | p50 / p99 (ms) | lost | delivered / expected | notes |",
-        "|---|---|---|---|---|",
+        "| layer | p50 / p99 (ms) | lost | delivered / expected | daphne CPU µs / frame "
+        "| client CPU µs / frame | notes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        per = 1e6 / r.received if r.received else 0.0
         lines.append(f"| {r.label} | {r.p50_ms:,.1f} / {r.p99_ms:,.1f} | {r.lost_pct:.2f}% "
-                     f"| {r.received:,} / {r.expected:,} | {'; '.join(r.notes)} |")
+                     f"| {r.received:,} / {r.expected:,} | {r.daphne_cpu * per:,.0f} "
+                     f"| {r.client_cpu * per:,.0f} | {'; '.join(r.notes)} |")
     return "\n".join(lines)
 
 
