@@ -1295,3 +1295,19 @@ async def test_cancelled_sends_leave_connections_sane(make_layer):
         assert completed[kind] <= set(got), f"{kind}: completed sends lost"
         assert set(got) - set(range(1000, 1020)) <= tried, kind
     assert all(0 < len(c) < 100 for c in completed.values()), "cancels must hit mid-send"
+
+
+async def test_flush_uses_scan_never_keys(own_redis, prefix):
+    async with own_layer(hosts=[own_redis.url], prefix=prefix) as layer, \
+            raw_redis(own_redis.url) as raw:
+        local = await layer.new_channel()
+        for i in range(50):
+            await layer.send(f"scan.q{i}", msg(i))
+            await layer.group_add(f"scang{i}", local)
+        before = await commandstats(raw)
+        await layer.flush()
+        delta = stats_delta(before, await commandstats(raw))
+        assert "keys" not in delta, delta
+        assert delta.get("scan", 0) >= 1, delta
+        assert not [k for k in await prefix_keys(raw, prefix)
+                    if b":q:" in k or b":g:" in k or b":gn:" in k]
