@@ -1311,3 +1311,42 @@ async def test_flush_uses_scan_never_keys(own_redis, prefix):
         assert delta.get("scan", 0) >= 1, delta
         assert not [k for k in await prefix_keys(raw, prefix)
                     if b":q:" in k or b":g:" in k or b":gn:" in k]
+
+
+# ------------------------------------------------------------------ drop-in under Channels
+
+
+async def test_plain_channels_consumer_with_groups(settings, redis_url, prefix, make_layer):
+    """A stock Channels consumer (groups attribute, handler per type) works unchanged."""
+    from channels.generic.websocket import AsyncJsonWebsocketConsumer
+    from channels.layers import get_channel_layer
+    from channels.testing import WebsocketCommunicator
+
+    class RoomConsumer(AsyncJsonWebsocketConsumer):
+        groups = ["plainroom"]
+
+        async def room_message(self, event: dict[str, Any]) -> None:
+            await self.send_json({"got": event["n"]})
+
+    settings.CHANNEL_LAYERS = {"default": {
+        "BACKEND": "channels_distrib.layers.DistributedChannelLayer",
+        "CONFIG": {"hosts": [redis_url], "prefix": prefix},
+    }}
+    layer = get_channel_layer()
+    try:
+        sender = make_layer()
+        clients = [WebsocketCommunicator(RoomConsumer.as_asgi(), "/ws/") for _ in range(3)]
+        for client in clients:
+            connected, _ = await client.connect()
+            assert connected
+        for n in range(3):
+            await sender.group_send("plainroom", {"type": "room.message", "n": n})
+        for client in clients:
+            assert [(await client.receive_json_from(timeout=5))["got"] for _ in range(3)] == [0, 1, 2]
+        await clients[0].disconnect()  # channels cancels its receive loop and discards it
+        await sender.group_send("plainroom", {"type": "room.message", "n": 9})
+        for client in clients[1:]:
+            assert (await client.receive_json_from(timeout=5)) == {"got": 9}
+            await client.disconnect()
+    finally:
+        await layer.close()
