@@ -795,6 +795,22 @@ async def test_receive_cancelled_while_idle_leaves_nothing(make_layer, caplog):
     assert not [r for r in caplog.records if "Task was destroyed" in r.getMessage()]
 
 
+async def test_cancelled_receive_leaves_no_task_behind(make_layer):
+    """The contract's words: a cancelled receive "leaves no task behind" (not only after close)."""
+    layer = make_layer()
+    local = await layer.new_channel()
+    await asyncio.sleep(0.1)
+    baseline = asyncio.all_tasks()  # the node's own long-lived tasks
+    for channel in ("notask.named", local):
+        task = asyncio.create_task(layer.receive(channel))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0.1)
+    extra = [t for t in asyncio.all_tasks() if t not in baseline and not t.done()]
+    assert not extra, extra
+
+
 async def test_close_is_idempotent_and_leaves_no_tasks(make_layer):
     before = asyncio.all_tasks()
     layer = make_layer(heartbeat_interval=0.2, node_timeout=1)
