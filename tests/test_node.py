@@ -137,21 +137,21 @@ async def test_two_survivors_pruning_at_once_emit_each_leave_once(layer, spawn_n
 
 
 async def test_prune_returns_each_dead_node_once(make_layer, spawn_node):
-    """``prune()`` by hand, twice at once, from two sender-only layers (no live node prunes)."""
+    """``prune()`` by hand from four sender-only layers at once (no live node prunes): the dead
+    node is reported by exactly one call and its memberships are gone."""
     victim = spawn_node(channels=4, group=GROUP, presence=True, **FAST)
     await victim.ready()
-    first, second = make_layer(**FAST), make_layer(**FAST)
-    assert await first.prune() == [], "a live node is not dead"
+    pruners = [make_layer(**FAST) for _ in range(4)]
+    assert await pruners[0].prune() == [], "a live node is not dead"
     victim.kill()
     await asyncio.sleep(FAST["node_timeout"] + 0.5)
     # Silent past node_timeout is dead ("nodes() lists live nodes"), pruned or not yet.
-    assert victim.node_id not in node_ids(await first.nodes())
-    results = await asyncio.gather(first.prune(), second.prune())
-    assert sorted(results[0] + results[1]) == [victim.node_id], results
-    assert await first.group_size(GROUP) == 0
-    assert await first.node_channels(victim.node_id) == set()
-    assert victim.node_id not in node_ids(await first.nodes())
-    assert await second.prune() == []
+    assert victim.node_id not in node_ids(await pruners[0].nodes())
+    results = await asyncio.gather(*(p.prune() for p in pruners))
+    assert sorted(sum(results, [])) == [victim.node_id], results
+    assert await pruners[0].group_size(GROUP) == 0
+    assert await pruners[0].node_channels(victim.node_id) == set()
+    assert await pruners[1].prune() == []
 
 
 async def test_pruning_removes_memberships_others_added_but_not_normal_channels(layer, spawn_node):
@@ -235,6 +235,27 @@ async def test_partitioned_node_is_pruned_then_reregisters(layer, spawn_node, re
         await layer.group_send(GROUP, {"type": "room.message", "text": "healed"})
         await expect_everywhere([cut], "healed")
         assert took <= FAST["heartbeat_interval"] + 2.0, "reconnect plus one heartbeat"
+
+
+async def test_pause_shorter_than_node_timeout_is_not_a_death(layer, spawn_node):
+    watcher = spawn_node(channels=1, group=GROUP, presence=True, **FAST)
+    paused = spawn_node(channels=2, group=GROUP, presence=True, **FAST)
+    await asyncio.gather(watcher.ready(), paused.ready())
+    await settle([watcher, paused])
+    watch = watcher.info["channels"][0]
+    seen_before = len(watcher.messages(watch))
+    paused.pause()
+    sizes = []
+    start = time.monotonic()
+    while time.monotonic() - start < FAST["node_timeout"] - 0.8:  # silent < 1.2 s + one beat
+        sizes.append(await layer.group_size(GROUP))
+        await asyncio.sleep(0.05)
+    paused.resume()
+    while time.monotonic() - start < FAST["node_timeout"] + 3 * FAST["heartbeat_interval"]:
+        sizes.append(await layer.group_size(GROUP))
+        await asyncio.sleep(0.05)
+    assert set(sizes) == {3}, sizes
+    assert watcher.messages(watch)[seen_before:] == [], "no leaves, no joins"
 
 
 @pytest.mark.parametrize("configured_id", [False, True], ids=["generated-id", "configured-id"])
