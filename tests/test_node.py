@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 import uuid
@@ -394,6 +395,43 @@ async def test_redis_restart_rebuilds_registry_and_delivery_works(own_redis, spa
             5,
         )
         assert time.monotonic() - restarted < 20
+    finally:
+        await query.close()
+
+
+async def test_redis_stall_longer_than_node_timeout_prunes_nobody(own_redis, spawn_node, prefix):
+    """Redis itself stops answering (SIGSTOP of our private server) for longer than node_timeout.
+
+    Every node was alive and trying to beat; none was silent by its own doing. Pruning them all
+    when Redis comes back would send a leave for every presence member of every group, then a
+    join for each when they re-register: the flood DESIGN.md avoids after data loss. Expected:
+    group sizes never drop and presence members see no diffs.
+    """
+    from channels_distrib.layers import DistributedChannelLayer
+
+    nodes = await start_nodes(
+        spawn_node, 2, url=own_redis.url, channels=2, group=GROUP, presence=True, **FAST
+    )
+    await settle(nodes)
+    seen = [len(node.snapshot()) for node in nodes]
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(FAST["node_timeout"] + 1.0)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    query = DistributedChannelLayer(hosts=[own_redis.url], prefix=prefix)
+    try:
+        sizes = []
+        start = time.monotonic()
+        while time.monotonic() - start < 4 * FAST["heartbeat_interval"]:
+            async with asyncio.timeout(5):
+                sizes.append(await query.group_size(GROUP))
+            await asyncio.sleep(0.05)
+        assert set(sizes) == {4}, sizes
+        assert node_ids(await query.nodes()) == {n.node_id for n in nodes}
+        for node, count in zip(nodes, seen, strict=True):
+            late = [e["message"] for e in node.snapshot()[count:] if e.get("event") == "message"]
+            assert leaves_of(late) == [] and joins_of(late) == [], late
     finally:
         await query.close()
 

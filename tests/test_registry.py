@@ -156,6 +156,11 @@ async def test_nodes_reports_live_node_info(make_layer, redis_url):
     assert isinstance(info.started_at, float) and isinstance(info.last_seen, float)
     assert info.started_at <= info.last_seen <= now + 0.01
     assert now - info.last_seen <= FAST["node_timeout"]
+    # The heartbeat keeps last_seen moving; started_at stays.
+    await asyncio.sleep(2 * FAST["heartbeat_interval"])
+    later = next(n for n in await node.nodes() if n.node_id == node.node_id)
+    assert later.started_at == info.started_at
+    assert later.last_seen - info.last_seen >= FAST["heartbeat_interval"] * 0.9
 
 
 async def test_channel_count_counts_channels_receiving_now(layer, spawn_node):
