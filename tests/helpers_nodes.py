@@ -252,7 +252,9 @@ async def wait_until(
     start = time.monotonic()
     value: Any = None
     while True:
-        value = await probe()
+        # A probe that hangs fails the wait instead of the whole run.
+        async with asyncio.timeout(max(1.0, timeout - (time.monotonic() - start) + 1.0)):
+            value = await probe()
         if predicate(value):
             return value, time.monotonic() - start
         if time.monotonic() - start > timeout:
