@@ -502,6 +502,19 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
 
     # -- channel-layer handlers --------------------------------------------------------
 
+    async def dispatch(self, message: Message) -> None:
+        """Route a message to its handler; the library's envelopes take a fast path.
+
+        Channels' ``dispatch`` runs ``close_old_connections`` in a worker thread before
+        every handler, one thread hop per delivered message, all through a single
+        thread. Forwarding an envelope's text touches no database, so ``distrib.message``
+        goes straight to :meth:`distrib_message`; everything else is dispatched by Channels.
+        """
+        if message.get("type") == api.ENVELOPE_TYPE:
+            await self.distrib_message(message)
+            return
+        await super().dispatch(message)
+
     async def distrib_message(self, message: Message) -> None:
         """Forward an envelope's JSON to the client unless this connection is excluded."""
         if self._closing or message.get("exclude") == self.channel_name:

@@ -492,3 +492,26 @@ async def test_allow_anonymous_false_refuses_the_handshake(connect, nodes) -> No
     assert (await whoami(member))["user_id"] == "kim"
     layer = channel_layers["default"]
     assert await layer.group_size(MembersOnly.get_broadcast_group()) == 1
+
+
+async def test_envelopes_skip_channels_db_connection_check(connect, monkeypatch) -> None:
+    """distrib.message is forwarded without channels' per-message close_old_connections hop."""
+    import channels.consumer
+
+    calls: list[str] = []
+
+    async def counting() -> None:
+        calls.append("close_old_connections")
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counting)
+    a = await connect()
+    await a.request("join", room="fast")
+    await a.expect("presence.state", group="fast")
+    before = len(calls)
+    for i in range(5):
+        await api.send_to_room("fast", {"type": "f", "i": i})
+    for i in range(5):
+        assert await a.expect("f", i=i) == {"type": "f", "i": i}
+    assert len(calls) == before
+    await a.request("echo")  # other messages still go through channels' dispatch
+    assert len(calls) > before
