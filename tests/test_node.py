@@ -638,10 +638,16 @@ async def test_idle_channel_with_expired_messages_loses_memberships_slow_one_kee
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_daphne_stopped_by_signal_removes_node_at_once(layer, prefix, redis_url, signum):
+async def test_daphne_stopped_by_signal_removes_node_at_once(
+    layer, spawn_node, prefix, redis_url, signum
+):
     from websockets.asyncio.client import connect
 
     from tests.helpers_daphne import start_daphne
+
+    watcher = spawn_node(channels=1, group=GROUP, presence=True)  # default timings
+    await watcher.ready()
+    watch = watcher.info["channels"][0]
 
     env = {
         "NODE_APP_REDIS_URL": redis_url,
@@ -659,7 +665,8 @@ async def test_daphne_stopped_by_signal_removes_node_at_once(layer, prefix, redi
             async with asyncio.timeout(10):
                 hello.append(json.loads(await ws.recv()))
         node_id = hello[0]["node_id"]
-        assert await layer.group_channels(GROUP) == {h["channel"] for h in hello}
+        connections = {h["channel"] for h in hello}
+        assert await layer.group_channels(GROUP) == connections | set(watcher.channels)
         assert node_id in node_ids(await layer.nodes())
 
         daphne.proc.send_signal(signum)
@@ -669,8 +676,13 @@ async def test_daphne_stopped_by_signal_removes_node_at_once(layer, prefix, redi
         print(f"\ndaphne exited {exited:.2f} s after {signum.name} (code {code})")
         # At once: as soon as the process is gone, with node_timeout 6 s nobody pruned it.
         assert node_id not in node_ids(await layer.nodes()), daphne.log_tail()
-        assert await layer.group_size(GROUP) == 0, daphne.log_tail()
+        assert await layer.group_channels(GROUP) == set(watcher.channels), daphne.log_tail()
         assert await layer.node_channels(node_id) == set()
+        await eventually(
+            lambda: connections <= set(leaves_of(watcher.messages(watch))),
+            2,
+            what="leaves of the daphne node's connections",
+        )
     finally:
         for ws in clients:
             try:

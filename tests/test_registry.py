@@ -353,6 +353,24 @@ async def test_sender_only_process_is_not_a_node(spawn_node, layer, prefix):
     assert member.messages(member.channels[0]), "member got the sender's group_sends"
 
 
+async def test_sender_only_layer_starts_no_heartbeat(own_redis, prefix):
+    """After sends and queries, a layer that never called new_channel is silent in Redis."""
+    from channels_distrib.layers import DistributedChannelLayer
+
+    sender = DistributedChannelLayer(hosts=[own_redis.url], prefix=prefix, **FAST)
+    try:
+        await sender.group_add(GROUP, "workers.q")
+        await sender.group_send(GROUP, {"type": "job"})
+        await sender.send("workers.q", {"type": "job"})
+        assert await sender.group_size(GROUP) == 1
+        assert await sender.nodes() == []
+        before = await commandstats(own_redis.url)
+        await asyncio.sleep(3 * FAST["heartbeat_interval"])
+        assert stats_delta(before, await commandstats(own_redis.url)) == {}
+    finally:
+        await sender.close()
+
+
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
