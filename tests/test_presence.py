@@ -87,6 +87,27 @@ async def test_state_to_joiner_and_diffs_to_other_presence_members(make_layer):
     assert await receive_all(y_node, plain, quiet=0.3) == []
 
 
+async def test_join_and_leave_made_by_another_process_are_announced(make_layer):
+    """A view (sender-only layer) adding and discarding a node's channel: same presence."""
+    owner, watching, view = make_layer(**FAST), make_layer(**FAST), make_layer()
+    watcher = await watching.new_channel()
+    await watching.group_add(GROUP, watcher, presence=True)
+    await receive_all(watching, watcher, quiet=0.3)
+    channel = await owner.new_channel()
+
+    await view.group_add(GROUP, channel, presence=True, meta={"via": "view"})
+    state = (await collect(owner, channel, lambda ms: len(ms) >= 1, timeout=5))[0]
+    assert state["type"] == "presence.state", state
+    assert {e["channel"] for e in state["members"]} >= {watcher}
+    got = await collect(watching, watcher, lambda ms: bool(joins_of(ms)), timeout=5)
+    assert joins_of(got) == [channel]
+
+    await view.group_discard(GROUP, channel)
+    got = await collect(watching, watcher, lambda ms: bool(leaves_of(ms)), timeout=5)
+    assert leaves_of(got) == [channel]
+    assert await receive_all(watching, watcher, quiet=0.5) == []
+
+
 async def test_non_presence_members_get_no_presence_messages(make_layer):
     node = make_layer(**FAST)
     channels = [await node.new_channel() for _ in range(3)]
