@@ -163,6 +163,17 @@ def allow_server_close_codes() -> None:
     logger.debug("daphne allowed to send close codes %s", sorted(_SERVER_CLOSE_CODES))
 
 
+def _room_problem(room: object) -> str | None:
+    """Why ``room`` cannot be a room name, or None when it can."""
+    if not isinstance(room, str) or not room:
+        return "must be a non-empty string"
+    if len(room) >= 100 or not api.GROUP_NAME.match(room):
+        return "use fewer than 100 ASCII letters, digits, hyphens, underscores or periods"
+    if room.startswith(api.RESERVED_PREFIX):
+        return f"names starting with {api.RESERVED_PREFIX!r} are reserved"
+    return None
+
+
 def _is_client_id(value: object) -> bool:
     """A process-local channel name (``specific.<token>!<id>``), as ``client_id`` gives."""
     return (
@@ -218,6 +229,24 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         channel_layer: Any
         channel_name: str
         scope: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the class attributes when the class is defined, not at the first connect."""
+        super().__init_subclass__(**kwargs)
+        if cls.rate_limit is not None:
+            try:
+                rate, burst = cls.rate_limit
+            except (TypeError, ValueError):
+                raise ImproperlyConfigured(
+                    f"{cls.__qualname__}.rate_limit must be (rate, burst), e.g. (5.0, 10)"
+                ) from None
+            TokenBucket(rate, burst)  # raises ImproperlyConfigured for bad values
+        if isinstance(cls.rooms, str):
+            raise ImproperlyConfigured(f"{cls.__qualname__}.rooms must be a list, not a string")
+        for room in cls.rooms:
+            problem = _room_problem(room)
+            if problem is not None:
+                raise ImproperlyConfigured(f"{cls.__qualname__}.rooms: {room!r}: {problem}")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -349,8 +378,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         )
         if errors:
             raise errors[0]
-        for room in self.rooms:
-            self._validate_room(room)
+        for room in self.rooms:  # validated when the class was defined
             await self._join(room, None)
 
     async def _cleanup(self, timeout: float | None = None) -> None:
@@ -397,14 +425,9 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     # -- rooms -----------------------------------------------------------------------
 
     def _validate_room(self, room: object) -> None:
-        if not isinstance(room, str) or not room:
-            raise InvalidRoom(room, "must be a non-empty string")
-        if len(room) >= 100 or not api.GROUP_NAME.match(room):
-            raise InvalidRoom(
-                room, "use fewer than 100 ASCII letters, digits, hyphens, underscores or periods"
-            )
-        if room.startswith(api.RESERVED_PREFIX):
-            raise InvalidRoom(room, f"names starting with {api.RESERVED_PREFIX!r} are reserved")
+        problem = _room_problem(room)
+        if problem is not None:
+            raise InvalidRoom(room, problem)
 
     async def join_room(self, room: str, meta: Meta | None = None) -> None:
         """Join ``room`` (a group of the same name), cluster-wide.

@@ -515,3 +515,23 @@ async def test_envelopes_skip_channels_db_connection_check(connect, monkeypatch)
     assert len(calls) == before
     await a.request("echo")  # other messages still go through channels' dispatch
     assert len(calls) > before
+
+
+@pytest.mark.parametrize(
+    ("attributes", "match"),
+    [
+        ({"rate_limit": (0, 5)}, "rate > 0"),
+        ({"rate_limit": (5.0, 0)}, "burst >= 1"),
+        ({"rate_limit": 5}, r"\(rate, burst\)"),
+        ({"rooms": "lobby"}, "not a string"),
+        ({"rooms": ["bad room"]}, "bad room"),
+        ({"rooms": ["distrib.user.1"]}, "reserved"),
+    ],
+)
+def test_bad_class_attributes_fail_when_the_class_is_defined(
+    attributes: dict[str, Any], match: str
+) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match=match):
+        type("Bad", (DistributedConsumer,), attributes)
