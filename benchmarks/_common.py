@@ -197,3 +197,26 @@ def machine_description(url: str) -> str:
         except Exception:
             pass
     return "; ".join(parts)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (all processes, all cores)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float:
+    """Wait up to ``limit`` s for a ``window`` in which the machine is busy for less than
+    ``threshold`` cores (nothing of this run is running then). Returns the last load seen."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        busy = (machine_busy_seconds() - before) / window
+        if busy < threshold or time.monotonic() >= deadline:
+            return busy

@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -43,12 +43,23 @@ from benchmarks._common import (
     LAYERS,
     LayerSpec,
     delete_prefix,
+    machine_busy_seconds,
     machine_description,
     private_redis,
     redis_cpu_seconds,
     run_prefix,
+    wait_quiet,
 )
 from benchmarks._nodes import MAX, PACED, WARMUP, close_layer, node_process
+from benchmarks._results import (
+    LayerResult,
+    PhaseResult,
+    fmt_int,
+    fmt_ms,
+    percentile,
+    report,
+    summarise,
+)
 
 GROUP = "bench"
 BODY = "x" * 100  # a chat-sized payload
@@ -67,54 +78,6 @@ class Node:
         if isinstance(reply, tuple) and reply and reply[0] == "failed":
             raise RuntimeError(f"node {self.proc.pid} failed: {reply[1]}")
         return reply
-
-
-@dataclass
-class PhaseResult:
-    sent: int = 0
-    send_errors: int = 0
-    send_seconds: float = 0.0
-    received: int = 0
-    dups: int = 0
-    expected: int = 0
-    elapsed: float = 0.0
-    cpu: dict[str, float] = field(default_factory=dict)  # cores used: nodes, sender, redis...
-    cpu_seconds: dict[str, float] = field(default_factory=dict)
-    latencies_ms: dict[str, float] = field(default_factory=dict)
-    call_times: list[float] = field(default_factory=list, repr=False)  # group_send durations
-
-    def call_ms(self, q: float) -> float:
-        return 1000 * percentile(sorted(self.call_times), q)
-
-    @property
-    def lost_pct(self) -> float:
-        if not self.expected:
-            return 0.0
-        return 100.0 * max(0, self.expected - (self.received - self.dups)) / self.expected
-
-    @property
-    def deliveries_per_s(self) -> float:
-        return self.received / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def node_us_per_delivery(self) -> float:
-        """Receiver CPU per delivery: unlike rates, this barely moves with outside load."""
-        return 1e6 * self.cpu_seconds.get("nodes", 0.0) / self.received if self.received else 0.0
-
-    def us_per_send(self, side: str) -> float:
-        return 1e6 * self.cpu_seconds.get(side, 0.0) / self.sent if self.sent else 0.0
-
-
-@dataclass
-class LayerResult:
-    key: str
-    label: str
-    paced: PhaseResult | None = None
-    max: PhaseResult | None = None
-    receive_errors: int = 0
-    last_receive_error: str = ""
-    keys_left: int = 0
-    skipped: str = ""
 
 
 # -- orchestration -----------------------------------------------------------------------
@@ -182,17 +145,6 @@ async def wait_drained(nodes: list[Node], phase: int, expected: int, idle: float
         await asyncio.sleep(0.1)
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy since boot (all processes, all cores)."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_sample(nodes: list[Node], url: str) -> dict[str, float]:
     snaps = [node.ask("snapshot") for node in nodes]
     return {"nodes": sum(s["cpu"] for s in snaps), "sender": time.process_time(),
@@ -206,12 +158,6 @@ def cores_used(before: dict[str, float], after: dict[str, float], wall: float) -
     used = {k: (after[k] - before[k]) / wall for k in before}
     used["others"] = max(0.0, used.pop("machine") - used["nodes"] - used["sender"] - used["redis"])
     return {k: round(v, 2) for k, v in used.items()}
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 async def send_one(layer: Any, phase: int, i: int, result: PhaseResult) -> None:
@@ -365,83 +311,6 @@ def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> LayerResul
     return out
 
 
-# -- report ------------------------------------------------------------------------------
-
-
-def fmt_int(value: float) -> str:
-    return f"{value:,.0f}"
-
-
-def fmt_ms(value: float) -> str:
-    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
-
-
-def cores(used: dict[str, float]) -> str:
-    return " / ".join(f"{used.get(k, 0):.2f}" for k in ("nodes", "sender", "redis", "others"))
-
-
-def ratio(ours: float, base: float) -> str:
-    return f"{ours / base:.2f}x" if base > 0 else "n/a"
-
-
-def report(results: list[LayerResult], machine: str, args: argparse.Namespace) -> str:
-    by_key = {r.key: r for r in results if r.paced and r.max}
-    core, pubsub = by_key.get("core"), by_key.get("pubsub")
-    lines = [
-        f"Machine: {machine}",
-        f"Scenario: {args.nodes} node processes x {args.channels} member channels, one group; "
-        f"paced {args.rate:g} group_sends/s for {args.paced_seconds:g} s; max rate up to "
-        f"{args.max_count} sends / {args.max_seconds:g} s; "
-        + (f"best max rate and median-p99 paced run of {args.rounds} interleaved rounds."
-           if args.rounds > 1 else "one round."),
-        "",
-        "| layer | deliveries/s (max rate) | vs core | vs pub/sub | p50 / p99 at "
-        f"{args.rate:g} sends/s (ms) | lost at {args.rate:g} sends/s | lost at max rate | dups |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        if not (r.paced and r.max):
-            lines.append(f"| {r.label} | skipped: {r.skipped} | | | | | | |")
-            continue
-        dps = r.max.deliveries_per_s
-        lat = r.paced.latencies_ms
-        lines.append(
-            f"| {r.label} | {fmt_int(dps)} "
-            f"| {ratio(dps, core.max.deliveries_per_s) if core and core.max else 'n/a'} "
-            f"| {ratio(dps, pubsub.max.deliveries_per_s) if pubsub and pubsub.max else 'n/a'} "
-            f"| {fmt_ms(lat['p50'])} / {fmt_ms(lat['p99'])} "
-            f"| {r.paced.lost_pct:.2f}% | {r.max.lost_pct:.1f}% | {r.paced.dups + r.max.dups} |"
-        )
-    lines += [
-        "",
-        "Details: sender rate in the max-rate phase, and cores used per side during each phase "
-        f"(nodes / sender / redis / other processes on the machine; {os.cpu_count()} cores in "
-        "all, so a total near that means the sides were competing for CPU):",
-        "",
-        "| layer | group_sends/s (max) | sent | delivered | cores (max rate) "
-        "| cores (paced) | node CPU µs / delivery | sender / Redis CPU µs / group_send "
-        "| group_send call p50 / p99 ms (paced) | paced p99 vs pub/sub | receive errors "
-        "| keys left after flush |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        if not (r.paced and r.max):
-            continue
-        cm, cp = r.max.cpu, r.paced.cpu
-        p99_ratio = (ratio(r.paced.latencies_ms["p99"], pubsub.paced.latencies_ms["p99"])
-                     if pubsub and pubsub.paced else "n/a")
-        errors = f"{r.receive_errors}" + (f" ({r.last_receive_error})" if r.receive_errors else "")
-        lines.append(
-            f"| {r.label} | {fmt_int(r.max.sent / r.max.send_seconds)} | {r.max.sent:,} "
-            f"| {r.max.received:,} / {r.max.expected:,} "
-            f"| {cores(cm)} | {cores(cp)} | {r.max.node_us_per_delivery:.1f} "
-            f"| {r.max.us_per_send('sender'):.0f} / {r.max.us_per_send('redis'):.0f} "
-            f"| {r.paced.call_ms(0.5):.2f} / {r.paced.call_ms(0.99):.2f} "
-            f"| {p99_ratio} | {errors} | {r.keys_left} |"
-        )
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--layers", default="core,pubsub,distrib",
@@ -483,36 +352,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_all(args.redis_url, args, started)
     with private_redis() as url:
         return run_all(url, args, started)
-
-
-def wait_quiet(limit: float, threshold: float = 0.3, window: float = 2.0) -> float:
-    """Wait up to ``limit`` s for a ``window`` in which the machine is busy for less than
-    ``threshold`` cores (nothing of this run is running then). Returns the last load seen."""
-    deadline = time.monotonic() + limit
-    while True:
-        before = machine_busy_seconds()
-        time.sleep(window)
-        busy = (machine_busy_seconds() - before) / window
-        if busy < threshold or time.monotonic() >= deadline:
-            return busy
-
-
-def summarise(rounds: list[LayerResult]) -> LayerResult:
-    """One row per layer from N rounds: the max-rate phase of the best round (noise from
-    other processes only ever lowers a maximum) and the paced phase of the round with the
-    median p99 (the upper median, so 2 rounds report the worse one)."""
-    done = [r for r in rounds if r.paced and r.max]
-    if not done:
-        return rounds[-1]
-    by_p99 = sorted(done, key=lambda r: r.paced.latencies_ms["p99"] if r.paced else 0.0)
-    best = max(done, key=lambda r: r.max.deliveries_per_s if r.max else 0.0)
-    median = by_p99[len(by_p99) // 2]
-    out = LayerResult(best.key, best.label, paced=median.paced, max=best.max)
-    out.receive_errors = sum(r.receive_errors for r in rounds)
-    out.last_receive_error = next((r.last_receive_error for r in rounds if r.receive_errors), "")
-    out.keys_left = max(r.keys_left for r in rounds)
-    out.skipped = next((r.skipped for r in rounds if r.skipped), "")
-    return out
 
 
 def run_all(url: str, args: argparse.Namespace, started: float) -> int:
