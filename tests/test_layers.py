@@ -1211,6 +1211,20 @@ async def test_channel_capacity_glob_character_class(make_layer):
     await layer.send("room3.q", msg(2))
 
 
+async def test_channel_capacity_compiled_regex(make_layer):
+    """channels_redis also takes precompiled regexes as channel_capacity keys."""
+    layer = make_layer(capacity=100, channel_capacity={re.compile(r"^rx\.\d+$"): 2})
+    await layer.send("rx.5", msg(0))
+    await layer.send("rx.5", msg(1))
+    with pytest.raises(ChannelFull):
+        await layer.send("rx.5", msg(2))
+    await layer.group_add("rxgroup", "rx.1")
+    for i in range(5):
+        await layer.group_send("rxgroup", msg(i))
+    assert [m["n"] for m in await recv_n(layer, "rx.1", 2)] == [0, 1]
+    assert await nothing_arrives(layer, "rx.1", 0.3)
+
+
 async def test_concurrent_first_new_channel_calls_make_one_node(make_layer):
     layer, other = make_layer(), make_layer()
     names = await asyncio.gather(*(layer.new_channel() for _ in range(50)))
