@@ -115,6 +115,7 @@ async def test_client_kill_while_messages_flow(make_layer, redis_url, prefix):
         missing = sorted(accepted[key] - set(received[key]))
         assert not missing, f"{key}: accepted but lost: {missing[:20]} (arrived={arrived})"
         assert set(received[key]) <= accepted[key] | failed[key]
+        assert received[key] == sorted(received[key]), f"{key}: order broken by reconnects"
         assert len(accepted[key]) >= 200, f"{key}: too few sends succeeded: {errors}"
 
 
