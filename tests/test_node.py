@@ -612,8 +612,8 @@ async def test_idle_channel_with_expired_messages_loses_memberships_slow_one_kee
     (live,) = node.info["channels"]
     idle, untouched = node.info["idle"]
     (slow,) = node.info["slow"]
-    for channel in (live, idle, slow):
-        await node.command(cmd="group_add", group=GROUP, channel=channel)
+    for channel in (live, idle, slow):  # live and idle are presence members: a leave is due
+        await node.command(cmd="group_add", group=GROUP, channel=channel, presence=channel != slow)
     await node.command(cmd="group_add", group="quiet", channel=untouched)
     for i in range(6):
         await layer.group_send(GROUP, {"type": "room.message", "i": i})
@@ -635,6 +635,7 @@ async def test_idle_channel_with_expired_messages_loses_memberships_slow_one_kee
     assert await layer.channel_groups(untouched) == {"quiet"}, "no messages expired: kept"
     assert len(node.messages(slow)) >= 3, "the slow consumer kept receiving"
     assert node.messages(idle) == []
+    assert leaves_of(node.messages(live)) == [idle], "the dropped channel's leave, once"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
