@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from channels.consumer import AsyncConsumer, SyncConsumer
 from channels.exceptions import InvalidChannelLayerError, StopConsumer
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import BaseChannelLayer
@@ -174,6 +175,21 @@ def _room_problem(room: object) -> str | None:
     return None
 
 
+def _check_bases(cls: type) -> None:
+    """The mixin must come before Channels' consumer classes, and only async ones work."""
+    if issubclass(cls, SyncConsumer):
+        raise ImproperlyConfigured(
+            f"{cls.__qualname__}: DistributedMixin needs an async consumer "
+            "(AsyncWebsocketConsumer or AsyncJsonWebsocketConsumer); sync consumers are not supported"
+        )
+    mro = cls.__mro__
+    if AsyncConsumer in mro and mro.index(AsyncConsumer) < mro.index(DistributedMixin):
+        raise ImproperlyConfigured(
+            f"{cls.__qualname__}: list DistributedMixin before the Channels consumer class, "
+            f"e.g. class {cls.__name__}(DistributedMixin, AsyncJsonWebsocketConsumer)"
+        )
+
+
 def _is_client_id(value: object) -> bool:
     """A process-local channel name (``specific.<token>!<id>``), as ``client_id`` gives."""
     return (
@@ -233,6 +249,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Check the class attributes when the class is defined, not at the first connect."""
         super().__init_subclass__(**kwargs)
+        _check_bases(cls)
         if cls.rate_limit is not None:
             try:
                 rate, burst = cls.rate_limit

@@ -535,3 +535,20 @@ def test_bad_class_attributes_fail_when_the_class_is_defined(
 
     with pytest.raises(ImproperlyConfigured, match=match):
         type("Bad", (DistributedConsumer,), attributes)
+
+
+def test_mixin_order_and_sync_consumers_are_checked() -> None:
+    from channels.generic.websocket import (
+        AsyncJsonWebsocketConsumer,
+        AsyncWebsocketConsumer,
+        WebsocketConsumer,
+    )
+    from django.core.exceptions import ImproperlyConfigured
+
+    from channels_distrib.consumers import DistributedMixin
+
+    type("Fine", (DistributedMixin, AsyncWebsocketConsumer), {})
+    with pytest.raises(ImproperlyConfigured, match="before the Channels consumer"):
+        type("Reversed", (AsyncJsonWebsocketConsumer, DistributedMixin), {})
+    with pytest.raises(ImproperlyConfigured, match="sync consumers are not supported"):
+        type("Sync", (DistributedMixin, WebsocketConsumer), {})
