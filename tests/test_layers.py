@@ -1380,3 +1380,22 @@ async def test_plain_channels_consumer_with_groups(settings, redis_url, prefix, 
             await client.disconnect()
     finally:
         await layer.close()
+
+
+async def test_expiry_judged_by_redis_time_not_the_local_clock(make_layer, monkeypatch):
+    """A host whose clock is 2 minutes ahead of Redis (no NTP in a container, say) must not
+    treat fresh messages as expired: expiry is stamped with Redis TIME, so it must be judged
+    against Redis time (as node inboxes already are, via their clock offset)."""
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 120)
+    node, sender = make_layer(), make_layer()
+    local = await node.new_channel()
+    await sender.send("skew.named", msg(1))
+    await sender.send(local, msg(2))
+    outcome: dict[str, Any] = {}
+    for channel in ("skew.named", local):
+        try:
+            outcome[channel] = await recv(node, channel, 2)
+        except TimeoutError:
+            outcome[channel] = "dropped as expired"
+    assert outcome == {"skew.named": msg(1), local: msg(2)}
