@@ -224,6 +224,11 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         None (default) for no limit. A frame without a token gets a ``rate_limited``
         error; ``rate_limit_max_rejections`` (10) of those within ``rate_limit_window``
         (10 s) close the connection with 1008.
+    :param user_rate_limit: ``(rate, burst)``: one token bucket per authenticated user,
+        shared by all their connections on every node and kept in Redis; None (default)
+        for none. Needs a layer with the ``ratelimit`` extension (``take_tokens``) and
+        costs one Redis round trip per inbound frame of an authenticated user. Rejections
+        count toward the same 1008 rule as ``rate_limit``.
     :param allow_anonymous: when False, connections without an authenticated
         ``scope["user"]`` are refused at the handshake (HTTP 403); default True.
     :param max_message_size: largest inbound frame in bytes (default 64 KiB, None for
@@ -238,6 +243,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     rate_limit: ClassVar[tuple[float, int] | None] = None
     rate_limit_max_rejections: ClassVar[int] = 10
     rate_limit_window: ClassVar[float] = 10.0
+    user_rate_limit: ClassVar[tuple[float, int] | None] = None
     max_message_size: ClassVar[int | None] = 64 * 1024
     allow_anonymous: ClassVar[bool] = True
 
@@ -250,12 +256,15 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         """Check the class attributes when the class is defined, not at the first connect."""
         super().__init_subclass__(**kwargs)
         _check_bases(cls)
-        if cls.rate_limit is not None:
+        for attribute in ("rate_limit", "user_rate_limit"):
+            value = getattr(cls, attribute)
+            if value is None:
+                continue
             try:
-                rate, burst = cls.rate_limit
+                rate, burst = value
             except (TypeError, ValueError):
                 raise ImproperlyConfigured(
-                    f"{cls.__qualname__}.rate_limit must be (rate, burst), e.g. (5.0, 10)"
+                    f"{cls.__qualname__}.{attribute} must be (rate, burst), e.g. (5.0, 10)"
                 ) from None
             TokenBucket(rate, burst)  # raises ImproperlyConfigured for bad values
         if isinstance(cls.rooms, str):
@@ -280,6 +289,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         self._refused = False
         self._connected_at = 0.0
         self._bucket: TokenBucket | None = None
+        self._user_bucket_key: str | None = None
         self._rejections: deque[float] = deque(maxlen=max(1, self.rate_limit_max_rejections))
 
     # -- identity --------------------------------------------------------------------
@@ -362,6 +372,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         self._connected_at = time.time()
         if self.rate_limit is not None:
             self._bucket = TokenBucket(*self.rate_limit)
+        self._user_bucket_key = self._user_rate_limit_key(layer)
         await super().websocket_connect(message)
 
     async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
@@ -421,6 +432,17 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
             return
         for error in errors:
             logger.warning("leaving a group for %s failed: %r", self.channel_name, error)
+
+    def _user_rate_limit_key(self, layer: Any) -> str | None:
+        if self.user_rate_limit is None:
+            return None
+        if "ratelimit" not in (getattr(layer, "extensions", None) or ()):
+            raise InvalidChannelLayerError(
+                f"{type(self).__name__}.user_rate_limit needs a channel layer with the "
+                "'ratelimit' extension (an async take_tokens(key, rate, burst) method)."
+            )
+        user_id = self.get_user_id()
+        return None if user_id is None else api.user_group(user_id)
 
     def _require_distributed_layer(self) -> Any:
         layer = getattr(self, "channel_layer", None)
@@ -588,13 +610,22 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
             logger.info("closing %s: frame over max_message_size", self.channel_name)
             await self._close_with(CLOSE_MESSAGE_TOO_BIG)
             return
-        if self._bucket is not None and not self._bucket.take():
+        if not await self._take_token():
             await self.send_error("rate_limited", "Too many messages; slow down")
             if self._too_many_rejections():
                 logger.info("closing %s: rate limit exceeded", self.channel_name)
                 await self._close_with(CLOSE_POLICY_VIOLATION)
             return
         await self.receive(text_data=text, bytes_data=data)
+
+    async def _take_token(self) -> bool:
+        """One token from this connection's bucket, then from the user's bucket in Redis."""
+        if self._bucket is not None and not self._bucket.take():
+            return False
+        if self._user_bucket_key is None or self.user_rate_limit is None:
+            return True
+        rate, burst = self.user_rate_limit
+        return bool(await self.channel_layer.take_tokens(self._user_bucket_key, rate, burst))
 
     def _too_large(self, text: str | None, data: bytes | None) -> bool:
         limit = self.max_message_size

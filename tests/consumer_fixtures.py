@@ -22,16 +22,19 @@ from tests.consumer_clients import CommClient
 BACKEND = "channels_distrib.layers.DistributedChannelLayer"
 
 
-def layer_settings(redis_url: str, prefix: str, **config: Any) -> dict[str, Any]:
+def layer_settings(
+    redis_url: str, prefix: str, backend: str = BACKEND, **config: Any
+) -> dict[str, Any]:
     conf = {"hosts": [redis_url], "prefix": prefix, **config}
-    return {alias: {"BACKEND": BACKEND, "CONFIG": conf} for alias in ("default", "other")}
+    return {alias: {"BACKEND": backend, "CONFIG": conf} for alias in ("default", "other")}
 
 
 @pytest.fixture(name="nodes")
 async def nodes_fixture(
     redis_url: str, prefix: str, django_db_blocker: Any
 ) -> AsyncIterator[Callable[..., Any]]:
-    """Installs CHANNEL_LAYERS for the test; call it (optionally with CONFIG) to get layers.
+    """Installs CHANNEL_LAYERS for the test; call it (optionally with CONFIG, or
+    ``backend=``) before the first connect to get layers.
 
     Channels' consumers call ``close_old_connections`` on every message, in the thread
     ``sync_to_async`` uses. If an earlier ``transaction=True`` test left a connection

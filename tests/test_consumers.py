@@ -552,3 +552,37 @@ def test_mixin_order_and_sync_consumers_are_checked() -> None:
         type("Reversed", (AsyncJsonWebsocketConsumer, DistributedMixin), {})
     with pytest.raises(ImproperlyConfigured, match="sync consumers are not supported"):
         type("Sync", (DistributedMixin, WebsocketConsumer), {})
+
+
+class UserLimited(ProbeConsumer):
+    user_rate_limit = (0.2, 4)
+
+
+class UserLimitedOther(UserLimited):
+    channel_layer_alias = "other"
+
+
+async def test_user_rate_limit_is_shared_across_nodes(nodes, connect) -> None:
+    nodes(backend="tests.ratelimit_layer.RateLimitedLayer")
+    tab1 = await connect(UserLimited, user="zoe")
+    tab2 = await connect(UserLimitedOther, user="zoe")
+    other_user = await connect(UserLimited, user="yan")
+    anon = await connect(UserLimited)
+    for tab in (tab1, tab2, tab1, tab2):  # zoe's burst of 4, spent on two nodes
+        assert (await tab.request("echo"))["type"] == "reply.echo"
+    await tab2.send_json({"type": "echo"})
+    await tab2.expect_error("rate_limited")
+    await tab1.send_json({"type": "echo"})
+    await tab1.expect_error("rate_limited")
+    for _ in range(6):  # other users and anonymous connections have their own budget
+        assert (await anon.request("echo"))["type"] == "reply.echo"
+    for _ in range(4):
+        assert (await other_user.request("echo"))["type"] == "reply.echo"
+
+
+async def test_user_rate_limit_needs_the_ratelimit_extension(nodes) -> None:
+    nodes()
+    comm = WebsocketCommunicator(QueryUserMiddleware(UserLimited.as_asgi()), "/ws/?user=zoe")
+    await comm.send_input({"type": "websocket.connect"})
+    with pytest.raises(InvalidChannelLayerError, match="ratelimit"):
+        await comm.wait(timeout=5)
