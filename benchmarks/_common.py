@@ -65,6 +65,23 @@ LAYERS = {
 }
 
 
+def add_extra_layers(spec: str) -> None:
+    """Register ``key=dotted.Class`` pairs (comma-separated), e.g. a subclass under trial.
+
+    They are also put in ``BENCH_EXTRA_LAYERS`` so spawned node processes see them.
+    """
+    for item in filter(None, spec.split(",")):
+        key, _, path = item.partition("=")
+        if not key or not path:
+            raise ValueError(f"extra layer {item!r} is not KEY=dotted.path.Class")
+        LAYERS[key] = LayerSpec(key, f"{key} `{path.rpartition('.')[2]}`", path)
+    known = os.environ.get("BENCH_EXTRA_LAYERS", "")
+    os.environ["BENCH_EXTRA_LAYERS"] = ",".join(filter(None, [known, spec]))
+
+
+add_extra_layers(os.environ.get("BENCH_EXTRA_LAYERS", ""))
+
+
 def run_prefix(key: str) -> str:
     """A prefix no other run or layer uses, so runs can share a Redis."""
     return f"bench-{key}-{secrets.token_hex(3)}-"

@@ -42,6 +42,7 @@ if not __package__:  # run as a script: make `benchmarks` importable
 from benchmarks._common import (
     LAYERS,
     LayerSpec,
+    add_extra_layers,
     delete_prefix,
     machine_busy_seconds,
     machine_description,
@@ -316,6 +317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", default="core,pubsub,distrib",
                         help="comma-separated subset of: " + ", ".join(LAYERS))
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
+    parser.add_argument("--extra-layer", action="append", default=[], metavar="KEY=PATH",
+                        help="also offer this layer class as KEY for --layers (e.g. a "
+                        "subclass under trial; its module must be importable)")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--channels", type=int, default=100, help="member channels per node")
     parser.add_argument("--rate", type=float, default=100.0, help="paced group_sends per second")
@@ -336,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", help="py-spy node 0 and the sender during max rate, "
                         "raw stacks into this directory")
     args = parser.parse_args(argv)
+    for extra in args.extra_layer:
+        add_extra_layers(extra)
     keys = args.layers.split(",")
     unknown = set(keys) - set(LAYERS)
     if unknown:
