@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import random
@@ -1078,6 +1079,40 @@ async def test_group_send_cost_does_not_grow_with_group_size(own_redis, prefix):
             # 3 nodes instead of 1 may cost a few more reads; 1000 members must not cost more
             assert crowd_total <= 3 * solo_total + 10 * sends, results
             assert crowd_total <= 40 * sends, results
+    finally:
+        await proxy.stop()
+
+
+async def test_group_send_round_trips_do_not_grow_with_node_count(own_redis, prefix):
+    """12 nodes with one member each: still ≤ 2 round trips, one inbox append per node."""
+    host, port = url_host_port(own_redis.url)
+    config = {"hosts": [own_redis.url], "prefix": prefix, "heartbeat_interval": 20,
+              "node_timeout": 60}
+    proxy = await RoundTripProxy(host, port).start()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = [await stack.enter_async_context(own_layer(**config)) for _ in range(12)]
+            sender = await stack.enter_async_context(
+                own_layer(**{**config, "hosts": [proxy.url]}, _flush=False))
+            raw = await stack.enter_async_context(raw_redis(own_redis.url))
+            members = []
+            for node in nodes:
+                channel = await node.new_channel()
+                await node.group_add("wide", channel)
+                members.append((node, channel))
+            await sender.group_send("wide", msg(-1))  # warm-up
+            for node, channel in members:
+                assert await recv(node, channel) == msg(-1)
+            stats0, turns0 = await commandstats(raw), proxy.turns()
+            for k in range(5):
+                await sender.group_send("wide", msg(k))
+            turns = proxy.turns() - turns0
+            for node, channel in members:
+                assert [m["n"] for m in await recv_n(node, channel, 5)] == list(range(5))
+                assert await nothing_arrives(node, channel, 0.05)
+            delta = stats_delta(stats0, await commandstats(raw))
+            assert 5 <= turns <= 10, f"{turns / 5:.1f} round trips per group_send"
+            assert delta.get("xadd", 0) <= 12 * 5, delta
     finally:
         await proxy.stop()
 
