@@ -93,18 +93,20 @@ async def time_to_prune(layer, victim, survivors, members_left: int, timeout: fl
 
 async def test_sigkill_pruned_within_timeout_plus_interval_fast(layer, spawn_node):
     survivor = spawn_node(channels=1, group=GROUP, presence=True, **FAST)
+    plain = spawn_node(channels=1, group=GROUP, **FAST)  # a member without presence
     victim = spawn_node(channels=5, group=GROUP, presence=True, **FAST)
-    await asyncio.gather(survivor.ready(), victim.ready())
-    assert await layer.group_size(GROUP) == 6
+    await asyncio.gather(survivor.ready(), plain.ready(), victim.ready())
+    assert await layer.group_size(GROUP) == 7
     bound = FAST["node_timeout"] + FAST["heartbeat_interval"]
-    took = await time_to_prune(layer, victim, [survivor], 1, timeout=bound + 5)
+    took = await time_to_prune(layer, victim, [survivor], 2, timeout=bound + 5)
     print(
         f"\nSIGKILL, fast settings (0.5 s / 2 s): pruned after {took['pruned']:.2f} s, "
         f"leaves received after {took['leaves']:.2f} s (bound {bound} s)"
     )
     assert took["pruned"] <= bound + POLL_SLACK
     assert took["leaves"] <= bound + POLL_SLACK
-    assert await layer.group_channels(GROUP) == set(survivor.channels)
+    assert await layer.group_channels(GROUP) == {*survivor.channels, *plain.channels}
+    assert plain.messages() == [], "non-presence members get no presence messages"
 
 
 async def test_sigkill_pruned_within_ten_seconds_with_defaults(layer, spawn_node):
