@@ -158,6 +158,7 @@ def url_host_port(url: str) -> tuple[str, int]:
 class _ProxyConn:
     turns: int = 0  # client->server bursts that follow a server->client burst (or start)
     last: str = "s2c"
+    mute: bool = False  # replies from the server are swallowed
 
 
 @dataclass
@@ -178,6 +179,8 @@ class RoundTripProxy:
     refusing: bool = False  # while True, new connections are closed at once (a partition)
     sever_next_request: bool = False  # one-shot: forward the next request, then drop the reply
     severed: int = 0
+    stall_next_request: bool = False  # one-shot: forward the next request, never its reply
+    stalled: int = 0
 
     async def start(self) -> RoundTripProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -215,8 +218,14 @@ class RoundTripProxy:
                     if way == "c2s" and conn.last == "s2c":
                         conn.turns += 1
                     conn.last = way
+                    if way == "s2c" and conn.mute:
+                        continue
                     dst.write(data)
                     await dst.drain()
+                    if way == "c2s" and self.stall_next_request:
+                        self.stall_next_request = False
+                        self.stalled += 1
+                        conn.mute = True
                     if way == "c2s" and self.sever_next_request:
                         # The request reached Redis; its reply never reaches the client.
                         self.sever_next_request = False

@@ -590,3 +590,37 @@ async def test_rediss_tls_host(tmp_path, prefix):
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["named", "local", "group"])
+async def test_send_whose_reply_times_out_is_not_retried(redis_url, prefix, kind):
+    """The command ran but its reply never comes (socket timeout): raise, never send again."""
+    host, port = url_host_port(redis_url)
+    proxy = await RoundTripProxy(host, port).start()
+    try:
+        async with own_layer(hosts=[redis_url], prefix=prefix) as node, \
+                own_layer(hosts=[proxy.url], prefix=prefix, retry_timeout=1,
+                          _flush=False) as sender:
+            local = await node.new_channel()
+            await node.group_add("stallgroup", "stall.member")
+            target = {"named": "stall.named", "local": local, "group": "stall.member"}[kind]
+            await sender.send("stall.named", msg(-1))
+            await sender.send(local, msg(-1))
+            await sender.group_send("stallgroup", msg(-1))
+            for channel in ("stall.named", local, "stall.member"):
+                assert await recv(node, channel) == msg(-1)
+            proxy.stall_next_request = True
+            started = time.monotonic()
+            with pytest.raises(Exception) as info:  # noqa: B017 - any error, but an error
+                if kind == "group":
+                    await asyncio.wait_for(sender.group_send("stallgroup", msg(1)), 30)
+                else:
+                    await asyncio.wait_for(sender.send(target, msg(1)), 30)
+            assert not isinstance(info.value, asyncio.TimeoutError), "send hung for 30 s"
+            assert time.monotonic() - started < 15
+            assert proxy.stalled == 1
+            assert await recv(node, target) == msg(1)
+            assert await nothing_arrives(node, target, 0.5), "delivered twice"
+    finally:
+        await proxy.stop()
