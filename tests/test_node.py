@@ -1,8 +1,9 @@
 """Nodes, heartbeats and pruning (DESIGN.md "Nodes, heartbeats, pruning"), with real processes.
 
 Every node here is its own OS process (tests/node_proc.py, or daphne with tests/node_app.py);
-the test process only sends and queries, so it is no node, and nothing calls ``prune()``:
-the surviving nodes find the dead ones by themselves.
+the test process only sends and queries, so it is no node. Nothing calls ``prune()`` except
+``test_prune_returns_each_dead_node_once``, which is about ``prune()`` itself: the surviving
+nodes find the dead ones by themselves. Timing bounds get ``POLL_SLACK`` for the polling.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import time
 import uuid
+from urllib.parse import urlparse
 
 import pytest
 import redis.asyncio as aioredis
@@ -39,7 +41,6 @@ async def spawn_node(redis_url, prefix, make_layer):
 
 
 GROUP = "room"
-DEFAULTS = {"heartbeat_interval": 2.0, "node_timeout": 6.0}
 POLL_SLACK = 0.25
 """Tolerance on top of a contract bound for the 20 ms polling and process scheduling."""
 
@@ -209,7 +210,7 @@ async def test_node_memory_includes_memberships_others_made(own_redis, spawn_nod
 async def test_partitioned_node_is_pruned_then_reregisters(layer, spawn_node, redis_url):
     """A node cut off from Redis (its connections closed, reconnects refused) past node_timeout
     is pruned by the others; when the network heals it re-registers and re-announces joins."""
-    host_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    host_port = urlparse(redis_url).port or 6379  # the proxy listens and connects on loopback
     watcher = spawn_node(channels=1, group=GROUP, presence=True, **FAST)
     async with RoundTripProxy(host_port) as proxy:
         cut = spawn_node(url=proxy.url, channels=2, group=GROUP, presence=True, **FAST)
@@ -460,7 +461,8 @@ async def test_same_node_id_as_a_live_node_is_refused(layer, spawn_node):
     error = await second.wait_event(lambda e: e.get("event") in ("ready", "error"), 30)
     assert error["event"] == "error", f"second node with id {node_id} started: {error}"
     assert error["type"] == "ImproperlyConfigured", error
-    assert second.proc.wait(10) == 3
+    assert node_id in error["message"], "the message names the id that is taken"
+    assert await asyncio.to_thread(second.proc.wait, 10) == 3
     # The first one is untouched.
     await asyncio.sleep(2 * FAST["heartbeat_interval"])
     assert node_id in node_ids(await layer.nodes())
