@@ -110,6 +110,28 @@ async def test_join_and_leave_made_by_another_process_are_announced(make_layer):
     assert await receive_all(watching, watcher, quiet=0.5) == []
 
 
+async def test_joining_again_is_not_a_new_join(make_layer):
+    """Re-adding a channel (how channels apps keep memberships past group_expiry) announces no
+    second join. A changed meta is announced once, with the new meta among the joins (a leave of
+    the old entry in the same diff is allowed, as Phoenix presence does)."""
+    node = make_layer(**FAST)
+    watcher, member = await node.new_channel(), await node.new_channel()
+    await node.group_add(GROUP, watcher, presence=True)
+    await node.group_add(GROUP, member, presence=True, meta={"v": 1})
+    for _ in range(2):
+        await node.group_add(GROUP, member, presence=True, meta={"v": 1})
+    got = await receive_all(node, watcher, quiet=0.5)
+    assert joins_of(got) == [member] and leaves_of(got) == [], got
+
+    await node.group_add(GROUP, member, presence=True, meta={"v": 2})
+    got = await receive_all(node, watcher, quiet=0.5)
+    diffs = [m for m in got if m.get("type") == "presence.diff"]
+    assert len(diffs) == 1, got
+    assert diffs[0]["joins"] == [entry(member, node.node_id, {"v": 2})]
+    assert diffs[0]["leaves"] in ([], [entry(member, node.node_id, {"v": 1})])
+    assert [m.meta for m in await node.group_members(GROUP) if m.channel == member] == [{"v": 2}]
+
+
 async def test_non_presence_members_get_no_presence_messages(make_layer):
     node = make_layer(**FAST)
     channels = [await node.new_channel() for _ in range(3)]
