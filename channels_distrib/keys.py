@@ -17,6 +17,7 @@ Layout under ``<prefix>`` (P)::
     P:ni                 hash     node token -> msgpack node info
     P:nid                hash     node id -> token (refuses a second live process with the same id)
     P:tid                hash     token -> node id
+    P:rl:<key>           hash     a shared token bucket (take_tokens)
     P:pruned:<token>     string   tombstone: this node was pruned (it re-announces joins on return)
     P:flush              string   flush epoch: nodes that see it change drop their local state
 
@@ -80,6 +81,9 @@ class Keys:
     @property
     def token_ids(self) -> str:
         return f"{self.prefix}:tid"
+
+    def bucket(self, key: str) -> str:
+        return f"{self.prefix}:rl:{key}"
 
     def tombstone(self, token: str) -> str:
         return f"{self.prefix}:pruned:{token}"

@@ -21,11 +21,11 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .config import MIB, LayerConfig, build_config
 from .keys import Keys
-from .local import LocalChannel
-from .node import Node, cancel_and_wait, default_node_id, new_token
+from .node import Node, default_node_id, new_token
+from .queues import NamedQueue
 from .registry import INBOX_MAXLEN, Registry, encode_record, presence_entry, token_of
 from .serializers import SerializerError, make_serializer
-from .transport import BLOCK_SECONDS, Transport, backoff
+from .transport import Transport
 from .types import Member, Message, Meta, NodeInfo
 
 logger = logging.getLogger(__name__)
@@ -56,12 +56,12 @@ class _LoopState:
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self.buffers: dict[str, LocalChannel] = {}
-        self.poppers: dict[str, asyncio.Task[None]] = {}
+        self.queues: dict[str, NamedQueue] = {}
 
     async def close(self) -> None:
-        await cancel_and_wait(list(self.poppers.values()))
-        self.poppers.clear()
+        for queue in self.queues.values():
+            await queue.close()
+        self.queues.clear()
         await self.transport.close()
 
 
@@ -76,7 +76,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     See the README for each option's meaning and default.
     """
 
-    extensions = ["groups", "flush", "registry", "presence"]
+    extensions = ["groups", "flush", "registry", "presence", "ratelimit"]
 
     def __init__(
         self,
@@ -295,68 +295,30 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def receive(self, channel: str) -> Message:
         """Wait for the next message on a channel; cancellation-safe, never a connection error."""
-        self.require_valid_channel_name(channel)
-        if token_of(channel):
-            node = self._node
+        node = self._node
+        # Fast path: a channel this node made was validated when new_channel() named it.
+        local = node.channels.get(channel) if node is not None and type(channel) is str else None
+        if local is None:
+            self.require_valid_channel_name(channel)
+            if not token_of(channel):
+                return await self._receive_named(channel)
             if node is None or not node.owns(channel):
                 raise ValueError(f"{channel} is a process-local channel of another process")
             local = node.local_channel(channel)
-            while True:
-                message = self._decode(await local.get(), channel)
-                if message is not None:
-                    return message
-        return await self._receive_named(channel)
-
-    async def _receive_named(self, channel: str) -> Message:
-        state = self._state()
-        buffer = state.buffers.get(channel)
-        if buffer is None:
-            buffer = state.buffers[channel] = LocalChannel(channel, 1 << 30)
         while True:
-            if not buffer.items:
-                popper = state.poppers.get(channel)
-                if popper is None or popper.done():
-                    state.poppers[channel] = asyncio.get_running_loop().create_task(
-                        self._pop_loop(state, channel, buffer),
-                        name=f"channels_distrib.pop.{channel}",
-                    )
-            message = self._decode(await buffer.get(), channel)
+            message = self._decode(await local.get(), channel)
             if message is not None:
                 return message
 
-    async def _pop_loop(self, state: _LoopState, channel: str, buffer: LocalChannel) -> None:
-        """BLPOP a normal channel's queue while a receive waits here; a popped item is never lost.
-
-        The pop runs in this task, not in the caller's receive, so cancelling a receive never
-        abandons an item mid-flight: it lands in ``buffer`` for the next receive on this loop.
-        """
-        key = self.keys.queue(channel)
-        attempt = 0
-        # Pop only while a receive here is still unserved, so this loop never takes
-        # messages another process could be receiving.
-        while buffer.waiters:
-            try:
-                item = await state.transport.blocking.blpop([key], timeout=BLOCK_SECONDS)
-                attempt = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                attempt += 1
-                if attempt in (1, 10):
-                    logger.warning("Receive on %s lost Redis (%s); reconnecting", channel, exc)
-                await asyncio.sleep(backoff(attempt))
-                continue
-            if item is not None:
-                stamp, _, payload = (
-                    item[1] if isinstance(item[1], bytes) else item[1].encode()
-                ).partition(b":")
-                try:
-                    remaining = int(stamp) / 1000.0 - time.time()
-                except ValueError:
-                    logger.error("Skipping a malformed item in %s", key)
-                    continue
-                if remaining > 0:
-                    buffer.put(payload, time.monotonic() + remaining)
+    async def _receive_named(self, channel: str) -> Message:
+        state = self._state()
+        queue = state.queues.get(channel)
+        if queue is None:
+            queue = state.queues[channel] = NamedQueue(self.keys, state.transport, channel)
+        while True:
+            message = self._decode(await queue.get(), channel)
+            if message is not None:
+                return message
 
     # -- groups ---------------------------------------------------------------------------
 
@@ -489,6 +451,24 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Remove nodes silent for longer than ``node_timeout`` now; returns their node ids."""
         return await self.registry.prune(self._transport())
 
+    # -- shared rate limits ---------------------------------------------------------------
+
+    async def take_tokens(self, key: str, rate: float, burst: int, cost: int = 1) -> bool:
+        """Take ``cost`` tokens from the cluster-wide bucket ``key`` (refilling at ``rate``/s up
+        to ``burst``); False, taking nothing, when too few are left. One round trip."""
+        if not isinstance(key, str) or not key or len(key) > 200:
+            raise TypeError("bucket key must be a non-empty string of at most 200 characters")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
+            raise ValueError(f"rate must be a positive number of tokens per second, not {rate!r}")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be a positive integer, not {burst!r}")
+        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 < cost <= burst:
+            raise ValueError(f"cost must be an integer from 1 to burst ({burst}), not {cost!r}")
+        taken = await self._transport().script(
+            "take_tokens", [self.keys.bucket(key)], [rate, burst, cost]
+        )
+        return bool(taken)
+
     # -- flush and close ------------------------------------------------------------------
 
     async def flush(self) -> None:
@@ -513,8 +493,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             node.flush_epoch = epoch
             node.drop_state()
         for state in self._loops.values():
-            for buffer in state.buffers.values():
-                buffer.clear()
+            for queue in state.queues.values():
+                queue.buffer.clear()
 
     async def close(self) -> None:
         """Stop this process's node (removing it and its memberships) and close connections."""

@@ -179,10 +179,9 @@ class Node:
         return channel
 
     def remember(self, group: str, channel: str, record: bytes, presence: bool) -> None:
-        members = self.groups.setdefault(group, {})
-        previous = members.get(channel)
-        joined = previous.joined if previous else time.monotonic()
-        members[channel] = Membership(record, presence, joined)
+        # A repeated group_add renews the membership (group_expiry counts from it), as in
+        # channels_redis.
+        self.groups.setdefault(group, {})[channel] = Membership(record, presence, time.monotonic())
         self.channel_groups.setdefault(channel, set()).add(group)
 
     def forget(self, group: str, channel: str) -> None:
@@ -384,6 +383,7 @@ class Node:
             self.keys.token_ids,
             self.keys.tombstone(self.token),
             self.keys.flush,
+            self.keys.inbox(self.token),
         ]
         args = [
             self.token,
@@ -391,6 +391,7 @@ class Node:
             self._info(),
             int(self.config.node_timeout * 1000),
             "1" if first else "0",
+            self.registry.inbox_ttl_ms,
         ]
         result = await self.transport.script("heartbeat", keys, args)
         if int(result[0]) == -1:

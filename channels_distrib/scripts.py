@@ -68,7 +68,7 @@ return 1
 # KEYS[3] P:g:<group>
 # ARGV[1] prefix, ARGV[2] entry kind: 'g' (all members) or 'p' (presence members only),
 # ARGV[3] group, ARGV[4] payload, ARGV[5] channel to exclude ('' for none),
-# ARGV[6] inbox max length, ARGV[7] inbox TTL ms, ARGV[8] expiry ms, ARGV[9] group_expiry ms,
+# ARGV[6] inbox max length, ARGV[7] unused, ARGV[8] expiry ms, ARGV[9] group_expiry ms,
 # ARGV[10] default capacity (P:qc holds each normal member's own capacity)
 # Returns {nodes written, queues written, queue messages dropped for capacity}.
 GROUP_SEND = (
@@ -78,12 +78,13 @@ local prefix, kind, group, payload, exclude = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local tokens = redis.call('HKEYS', KEYS[1])
 for _, token in ipairs(tokens) do
   local inbox = prefix .. ':in:' .. token
+  -- No PEXPIRE here: a listed node keeps its own inbox's TTL fresh (HEARTBEAT), and
+  -- pruning deletes the inbox together with the node's entries in these hashes.
   if exclude == '' then
     redis.call('XADD', inbox, 'MAXLEN', '~', ARGV[6], '*', kind, group, 'm', payload)
   else
     redis.call('XADD', inbox, 'MAXLEN', '~', ARGV[6], '*', kind, group, 'm', payload, 'x', exclude)
   end
-  redis.call('PEXPIRE', inbox, ARGV[7])
 end
 local queued, dropped = 0, 0
 if kind == 'g' and redis.call('EXISTS', KEYS[2]) == 1 then
@@ -233,9 +234,10 @@ return {1, presence or false}
 
 # HEARTBEAT: record that a node is alive, and report what it needs to know.
 # KEYS[1] P:nodes, KEYS[2] P:ni, KEYS[3] P:nid, KEYS[4] P:tid, KEYS[5] P:pruned:<token>,
-# KEYS[6] P:flush
+# KEYS[6] P:flush, KEYS[7] the node's inbox (P:in:<token>)
 # ARGV[1] token, ARGV[2] node id, ARGV[3] node info (msgpack), ARGV[4] node_timeout ms,
-# ARGV[5] '1' on first registration (refuse a node id held by another live process)
+# ARGV[5] '1' on first registration (refuse a node id held by another live process),
+# ARGV[6] inbox TTL ms (refreshed here, so sends need not)
 # Returns {-1, other token} when the id is taken; else {existed 1/0, was pruned 1/0,
 # now ms, flush epoch or '', dead tokens (at most 16 per beat)}.
 HEARTBEAT = (
@@ -258,6 +260,7 @@ redis.call('HSET', KEYS[2], token, ARGV[3])
 redis.call('HSET', KEYS[3], node_id, token)
 redis.call('HSET', KEYS[4], token, node_id)
 if pruned == 1 then redis.call('DEL', KEYS[5]) end
+redis.call('PEXPIRE', KEYS[7], ARGV[6])
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff, 'LIMIT', 0, 16)
 return {existed, pruned, now, redis.call('GET', KEYS[6]) or '', dead}
 """
@@ -309,6 +312,48 @@ return result
 """
 )
 
+# RESTORE_INFLIGHT: give back what a cancelled or failed receive had moved out of a queue.
+# KEYS[1] the receiver's in-flight list, KEYS[2] the queue (P:q:<channel>)
+# ARGV[1] the item already delivered locally (skipped once), or '' for none
+# Returns the number of items put back at the head of the queue, in their original order.
+RESTORE_INFLIGHT = """
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1])
+local skipped, restored = false, 0
+for i = #items, 1, -1 do
+  if not skipped and ARGV[1] ~= '' and items[i] == ARGV[1] then
+    skipped = true
+  else
+    redis.call('LPUSH', KEYS[2], items[i])
+    restored = restored + 1
+  end
+end
+return restored
+"""
+
+# TAKE_TOKENS: a token bucket shared by every process (for example a per-user rate limit that
+# holds across nodes). Tokens refill continuously at ARGV[1] per second up to ARGV[2].
+# KEYS[1] the bucket (P:rl:<key>, a hash of tokens and the last refill time)
+# ARGV[1] rate (tokens per second), ARGV[2] burst (bucket size), ARGV[3] cost
+# Returns 1 when the cost was taken, 0 when the bucket holds too few tokens (nothing taken).
+TAKE_TOKENS = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local rate, burst, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local saved = redis.call('HMGET', KEYS[1], 't', 'at')
+local tokens, at = tonumber(saved[1]), tonumber(saved[2])
+if tokens == nil or at == nil then tokens, at = burst, now end
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+local taken = 0
+if tokens >= cost then tokens = tokens - cost; taken = 1 end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'at', now)
+-- Once refilled the bucket carries no information: let it go.
+redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+return taken
+"""
+)
+
 # NODES: the node table and the server time, for nodes() in one round trip.
 # KEYS[1] P:nodes, KEYS[2] P:ni
 # Returns {now ms, flat token/last-seen list, flat token/info list}.
@@ -329,4 +374,6 @@ ALL = {
     "heartbeat": HEARTBEAT,
     "prune_node": PRUNE_NODE,
     "nodes": NODES,
+    "restore_inflight": RESTORE_INFLIGHT,
+    "take_tokens": TAKE_TOKENS,
 }

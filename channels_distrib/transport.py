@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Idle time after which a command first lets the event loop notice closed connections (s).
+IDLE_CHECK = 0.05
+
 #: How long a blocking read (XREAD/BLPOP) waits server-side before coming back empty.
 BLOCK_SECONDS = 2.0
 
@@ -99,6 +102,8 @@ def make_client(
         # With maintenance notifications on ("auto"), redis-py skips its check that a pooled
         # connection is still open, and a killed connection fails the next command.
         options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    if host.url is not None and host.url.startswith("unix://"):
+        del options["socket_keepalive"]  # TCP only
     options.update(host.kwargs)
     if host.sentinels:
         from redis.asyncio.sentinel import Sentinel
@@ -137,6 +142,9 @@ class Transport:
             host, client_name=client_name, socket_timeout=BLOCK_SECONDS + 5.0
         )
         self._others = sentinels + more
+        self._last_used = 0.0
+        self.clock_offset = 0.0
+        self.clock_synced = False
         self.scripts = {
             name: self.client.register_script(src) for name, src in SCRIPT_SOURCES.items()
         }
@@ -145,10 +153,14 @@ class Transport:
         """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``."""
         started = time.monotonic()
         attempt = 0
-        # One pass of the event loop first, so a close the server already sent (a restart, a
-        # CLIENT KILL) is seen before a pooled connection is reused: that reconnects
-        # without ever writing, instead of failing a command that cannot be retried.
-        await asyncio.sleep(0)
+        # After a quiet spell, one pass of the event loop first, so a close the server sent
+        # meanwhile (a restart, a CLIENT KILL) is seen before a pooled connection is reused:
+        # that reconnects without ever writing, instead of failing a command that cannot be
+        # retried. A busy loop passes through its selector all the time anyway.
+        now = time.monotonic()
+        if now - self._last_used > IDLE_CHECK:
+            await asyncio.sleep(0)
+        self._last_used = now
         while True:
             try:
                 return await operation(self.client)
@@ -163,6 +175,12 @@ class Transport:
         """Run one of :mod:`channels_distrib.scripts` by name (EVALSHA, loading it if needed)."""
         script = self.scripts[name]
         return await self.run(lambda client: script(keys=keys, args=args, client=client))
+
+    async def sync_clock(self) -> None:
+        """Measure Redis time minus local time, for judging expiry stamps written by Lua."""
+        seconds, micros = await self.run(lambda c: c.time())
+        self.clock_offset = seconds + micros / 1e6 - time.time()
+        self.clock_synced = True
 
     async def close(self) -> None:
         """Close both pools; safe to call twice."""

@@ -563,7 +563,7 @@ class UserLimitedOther(UserLimited):
 
 
 async def test_user_rate_limit_is_shared_across_nodes(nodes, connect) -> None:
-    nodes(backend="tests.ratelimit_layer.RateLimitedLayer")
+    nodes()
     tab1 = await connect(UserLimited, user="zoe")
     tab2 = await connect(UserLimitedOther, user="zoe")
     other_user = await connect(UserLimited, user="yan")
@@ -581,7 +581,7 @@ async def test_user_rate_limit_is_shared_across_nodes(nodes, connect) -> None:
 
 
 async def test_user_rate_limit_needs_the_ratelimit_extension(nodes) -> None:
-    nodes()
+    nodes(backend="tests.ratelimit_layer.NoRateLimitLayer")
     comm = WebsocketCommunicator(QueryUserMiddleware(UserLimited.as_asgi()), "/ws/?user=zoe")
     await comm.send_input({"type": "websocket.connect"})
     with pytest.raises(InvalidChannelLayerError, match="ratelimit"):

@@ -1,0 +1,155 @@
+"""Receiving from normal channels (shared queues): each message to at most one receiver.
+
+A blocking pop cancelled mid-flight is the classic way to lose a message: the server pops it,
+the client never reads the reply. Here the pop moves the item into a per-receiver
+"in flight" list (``BLMOVE``), and the item leaves that list only once it is in this
+process's buffer; a cancelled or failed pop puts whatever is in flight back at the head of
+the queue, after making sure the abandoned ``BLMOVE`` can no longer fire (``CLIENT
+UNBLOCK``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .keys import Keys
+from .local import LocalChannel
+from .node import cancel_and_wait
+from .transport import BLOCK_SECONDS, Transport, backoff
+
+logger = logging.getLogger(__name__)
+
+
+class NamedQueue:
+    """One normal channel's receiving side on one event loop; owns its popping task."""
+
+    def __init__(self, keys: Keys, transport: Transport, channel: str) -> None:
+        self.channel = channel
+        self.transport = transport
+        self.key = keys.queue(channel)
+        self.buffer = LocalChannel(channel, 1 << 30)
+        self.popping: asyncio.Task[None] | None = None  # the run currently popping
+        self.runs: set[asyncio.Task[None]] = set()  # every run not finished yet
+
+    async def get(self) -> bytes:
+        """The next payload; a cancelled get stops the popping when nobody else waits here."""
+        if not self.buffer.items and self.popping is None:
+            # Earlier runs may still be putting back what they had in flight: the new run
+            # waits for them first, so the queue's order is kept.
+            run = asyncio.get_running_loop().create_task(
+                self._pop_loop(list(self.runs)), name=f"channels_distrib.pop.{self.channel}"
+            )
+            self.popping = run
+            self.runs.add(run)
+            run.add_done_callback(self.runs.discard)
+        try:
+            return await self.buffer.get()
+        except asyncio.CancelledError:
+            if not self.buffer.waiters and self.popping is not None:
+                # Nobody here wants messages any more: stop taking them from other receivers.
+                run, self.popping = self.popping, None
+                run.cancel()
+            raise
+
+    async def close(self) -> None:
+        self.popping = None
+        await cancel_and_wait(list(self.runs))
+
+    async def _pop_loop(self, previous: list[asyncio.Task[None]]) -> None:
+        """Move items into the buffer while a receive waits; restore anything abandoned.
+
+        Each run has its own in-flight list, so a run's clean-up never touches another's.
+        """
+        inflight = f"{self.key}:inflight:{secrets.token_hex(4)}"
+        if previous:
+            await asyncio.wait(previous)
+        conn: Redis = Redis(
+            connection_pool=self.transport.blocking.connection_pool, single_connection_client=True
+        )
+        delivered: bytes | None = None  # in the buffer, not yet removed from the in-flight list
+        client_id: int | None = None
+        attempt = 0
+        clean = False
+        try:
+            if not self.transport.clock_synced:
+                await self.transport.sync_clock()
+            # Pop only while a receive here is unserved: never take what others could receive.
+            while self.buffer.waiters:
+                try:
+                    if client_id is None:
+                        client_id = int(await conn.client_id())
+                    item = await conn.blmove(
+                        self.key, inflight, int(BLOCK_SECONDS), "LEFT", "RIGHT"
+                    )
+                    if item is not None:
+                        delivered = item if isinstance(item, bytes) else item.encode()
+                        self._deliver(delivered)
+                        await conn.lpop(inflight)
+                        delivered = None
+                    attempt = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    attempt += 1
+                    if attempt in (1, 10):
+                        logger.warning(
+                            "Receive on %s lost Redis (%s); reconnecting", self.channel, exc
+                        )
+                    await self._restore(inflight, delivered, client_id)
+                    delivered, client_id = None, None
+                    await asyncio.sleep(backoff(attempt))
+            clean = True  # every item moved was delivered and acknowledged
+        finally:
+            if self.popping is asyncio.current_task():
+                self.popping = None  # from here on a new receive starts a new run
+            # Runs on cancellation too. Further cancels (several receivers giving up at once)
+            # must not cut the clean-up short: it finishes, then the cancellation goes on.
+            finish = asyncio.ensure_future(
+                self._finish(conn, inflight, None if clean else (delivered, client_id))
+            )
+            cancelled = False
+            while not finish.done():
+                try:
+                    await asyncio.shield(finish)
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled and not finish.cancelled():
+                raise asyncio.CancelledError
+
+    async def _finish(
+        self, conn: Redis, inflight: str, abandoned: tuple[bytes | None, int | None] | None
+    ) -> None:
+        if abandoned is not None:
+            await self._restore(inflight, *abandoned)
+        await conn.aclose()
+
+    def _deliver(self, item: bytes) -> None:
+        stamp, _, payload = item.partition(b":")
+        try:
+            expires_at = int(stamp) / 1000.0  # Redis time
+        except ValueError:
+            logger.error("Skipping a malformed item in %s", self.key)
+            return
+        remaining = expires_at - (time.time() + self.transport.clock_offset)
+        if remaining > 0:
+            self.buffer.put(payload, time.monotonic() + remaining)
+
+    async def _restore(self, inflight: str, delivered: bytes | None, client_id: int | None) -> None:
+        """Put in-flight items back at the head of the queue (except the one delivered)."""
+        try:
+            if client_id is not None:
+                # The abandoned BLMOVE must not move another item after we looked.
+                blocked = client_id
+                await self.transport.run(lambda c: c.client_unblock(blocked))
+            args: list[Any] = [delivered if delivered is not None else b""]
+            await self.transport.script("restore_inflight", [inflight, self.key], args)
+        except Exception:
+            logger.warning(
+                "Could not restore in-flight messages of %s", self.channel, exc_info=True
+            )
