@@ -280,12 +280,19 @@ async def own_layer(**config: Any) -> AsyncIterator[Any]:
     layer = DistributedChannelLayer(**config)
     try:
         yield layer
-    finally:
-        try:
-            if do_flush:
+    except BaseException:
+        # Clean up without letting a cleanup error (Redis is down, say) hide the real failure.
+        if do_flush:
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(layer.flush(), 10)
-        finally:
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(layer.close(), 10)
+        raise
+    try:
+        if do_flush:
+            await asyncio.wait_for(layer.flush(), 10)
+    finally:
+        await asyncio.wait_for(layer.close(), 10)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0,
