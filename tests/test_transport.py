@@ -47,7 +47,7 @@ async def _collect(layer: Any, channel: str, into: list[int]) -> None:
 
 async def test_client_kill_while_messages_flow(make_layer, redis_url, prefix):
     """Every message whose send returned arrives exactly once; none arrives twice."""
-    await _kill_flow(make_layer, redis_url, prefix, iterations=400, kill_every=0.25)
+    await _kill_flow(make_layer, redis_url, prefix, iterations=500, kill_every=0.05)
 
 
 @pytest.mark.slow
