@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 MIN_MESSAGE_SIZE = MIB
-PREFIX_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.\-:]{1,100}$")
 
 
@@ -295,7 +295,7 @@ def build_config(
     """Check every option and their combinations; raise ``ImproperlyConfigured`` on the first mistake."""
     if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
         raise _fail(
-            f"prefix must be 1-64 characters of letters, digits, '_', '.' or '-'; got {prefix!r}. "
+            f"prefix must be 1-64 characters of letters, digits, '_', '.', ':' or '-'; got {prefix!r}. "
             "Write e.g. prefix='asgi'"
         )
     _int("random_prefix_length", random_prefix_length, minimum=0)

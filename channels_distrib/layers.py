@@ -332,7 +332,10 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         transport = self._transport()
         node = self._node
         owned = node is not None and node.owns(channel)
-        node_id = node.node_id if owned and node is not None else self._owner_id(channel)
+        if owned and node is not None:
+            node_id: str | None = node.node_id
+        else:
+            node_id = await self.registry.owner_id(transport, channel)
         if owned and node is not None:
             # Remember first: a group message that races the registry write still arrives.
             node.remember(group, channel, encode_record(node_id, meta), presence)
@@ -349,11 +352,6 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if owned and node is not None:
             node.remember(group, channel, result.record, presence)
         await self._announce(transport, group, channel, result, presence)
-
-    def _owner_id(self, channel: str) -> str | None:
-        """Node id recorded for another process's channel: its token until it re-registers."""
-        token = token_of(channel)
-        return token or None
 
     async def _announce(
         self, transport: Transport, group: str, channel: str, result: Any, presence: bool
@@ -486,8 +484,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 await client.unlink(*batch)
 
         await transport.run(delete_all)
+        # The one key a flush leaves: nodes that see the epoch change drop their local state
+        # instead of writing it back. It expires once every live node has seen it; a node
+        # that then finds it gone treats that as data loss and re-registers what it holds,
+        # which by then is only what joined after the flush.
         epoch = secrets.token_hex(8).encode()
-        await transport.run(lambda c: c.set(self.keys.flush, epoch))
+        ttl_ms = int((self.config.node_timeout * 10 + 60) * 1000)
+        await transport.run(lambda c: c.set(self.keys.flush, epoch, px=ttl_ms))
         node = self._node
         if node is not None:
             node.flush_epoch = epoch

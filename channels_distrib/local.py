@@ -73,11 +73,15 @@ class LocalChannel:
     def put(self, payload: bytes, expires: float) -> None:
         """Queue one payload (the caller has checked capacity) and wake one waiting receive."""
         self.items.append((expires, payload))
-        while self.waiters:
-            waiter = self.waiters.popleft()
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
             if not waiter.done():
                 _wake(waiter)
-                break
+                return
 
     def purge_expired(self, now: float) -> None:
         """Drop expired payloads from the head, counting them as expired unconsumed."""
@@ -91,13 +95,16 @@ class LocalChannel:
         Cancellation-safe: a payload is taken off the queue only in the same step that
         returns it, so a receive cancelled while waiting leaves every payload queued.
         """
+        items = self.items
         while True:
-            now = time.monotonic()
-            self.purge_expired(now)
-            if self.items:
-                _expires, payload = self.items.popleft()
+            if items:
+                expires, payload = items.popleft()
+                now = time.monotonic()
+                if expires <= now:
+                    self.expired += 1
+                    continue
                 self.last_active = now
-                if self.room_waiter is not None and len(self.items) < self.capacity:
+                if self.room_waiter is not None and len(items) < self.capacity:
                     _wake(self.room_waiter)
                 return payload
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -105,20 +112,20 @@ class LocalChannel:
             self.pending += 1
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.cancelled():
+                    try:
+                        self.waiters.remove(waiter)  # still queued: put() never reached it
+                    except ValueError:
+                        pass
+                elif items:
+                    # Woken, then cancelled before running: pass the wake-up on, or another
+                    # receiver of this channel would sleep on a non-empty queue.
+                    self._wake_next()
+                raise
             finally:
                 self.pending -= 1
                 self.last_active = time.monotonic()
-                woken = waiter.done() and not waiter.cancelled()
-                if not waiter.done():
-                    waiter.cancel()
-                try:
-                    self.waiters.remove(waiter)
-                except ValueError:
-                    pass
-                # Woken but cancelled before running: pass the wake-up on, or a second
-                # receiver of this channel would sleep on a non-empty queue.
-                if woken and self.items and self.waiters:
-                    _wake(self.waiters.popleft())
 
     async def wait_for_room(self, timeout: float) -> None:
         """Pause the inbox reader until this queue has room or ``timeout`` passes (pacing)."""

@@ -217,6 +217,18 @@ class Registry:
 
     # -- queries --------------------------------------------------------------------------
 
+    async def owner_id(self, t: Transport, channel: str) -> str | None:
+        """The node id owning a process-local channel (None for a normal channel).
+
+        Falls back to the token when that node is not registered (it records its own id
+        again when it re-registers its memberships).
+        """
+        token = token_of(channel)
+        if not token:
+            return None
+        node_id = await t.run(lambda c: c.hget(self.keys.token_ids, token))
+        return _text(node_id) if node_id is not None else token
+
     async def group_channels(self, t: Transport, group: str) -> set[str]:
         names = await t.run(lambda c: c.hkeys(self.keys.group(group)))
         return {_text(name) for name in names}

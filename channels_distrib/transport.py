@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Idle time after which a command first lets the event loop notice closed connections (s).
-IDLE_CHECK = 0.05
+IDLE_CHECK = 0.001
 
 #: How long a blocking read (XREAD/BLPOP) waits server-side before coming back empty.
 BLOCK_SECONDS = 2.0

@@ -32,8 +32,12 @@ def _unreachable_errors() -> tuple[type[BaseException], ...]:
 
     from channels_distrib.exceptions import RedisUnavailable
 
-    return (*_UNREACHABLE, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-            RedisUnavailable)
+    return (
+        *_UNREACHABLE,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        RedisUnavailable,
+    )
 
 
 def describe_hosts(alias: str) -> str:
@@ -79,14 +83,14 @@ class LayerCommand(BaseCommand):
             "--layer", default="default", help="CHANNEL_LAYERS alias (default: default)."
         )
         parser.add_argument(
-            "--timeout", type=float, default=10.0,
+            "--timeout",
+            type=float,
+            default=10.0,
             help="Seconds to wait for Redis before giving up (default: 10; the layer's own "
             "retry_timeout, 5 s by default, usually ends the wait first).",
         )
 
-    def run_on_layer(
-        self, alias: str, timeout: float, work: Callable[[Any], Awaitable[T]]
-    ) -> T:
+    def run_on_layer(self, alias: str, timeout: float, work: Callable[[Any], Awaitable[T]]) -> T:
         if alias not in settings.CHANNEL_LAYERS:
             raise CommandError(f"No channel layer {alias!r} in CHANNEL_LAYERS.")
         layer = channel_layers.make_backend(alias)

@@ -24,8 +24,9 @@ def _age(seconds: float) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return ["  " + fmt.format(*headers).rstrip()] + ["  " + fmt.format(*r).rstrip() for r in rows]
 
@@ -100,8 +101,14 @@ def render_text(status: dict[str, Any]) -> list[str]:
         lines += _table(
             ["NODE", "HOST", "PID", "UPTIME", "LAST SEEN", "CHANNELS"],
             [
-                [n["node_id"], n["hostname"], str(n["pid"]), _age(now - n["started_at"]),
-                 _age(now - n["last_seen"]) + " ago", str(n["channel_count"])]
+                [
+                    n["node_id"],
+                    n["hostname"],
+                    str(n["pid"]),
+                    _age(now - n["started_at"]),
+                    _age(now - n["last_seen"]) + " ago",
+                    str(n["channel_count"]),
+                ]
                 for n in status["nodes"]
             ],
         )
@@ -114,8 +121,12 @@ def render_text(status: dict[str, Any]) -> list[str]:
             lines += _table(
                 ["CHANNEL", "NODE", "JOINED", "META"],
                 [
-                    [m["channel"], m["node_id"] or "-", _age(now - m["joined_at"]) + " ago",
-                     json.dumps(m["meta"], sort_keys=True) if m["meta"] is not None else "-"]
+                    [
+                        m["channel"],
+                        m["node_id"] or "-",
+                        _age(now - m["joined_at"]) + " ago",
+                        json.dumps(m["meta"], sort_keys=True) if m["meta"] is not None else "-",
+                    ]
                     for m in status["members"]
                 ],
             )
