@@ -900,8 +900,11 @@ async def test_layer_first_used_from_a_foreign_loop(make_layer, caplog):
 # ------------------------------------------------------------------ prefix isolation, flush
 
 
-async def test_prefixes_isolated(make_layer, redis_url, prefix):
-    other_prefix = prefix + "x"  # a string extension of the first prefix, on purpose
+@pytest.mark.parametrize("suffix", ["x", ":q", ":sub"])
+async def test_prefixes_isolated(make_layer, redis_url, prefix, suffix):
+    """Prefixes that extend each other as strings (now that ':' is allowed, "p" and "p:q"
+    too) never see each other's messages or groups, and flush() of one leaves the other."""
+    other_prefix = prefix + suffix
     mine = make_layer()
     async with own_layer(hosts=[redis_url], prefix=other_prefix) as theirs:
         await mine.send("iso.chan", msg(1))
@@ -922,9 +925,14 @@ async def test_prefixes_isolated(make_layer, redis_url, prefix):
         await theirs.group_add("keptgroup", "iso.kept2")
         await mine.send("iso.gone", msg(6))
         await mine.flush()
-        assert await recv(theirs, "iso.kept") == msg(5)
+        survived = {}
         await theirs.group_send("keptgroup", msg(7))
-        assert await recv(theirs, "iso.kept2") == msg(7)
+        for channel in ("iso.kept", "iso.kept2"):
+            try:
+                survived[channel] = (await recv(theirs, channel, 2))["n"]
+            except TimeoutError:
+                survived[channel] = f"wiped by flush() of prefix {prefix!r}"
+        assert survived == {"iso.kept": 5, "iso.kept2": 7}
         assert await nothing_arrives(mine, "iso.gone", 0.2)
 
 
