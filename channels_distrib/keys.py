@@ -27,6 +27,15 @@ the prefix the same way; keep the two in step.
 
 from __future__ import annotations
 
+import re
+
+# What follows "<prefix>:" in a key of ours. Channel and group names hold no ':', so a key of
+# a longer prefix ("p:q:..." for prefix "p:q") never matches for prefix "p".
+_OWN_KEY = re.compile(
+    rb"(?:(?:q|in|full|g|gn|gp|gpm|gq|cg|nc|pruned|rl):[^:]+"
+    rb"|q:[^:]+:inflight:[0-9a-f]+|nodes|ni|nid|tid|qc|flush)"
+)
+
 
 class Keys:
     """Key names for one prefix."""
@@ -106,6 +115,11 @@ class Keys:
             self.channel_groups(channel),
             self.node_channels(token) if token else self.channel_groups(channel),
         ]
+
+    def owns(self, key: bytes) -> bool:
+        """Whether a key SCAN found under :meth:`scan_pattern` is this prefix's (not a longer one's)."""
+        head = self.prefix.encode() + b":"
+        return key.startswith(head) and _OWN_KEY.fullmatch(key[len(head) :]) is not None
 
     def scan_pattern(self) -> str:
         """SCAN MATCH pattern for every key of this prefix (glob characters escaped)."""

@@ -454,8 +454,10 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def take_tokens(self, key: str, rate: float, burst: int, cost: int = 1) -> bool:
         """Take ``cost`` tokens from the cluster-wide bucket ``key`` (refilling at ``rate``/s up
         to ``burst``); False, taking nothing, when too few are left. One round trip."""
-        if not isinstance(key, str) or not key or len(key) > 200:
-            raise TypeError("bucket key must be a non-empty string of at most 200 characters")
+        if not isinstance(key, str) or not self.group_name_regex.match(key) or len(key) > 200:
+            raise TypeError(
+                "bucket key must be 1-200 ASCII letters, digits, hyphens, underscores or periods"
+            )
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0:
             raise ValueError(f"rate must be a positive number of tokens per second, not {rate!r}")
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
@@ -476,7 +478,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         async def delete_all(client: Any) -> None:
             batch: list[bytes] = []
             async for key in client.scan_iter(match=self.keys.scan_pattern(), count=1000):
-                batch.append(key)
+                if self.keys.owns(key):  # "p:*" also matches keys of a prefix "p:q"
+                    batch.append(key)
                 if len(batch) >= 500:
                     await client.unlink(*batch)
                     batch = []

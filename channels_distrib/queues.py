@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from .keys import Keys
 from .local import LocalChannel
-from .node import cancel_and_wait
+from .tasks import cancel_and_wait
 from .transport import BLOCK_SECONDS, Transport, backoff
 
 logger = logging.getLogger(__name__)
