@@ -744,6 +744,48 @@ async def test_receive_cancellation_loses_nothing(make_layer, caplog):
     assert not destroyed
 
 
+async def test_worker_shutdown_after_cancelled_receives_loses_nothing(make_layer):
+    """A worker cancelling receives while messages flow, then closing (runworker shutting
+    down): what it did not return is still in the queue for the next worker, none twice."""
+    worker, successor, sender = (make_layer(capacity=10000) for _ in range(3))
+    total = 300
+    rnd = random.Random(11)
+
+    async def produce() -> None:
+        for i in range(total):
+            await sender.send("handoff.shutdown", msg(i))
+            await asyncio.sleep(rnd.choice([0, 0.0005, 0.001, 0.003]))
+
+    producer = asyncio.create_task(produce())
+    got_worker: list[int] = []
+    k = 0
+    async with asyncio.timeout(30):
+        while not producer.done():
+            task = asyncio.ensure_future(worker.receive("handoff.shutdown"))
+            delay = DELAYS[k % len(DELAYS)]
+            k += 1
+            if delay is not None:
+                await asyncio.sleep(delay)
+            task.cancel()
+            try:
+                got_worker.append((await task)["n"])
+            except asyncio.CancelledError:
+                pass
+        await producer
+    await worker.close()
+    got_successor: list[int] = []
+    while True:
+        try:
+            message = await asyncio.wait_for(successor.receive("handoff.shutdown"), 1.0)
+        except asyncio.TimeoutError:
+            break
+        got_successor.append(message["n"])
+    everything = got_worker + got_successor
+    assert len(everything) == len(set(everything)), "delivered twice"
+    assert sorted(everything) == list(range(total)), sorted(set(range(total)) - set(everything))
+    assert got_worker and got_successor
+
+
 async def test_cancelling_several_receivers_of_one_channel(make_layer):
     """Three receive loops on one named channel (and three on one process-local channel),
     each cancelling at varied points: every message arrives once, none lost."""
