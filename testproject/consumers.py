@@ -186,11 +186,7 @@ async def snapshot(layer: Any) -> dict[str, Any]:
         "served_by": layer.node_id,
         "nodes": [
             {
-                "node_id": n.node_id,
-                "hostname": n.hostname,
-                "pid": n.pid,
-                "started_at": n.started_at,
-                "last_seen": n.last_seen,
+                **n._asdict(),
                 "uptime": max(0.0, now - n.started_at),
                 "heartbeat_age": max(0.0, now - n.last_seen),
                 "connections": n.channel_count,

@@ -71,17 +71,7 @@ async def gather_status(layer: Any, group: str | None) -> dict[str, Any]:
     sizes = await asyncio.gather(*(layer.group_size(g) for g in groups))
     status: dict[str, Any] = {
         "now": time.time(),
-        "nodes": [
-            {
-                "node_id": n.node_id,
-                "hostname": n.hostname,
-                "pid": n.pid,
-                "started_at": n.started_at,
-                "last_seen": n.last_seen,
-                "channel_count": n.channel_count,
-            }
-            for n in nodes
-        ],
+        "nodes": [n._asdict() for n in nodes],
         "groups": dict(zip(groups, sizes, strict=True)),
     }
     if group is not None:
