@@ -12,13 +12,14 @@ from .exceptions import ChannelFull, DistribError, MessageTooLarge, RedisUnavail
 from .types import Member, NodeInfo
 
 if TYPE_CHECKING:
-    from .consumers import DistributedConsumer, DistributedMixin
+    from .consumers import ClientError, DistributedConsumer, DistributedMixin
     from .layers import DistributedChannelLayer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChannelFull",
+    "ClientError",
     "DistribError",
     "DistributedChannelLayer",
     "DistributedConsumer",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "ClientError": "channels_distrib.consumers",
     "DistributedChannelLayer": "channels_distrib.layers",
     "DistributedConsumer": "channels_distrib.consumers",
     "DistributedMixin": "channels_distrib.consumers",

@@ -9,6 +9,7 @@ import channels_distrib
 
 EXPECTED = {
     "ChannelFull": "channels.exceptions",
+    "ClientError": "channels_distrib.consumers",
     "DistribError": "channels_distrib.exceptions",
     "DistributedChannelLayer": "channels_distrib.layers",
     "DistributedConsumer": "channels_distrib.consumers",
