@@ -159,6 +159,7 @@ class _ProxyConn:
     turns: int = 0  # client->server bursts that follow a server->client burst (or start)
     last: str = "s2c"
     mute: bool = False  # replies from the server are swallowed
+    armed: bool = False  # a reply matched cut_after_reply_with
 
 
 @dataclass
@@ -181,6 +182,10 @@ class RoundTripProxy:
     severed: int = 0
     stall_next_request: bool = False  # one-shot: forward the next request, never its reply
     stalled: int = 0
+    # one-shot: after a reply containing these bytes reaches the client, that connection's next
+    # request is not forwarded; the proxy cuts every connection instead (see cut()).
+    cut_after_reply_with: bytes | None = None
+    cut_fired: int = 0
 
     async def start(self) -> RoundTripProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -215,6 +220,14 @@ class RoundTripProxy:
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, way: str) -> None:
             try:
                 while data := await src.read(65536):
+                    if way == "c2s" and conn.armed:
+                        conn.armed = False
+                        self.cut_fired += 1
+                        self.cut()
+                        return
+                    if way == "s2c" and self.cut_after_reply_with and self.cut_after_reply_with in data:
+                        self.cut_after_reply_with = None
+                        conn.armed = True
                     if way == "c2s" and conn.last == "s2c":
                         conn.turns += 1
                     conn.last = way

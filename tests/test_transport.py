@@ -624,3 +624,46 @@ async def test_send_whose_reply_times_out_is_not_retried(redis_url, prefix, kind
             assert await nothing_arrives(node, target, 0.5), "delivered twice"
     finally:
         await proxy.stop()
+
+
+async def test_named_receiver_cut_off_after_a_pop_never_duplicates(redis_url, prefix):
+    """A receiving process loses Redis right after a message reached it (the reply carrying
+    the message arrived; the connection dies before its next command) and stays cut off a
+    little longer than its retry_timeout. When it is back, that message must not be
+    delivered again, here or to another worker."""
+    host, port = url_host_port(redis_url)
+    proxy = await RoundTripProxy(host, port).start()
+    try:
+        async with own_layer(hosts=[redis_url], prefix=prefix) as sender, \
+                own_layer(hosts=[redis_url], prefix=prefix) as successor, \
+                own_layer(hosts=[proxy.url], prefix=prefix, retry_timeout=0.3,
+                          _flush=False) as worker:
+            await sender.send("cutoff.q", msg(-1))
+            assert await recv(worker, "cutoff.q") == msg(-1)
+            proxy.cut_after_reply_with = b"CUT-AFTER-THIS"
+            # two consumers of the channel in the worker process, as runworker may have
+            first = asyncio.create_task(worker.receive("cutoff.q"))
+            second = asyncio.create_task(worker.receive("cutoff.q"))
+            await asyncio.sleep(0.3)
+            await sender.send("cutoff.q", msg(1, mark="CUT-AFTER-THIS"))
+            done, _ = await asyncio.wait({first, second}, timeout=5,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            got = [t.result()["n"] for t in done]
+            await asyncio.sleep(1.0)
+            assert proxy.cut_fired == 1, "the connection was not cut after the message"
+            proxy.heal()
+            await asyncio.sleep(0.5)
+            await sender.send("cutoff.q", msg(2))
+            for task in (first, second):
+                if task not in done:
+                    got.append((await asyncio.wait_for(task, 5))["n"])
+            await worker.close()
+            while True:
+                try:
+                    message = await asyncio.wait_for(successor.receive("cutoff.q"), 1.0)
+                except asyncio.TimeoutError:
+                    break
+                got.append(message["n"])
+            assert sorted(got) == [1, 2], f"received {got}"
+    finally:
+        await proxy.stop()
