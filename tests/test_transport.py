@@ -657,6 +657,18 @@ async def test_named_receiver_cut_off_after_a_pop_never_duplicates(redis_url, pr
             for task in (first, second):
                 if task not in done:
                     got.append((await asyncio.wait_for(task, 5))["n"])
+            # one more short outage while a receive waits, then a clean shutdown
+            third = asyncio.create_task(worker.receive("cutoff.q"))
+            await asyncio.sleep(0.2)
+            proxy.cut()
+            await asyncio.sleep(1.0)
+            proxy.heal()
+            await asyncio.sleep(1.0)
+            if third.done():
+                got.append(third.result()["n"])
+            else:
+                third.cancel()
+                await asyncio.gather(third, return_exceptions=True)
             await worker.close()
             while True:
                 try:
