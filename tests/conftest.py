@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -11,6 +14,19 @@ from urllib.parse import urlparse
 import pytest
 
 from tests.redis_server import RedisProcess, ping, start_server
+
+if sys.version_info < (3, 11):  # pragma: no cover - the tests use asyncio.timeout (3.11+)
+    import async_timeout  # installed with redis-py on these versions
+
+    @contextlib.asynccontextmanager
+    async def _timeout(delay: float | None) -> AsyncIterator[None]:
+        try:
+            async with async_timeout.timeout(delay):
+                yield
+        except asyncio.TimeoutError as exc:  # a separate class before 3.11
+            raise TimeoutError from exc
+
+    asyncio.timeout = _timeout  # type: ignore[attr-defined]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
