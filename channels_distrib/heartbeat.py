@@ -61,6 +61,7 @@ class Heartbeat:
                 "pid": node.pid,
                 "started_at": node.started_at,
                 "channel_count": count,
+                "node_timeout": node.config.node_timeout,
             }
         )
         return info

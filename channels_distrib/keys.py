@@ -13,7 +13,7 @@ Layout under ``<prefix>`` (P)::
     P:qc                 hash     normal channel -> its capacity (read by GROUP_SEND)
     P:cg:<channel>       set      groups the channel is in
     P:nc:<token>         set      a node's channels that are in any group
-    P:nodes              zset     node token -> last heartbeat ms (Redis time)
+    P:nodes              zset     node token -> deadline ms (last heartbeat + its node_timeout; Redis time)
     P:ni                 hash     node token -> msgpack node info
     P:nid                hash     node id -> token (refuses a second live process with the same id)
     P:tid                hash     token -> node id

@@ -206,12 +206,12 @@ class Registry:
         return True
 
     async def prune(self, t: Transport) -> list[str]:
-        """Find nodes silent for longer than ``node_timeout`` and prune them; their node ids."""
-        now_ms, seen, info = await self._node_table(t)
-        cutoff = now_ms - self.config.node_timeout * 1000
+        """Find nodes past their deadline (silent for longer than their own ``node_timeout``)
+        and prune them; returns their node ids."""
+        now_ms, deadlines, info = await self._node_table(t)
         pruned = []
-        for token, last_seen in seen.items():
-            if last_seen < cutoff and await self.prune_token(t, token):
+        for token, deadline in deadlines.items():
+            if deadline < now_ms and await self.prune_token(t, token):
                 pruned.append(self._node_id(token, info))
         return pruned
 
@@ -270,20 +270,20 @@ class Registry:
         return str(entry["node_id"]) if isinstance(entry, dict) and "node_id" in entry else token
 
     async def nodes(self, t: Transport) -> list[NodeInfo]:
-        now_ms, seen, info = await self._node_table(t)
-        cutoff = now_ms - self.config.node_timeout * 1000
+        now_ms, deadlines, info = await self._node_table(t)
         result = []
-        for token, last_seen in seen.items():
+        for token, deadline in deadlines.items():
             entry = info.get(token)
-            if last_seen < cutoff or not isinstance(entry, dict):
+            if deadline < now_ms or not isinstance(entry, dict):
                 continue
+            timeout = float(entry.get("node_timeout", self.config.node_timeout))
             result.append(
                 NodeInfo(
                     node_id=str(entry.get("node_id", token)),
                     hostname=str(entry.get("hostname", "")),
                     pid=int(entry.get("pid", 0)),
                     started_at=float(entry.get("started_at", 0.0)),
-                    last_seen=last_seen / 1000.0,
+                    last_seen=deadline / 1000.0 - timeout,
                     channel_count=int(entry.get("channel_count", 0)),
                 )
             )

@@ -233,7 +233,7 @@ return {1, presence or false}
 )
 
 # HEARTBEAT: record that a node is alive, and report what it needs to know.
-# KEYS[1] P:nodes, KEYS[2] P:ni, KEYS[3] P:nid, KEYS[4] P:tid, KEYS[5] P:pruned:<token>,
+# KEYS[1] P:nodes (token -> deadline ms), KEYS[2] P:ni, KEYS[3] P:nid, KEYS[4] P:tid, KEYS[5] P:pruned:<token>,
 # KEYS[6] P:flush, KEYS[7] the node's inbox (P:in:<token>)
 # ARGV[1] token, ARGV[2] node id, ARGV[3] node info (msgpack), ARGV[4] node_timeout ms,
 # ARGV[5] '1' on first registration (refuse a node id held by another live process),
@@ -245,30 +245,32 @@ HEARTBEAT = (
     + """
 local token, node_id = ARGV[1], ARGV[2]
 local now = now_ms()
-local cutoff = now - tonumber(ARGV[4])
+-- Each node's score is its own deadline (last beat + its own node_timeout), so nodes with
+-- different timeouts (a rolling configuration change) judge each other by the right one.
+local deadline = now + tonumber(ARGV[4])
 if ARGV[5] == '1' then
   local other = redis.call('HGET', KEYS[3], node_id)
   if other and other ~= token then
-    local seen = redis.call('ZSCORE', KEYS[1], other)
-    if seen and tonumber(seen) > cutoff then return {-1, other} end
+    local other_deadline = redis.call('ZSCORE', KEYS[1], other)
+    if other_deadline and tonumber(other_deadline) >= now then return {-1, other} end
   end
 end
 local existed = redis.call('ZSCORE', KEYS[1], token) and 1 or 0
 local pruned = redis.call('EXISTS', KEYS[5])
-redis.call('ZADD', KEYS[1], now, token)
+redis.call('ZADD', KEYS[1], deadline, token)
 redis.call('HSET', KEYS[2], token, ARGV[3])
 redis.call('HSET', KEYS[3], node_id, token)
 redis.call('HSET', KEYS[4], token, node_id)
 if pruned == 1 then redis.call('DEL', KEYS[5]) end
 redis.call('PEXPIRE', KEYS[7], ARGV[6])
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff, 'LIMIT', 0, 16)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
 return {existed, pruned, now, redis.call('GET', KEYS[6]) or '', dead}
 """
 )
 
 # PRUNE_NODE: remove a dead node and every membership of its channels, atomically, once.
 # KEYS[1] P:nodes, KEYS[2] P:ni, KEYS[3] P:nid, KEYS[4] P:tid
-# ARGV[1] prefix, ARGV[2] token, ARGV[3] node_timeout ms, ARGV[4] tombstone TTL ms,
+# ARGV[1] prefix, ARGV[2] token, ARGV[3] unused (the deadline is in P:nodes), ARGV[4] tombstone TTL ms,
 # ARGV[5] '1' when a node removes itself on a clean stop (no liveness check, no tombstone)
 # Returns {0} when there was nothing to prune (already pruned, or it beat again meanwhile);
 # else {1, then group, channel, record for each presence membership removed}.
@@ -279,7 +281,7 @@ local prefix, token, own = ARGV[1], ARGV[2], ARGV[5] == '1'
 local seen = redis.call('ZSCORE', KEYS[1], token)
 if not own then
   if not seen then return {0} end
-  if tonumber(seen) > now_ms() - tonumber(ARGV[3]) then return {0} end
+  if tonumber(seen) >= now_ms() then return {0} end  -- its deadline has not passed
 end
 local result = {1}
 local nc = prefix .. ':nc:' .. token
