@@ -101,7 +101,11 @@ class NamedQueue:
                         logger.warning(
                             "Receive on %s lost Redis (%s); reconnecting", self.channel, exc
                         )
-                    await self._restore(inflight, delivered, client_id)
+                    # Until the restore is known to have run, remember what was delivered:
+                    # restoring later without it would hand that message out again.
+                    while not await self._restore(inflight, delivered, client_id):
+                        attempt += 1
+                        await asyncio.sleep(backoff(attempt))
                     delivered, client_id = None, None
                     await asyncio.sleep(backoff(attempt))
             clean = True  # every item moved was delivered and acknowledged
@@ -125,9 +129,14 @@ class NamedQueue:
     async def _finish(
         self, conn: Redis, inflight: str, abandoned: tuple[bytes | None, int | None] | None
     ) -> None:
-        if abandoned is not None:
-            await self._restore(inflight, *abandoned)
-        await conn.aclose()
+        try:
+            if abandoned is not None:
+                for attempt in range(1, 6):  # a few tries, then give up: we are stopping
+                    if await self._restore(inflight, *abandoned):
+                        break
+                    await asyncio.sleep(backoff(attempt))
+        finally:
+            await conn.aclose()
 
     def _deliver(self, item: bytes) -> None:
         stamp, _, payload = item.partition(b":")
@@ -140,8 +149,12 @@ class NamedQueue:
         if remaining > 0:
             self.buffer.put(payload, time.monotonic() + remaining)
 
-    async def _restore(self, inflight: str, delivered: bytes | None, client_id: int | None) -> None:
-        """Put in-flight items back at the head of the queue (except the one delivered)."""
+    async def _restore(self, inflight: str, delivered: bytes | None, client_id: int | None) -> bool:
+        """Put in-flight items back at the head of the queue (except the one delivered).
+
+        Idempotent (the script empties the in-flight list), so a failed attempt may simply be
+        repeated; returns whether it is known to have run.
+        """
         try:
             if client_id is not None:
                 # The abandoned BLMOVE must not move another item after we looked.
@@ -149,7 +162,11 @@ class NamedQueue:
                 await self.transport.run(lambda c: c.client_unblock(blocked))
             args: list[Any] = [delivered if delivered is not None else b""]
             await self.transport.script("restore_inflight", [inflight, self.key], args)
+            return True
+        except asyncio.CancelledError:
+            raise
         except Exception:
             logger.warning(
                 "Could not restore in-flight messages of %s", self.channel, exc_info=True
             )
+            return False
