@@ -1,7 +1,7 @@
 """Helpers for the channel-layer tests: raw Redis access, receive with timeouts, a
 round-trip-counting TCP proxy, and a subprocess runner for tests/layer_proc.py.
 
-Nothing here mocks Redis: raw access is used only to observe (CLIENT LIST, INFO, SCAN)
+Nothing here stands in for Redis: raw access is used only to observe (CLIENT LIST, INFO, SCAN)
 or to inject what a foreign/corrupt writer could put into the layer's own keys.
 """
 
