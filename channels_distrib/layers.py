@@ -23,7 +23,14 @@ from .config import MIB, LayerConfig, build_config
 from .keys import Keys
 from .node import Node, default_node_id, new_token
 from .queues import NamedQueue
-from .registry import INBOX_MAXLEN, Registry, encode_record, presence_entry, token_of
+from .registry import (
+    INBOX_MAXLEN,
+    AddResult,
+    Registry,
+    encode_record,
+    presence_entry,
+    token_of,
+)
 from .serializers import SerializerError, make_serializer
 from .transport import Transport
 from .types import Member, Message, Meta, NodeInfo
@@ -354,10 +361,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         await self._announce(transport, group, channel, result, presence)
 
     async def _announce(
-        self, transport: Transport, group: str, channel: str, result: Any, presence: bool
+        self, transport: Transport, group: str, channel: str, result: AddResult, presence: bool
     ) -> None:
         """presence.state to a joining presence member, presence.diff to the others."""
-        entry = presence_entry(channel, result.record)
         if presence:
             state = {"type": "presence.state", "group": group, "members": result.state}
             node = self._node
@@ -372,9 +378,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 result.old_presence is None
                 or result.old_presence.partition(b":")[2] != result.record.partition(b":")[2]
             ):
-                await self.registry.send_presence(
-                    transport, group, [entry], leaves, exclude=channel
-                )
+                joins = [presence_entry(channel, result.record)]
+                await self.registry.send_presence(transport, group, joins, leaves, exclude=channel)
         elif result.old_presence is not None:
             await self.registry.send_presence(
                 transport, group, [], [presence_entry(channel, result.old_presence)]
