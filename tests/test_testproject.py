@@ -12,6 +12,7 @@ import http.cookiejar
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -361,6 +362,61 @@ async def test_foreign_origin_is_refused(cluster: tuple[Node, Node]) -> None:
         async with chat(cluster[0], origin="http://evil.example"):
             pass
     assert info.value.response.status_code == 403
+
+
+# A plain Node.js client as the chat protocol's own clients are written: no Origin header
+# (Node's WebSocket sends none), join, print what arrives, answer once, exit.
+NODE_CLIENT = """
+const ws = new WebSocket(process.argv[1]);
+ws.onopen = () => ws.send(JSON.stringify({type: "joinRoom", room: "from-node", name: "nodejs"}));
+ws.onmessage = (event) => {
+  const frame = JSON.parse(event.data);
+  console.log(JSON.stringify(frame));
+  if (frame.type === "message") {
+    ws.send(JSON.stringify({type: "sendMessage", message: "hi from node"}));
+    setTimeout(() => ws.close(), 500);
+  }
+};
+ws.onclose = () => process.exit(0);
+ws.onerror = (event) => { console.log(JSON.stringify({type: "ws-error"})); process.exit(3); };
+"""
+
+
+async def test_plain_nodejs_client_without_origin_chats(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is not installed (apt-get install nodejs)")
+    proc = await asyncio.create_subprocess_exec(
+        node, "--experimental-websocket", "-e", NODE_CLIENT, f"{a.ws_url}/ws/chat/",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    frames: list[dict[str, Any]] = []
+
+    async def node_frame(wanted: str) -> dict[str, Any]:
+        assert proc.stdout is not None
+        while True:
+            line = await asyncio.wait_for(proc.stdout.readline(), 10)
+            assert line, f"the Node.js client exited early after {frames}"
+            frames.append(json.loads(line))
+            if frames[-1]["type"] == wanted:
+                return frames[-1]
+
+    try:
+        assert (await node_frame("joined"))["node"] == "node-a"
+        async with chat(b, "bob") as bob:
+            await bob.join("from-node")
+            await bob.send({"type": "sendMessage", "message": "hello node"})
+            got = await node_frame("message")
+            assert got == {"type": "message", "room": "from-node", "from": "bob",
+                           "message": "hello node"}
+            reply = await bob.next("message", timeout=10)
+            assert reply["message"] == "hi from node"
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_presence_lists_members_with_their_nodes(cluster: tuple[Node, Node]) -> None:
