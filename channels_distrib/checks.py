@@ -27,6 +27,8 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
 
+from .masking import scrub
+
 TAG = "channels_distrib"
 BACKEND = "channels_distrib.layers.DistributedChannelLayer"
 DEFAULT_PREFIX = "asgi"
@@ -116,7 +118,7 @@ def _validate(alias: str, backend: str, config: Mapping[str, Any]) -> list[Check
     except Exception as exc:  # ImproperlyConfigured, TypeError (unknown option), ValueError...
         return [
             Error(
-                f"The layer rejected its CONFIG: {type(exc).__name__}: {exc}",
+                f"The layer rejected its CONFIG: {type(exc).__name__}: {scrub(str(exc))}",
                 hint="Fix the option named above; DESIGN.md and the README list every option.",
                 obj=_obj(alias),
                 id="channels_distrib.E004",

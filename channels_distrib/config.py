@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 from django.core.exceptions import ImproperlyConfigured
 
+from .masking import mask_url, redact
+
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
@@ -99,21 +101,22 @@ def _int(name: str, value: Any, *, minimum: int) -> int:
 
 def _decode_url(url: str) -> str:
     parsed = urlparse(url)
+    shown = mask_url(url)  # messages never carry the password
     try:
         parsed.port  # noqa: B018 - urlparse validates the port lazily
     except ValueError:
         raise _fail(
-            f"host URL {url!r} has an invalid port; write e.g. 'redis://127.0.0.1:6379/0'"
+            f"host URL {shown!r} has an invalid port; write e.g. 'redis://127.0.0.1:6379/0'"
         ) from None
     if parsed.scheme not in {"redis", "rediss", "unix", "valkey", "valkeys"}:
         raise _fail(
-            f"host URL {url!r} has no redis://, rediss:// or unix:// scheme; "
+            f"host URL {shown!r} has no redis://, rediss:// or unix:// scheme; "
             "write e.g. hosts=['redis://127.0.0.1:6379/0']"
         )
     if parsed.scheme == "unix" and not parsed.path:
-        raise _fail(f"unix host URL {url!r} has no socket path; write 'unix:///path/to/redis.sock'")
+        raise _fail(f"unix host URL {shown!r} has no socket path; write 'unix:///path/to/redis.sock'")
     if parsed.scheme != "unix" and not parsed.hostname:
-        raise _fail(f"host URL {url!r} has no host name; write e.g. 'redis://127.0.0.1:6379/0'")
+        raise _fail(f"host URL {shown!r} has no host name; write e.g. 'redis://127.0.0.1:6379/0'")
     if parsed.scheme.startswith("valkey"):
         url = "redis" + url[len("valkey") :]
     return url
@@ -130,7 +133,7 @@ def _decode_address(address: Any) -> str:
     ):
         return f"redis://{address[0]}:{address[1]}/0"
     raise _fail(
-        f"host address {address!r} is not a URL or a (host, port) pair; "
+        f"host address {redact(address)!r} is not a URL or a (host, port) pair; "
         "write e.g. 'redis://127.0.0.1:6379/0' or ('127.0.0.1', 6379)"
     )
 
@@ -157,7 +160,7 @@ def _check_options(host: Any, options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(name for name in options if name not in allowed)
     if unknown:
         raise _fail(
-            f"host {host!r} has unknown option(s) {', '.join(map(repr, unknown))}; a host dict takes "
+            f"host {redact(host)!r} has unknown option(s) {', '.join(map(repr, unknown))}; a host dict takes "
             "'address' (or 'sentinels' + 'master_name', or 'host'/'port'/'db') plus redis-py "
             "connection options such as 'password', 'username', 'ssl_cert_reqs'"
         )
@@ -211,12 +214,12 @@ def decode_host(host: Any) -> HostConfig:
                 or not isinstance(db, int)
             ):
                 raise _fail(
-                    f"host dict {host!r} needs an 'address', e.g. "
+                    f"host dict {redact(host)!r} needs an 'address', e.g. "
                     "{'address': 'redis://127.0.0.1:6379/0'}, or 'host' (str), 'port' and 'db' (int)"
                 )
             if "master_name" in options or "sentinel_kwargs" in options:
                 raise _fail(
-                    f"host dict {host!r} names a master but no 'sentinels'; write "
+                    f"host dict {redact(host)!r} names a master but no 'sentinels'; write "
                     "{'sentinels': [('127.0.0.1', 26379)], 'master_name': 'mymaster'}"
                 )
             return HostConfig(

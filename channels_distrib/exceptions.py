@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from channels.exceptions import ChannelFull, MessageTooLarge
 
+from .masking import scrub
+
 __all__ = ["ChannelFull", "DistribError", "MessageTooLarge", "RedisUnavailable"]
 
 
@@ -30,4 +32,5 @@ class RedisUnavailable(DistribError, ConnectionError):
         self.address = address
         self.waited = waited
         detail = f": {cause}" if cause is not None else ""
-        super().__init__(f"Redis at {address} unreachable for {waited:.1f} s{detail}")
+        # A cause from redis-py may quote a URL; its credentials never reach the message.
+        super().__init__(scrub(f"Redis at {address} unreachable for {waited:.1f} s{detail}"))

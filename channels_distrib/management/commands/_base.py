@@ -14,12 +14,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from asgiref.sync import async_to_sync
 from channels.layers import channel_layers
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from channels_distrib.masking import describe_host, scrub
 
 T = TypeVar("T")
 
@@ -44,23 +45,7 @@ def describe_hosts(alias: str) -> str:
     """The configured Redis hosts of ``alias`` as one string, passwords masked."""
     config: dict[str, Any] = settings.CHANNEL_LAYERS.get(alias, {}).get("CONFIG", {}) or {}
     hosts = config.get("hosts") or ["redis://localhost:6379"]
-    shown: list[str] = []
-    for host in hosts:
-        if isinstance(host, str):
-            parts = urlsplit(host)
-            if parts.password:
-                netloc = f"{parts.username or ''}:***@{parts.hostname}"
-                if parts.port:
-                    netloc += f":{parts.port}"
-                host = urlunsplit(parts._replace(netloc=netloc))
-            shown.append(host)
-        elif isinstance(host, dict) and "sentinels" in host:
-            shown.append(f"sentinels {host['sentinels']} master {host.get('master_name')}")
-        elif isinstance(host, dict):
-            shown.append(str(host.get("address", host)))
-        else:
-            shown.append(str(host))
-    return ", ".join(shown)
+    return ", ".join(describe_host(host) for host in hosts)
 
 
 @contextmanager
@@ -114,7 +99,7 @@ class LayerCommand(BaseCommand):
                 waited = time.monotonic() - started
                 raise CommandError(
                     f"Cannot reach Redis at {describe_hosts(alias)} "
-                    f"(gave up after {waited:.0f} s): {_root_cause(exc)}"
+                    f"(gave up after {waited:.0f} s): {scrub(_root_cause(exc))}"
                 ) from None
 
 
