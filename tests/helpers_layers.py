@@ -122,6 +122,21 @@ async def key_values(client: aioredis.Redis, key: bytes) -> list[bytes]:
     return out
 
 
+async def own_prefix_keys(client: aioredis.Redis, prefix: str) -> dict[bytes, tuple[str, int]]:
+    """{key: (type, PTTL ms)} for every key matching ``<prefix>:*`` (SCAN, not KEYS).
+
+    Judges keys generically (type and TTL), never by their names, so it holds whatever the
+    layout under the prefix is. PTTL is -1 for a key without a TTL.
+    """
+    out: dict[bytes, tuple[str, int]] = {}
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        kind = (await client.type(key)).decode()
+        if kind == "none":
+            continue  # expired or deleted between SCAN and TYPE
+        out[key] = (kind, int(await client.pttl(key)))
+    return out
+
+
 async def commandstats(client: aioredis.Redis) -> dict[str, int]:
     """INFO commandstats as {command: calls} (lower-case names, subcommands as a|b)."""
     raw = await client.execute_command("INFO", "commandstats")
@@ -160,6 +175,7 @@ class _ProxyConn:
     last: str = "s2c"
     mute: bool = False  # replies from the server are swallowed
     armed: bool = False  # a reply matched cut_after_reply_with
+    dropped: bool = False  # cut(): whatever this connection still holds is never forwarded
 
 
 @dataclass
@@ -186,6 +202,12 @@ class RoundTripProxy:
     # request is not forwarded; the proxy cuts every connection instead (see cut()).
     cut_after_reply_with: bytes | None = None
     cut_fired: int = 0
+    # seconds every client->server burst waits before it is forwarded (a slow link)
+    delay: float = 0.0
+    # one-shot: forward the next request containing these bytes, then swallow every reply on
+    # that connection (the command ran; its caller never hears back)
+    mute_reply_to: bytes | None = None
+    muted: int = 0
 
     async def start(self) -> RoundTripProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -233,8 +255,16 @@ class RoundTripProxy:
                     conn.last = way
                     if way == "s2c" and conn.mute:
                         continue
+                    if way == "c2s" and self.delay:
+                        await asyncio.sleep(self.delay)
+                        if conn.dropped:
+                            return  # cut while held back: it never reaches Redis
                     dst.write(data)
                     await dst.drain()
+                    if way == "c2s" and self.mute_reply_to and self.mute_reply_to in data:
+                        self.mute_reply_to = None
+                        self.muted += 1
+                        conn.mute = True
                     if way == "c2s" and self.stall_next_request:
                         self.stall_next_request = False
                         self.stalled += 1
@@ -260,6 +290,8 @@ class RoundTripProxy:
     def cut(self) -> None:
         """Drop every proxied connection and refuse new ones until heal()."""
         self.refusing = True
+        for conn in self.conns:
+            conn.dropped = True
         for w in self._writers:
             w.close()
 
