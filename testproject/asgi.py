@@ -1,4 +1,9 @@
-"""ASGI entry point: ``daphne testproject.asgi:application`` (run from the repository root)."""
+"""ASGI entry point (run from the repository root) for any ASGI server::
+
+    daphne testproject.asgi:application
+    uvicorn testproject.asgi:application
+    hypercorn testproject.asgi:application
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from channels_distrib.lifespan import LayerLifespan  # noqa: E402
 from channels_distrib.security import BrowserOriginValidator  # noqa: E402
 from testproject.routing import websocket_urlpatterns  # noqa: E402
 
@@ -25,5 +31,7 @@ application = ProtocolTypeRouter(
         "websocket": BrowserOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),
+        # A clean stop under uvicorn and hypercorn (daphne stops cleanly without it).
+        "lifespan": LayerLifespan(),
     }
 )

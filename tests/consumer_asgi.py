@@ -6,7 +6,8 @@ Configures Django itself from the environment (``tests.settings`` is left alone)
 - ``DISTRIB_LAYER_CONFIG``: JSON object merged into the layer's CONFIG
   (``connection_limit``, ``heartbeat_interval``, ``node_timeout``...);
 - ``DISTRIB_DB``: an SQLite file shared by the nodes (migrated at startup), so a user
-  logged in over HTTP on one node is authenticated on every node; default in-memory.
+  logged in over HTTP on one node is authenticated on every node; default in-memory;
+- ``DISTRIB_LOG_LEVEL``: when set, the library's log records at that level go to stderr.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ _databases = (
     else test_settings.DATABASES
 )
 
+_log_level = os.environ.get("DISTRIB_LOG_LEVEL")
+_logging = (
+    {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"stderr": {"class": "logging.StreamHandler"}},
+        "loggers": {"channels_distrib": {"handlers": ["stderr"], "level": _log_level}},
+    }
+    if _log_level
+    else {}
+)
+
 if not settings.configured:
     settings.configure(
         SECRET_KEY=test_settings.SECRET_KEY,
@@ -45,6 +58,7 @@ if not settings.configured:
         ],
         ROOT_URLCONF="tests.consumer_app",
         ALLOWED_HOSTS=["127.0.0.1", "localhost"],
+        LOGGING=_logging,
         CHANNEL_LAYERS={
             "default": {
                 "BACKEND": "channels_distrib.layers.DistributedChannelLayer",
@@ -63,6 +77,7 @@ from channels.routing import ProtocolTypeRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.core.asgi import get_asgi_application  # noqa: E402
 
+from channels_distrib.lifespan import LayerLifespan  # noqa: E402
 from tests.consumer_app import QueryUserMiddleware, websocket_routes  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -71,5 +86,7 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(QueryUserMiddleware(websocket_routes()))
         ),
+        # uvicorn and hypercorn send lifespan events (daphne does not): a clean stop there.
+        "lifespan": LayerLifespan(),
     }
 )

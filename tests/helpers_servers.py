@@ -1,0 +1,61 @@
+"""Start the same ASGI app under daphne, uvicorn or hypercorn; stop exactly the pid we started.
+
+``start_server("uvicorn", "tests.consumer_asgi:application", env)`` returns the same record
+as :func:`tests.helpers_daphne.start_daphne` (port, process, log; ``terminate()`` sends
+SIGTERM), so tests can be parametrised over the server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from tests.helpers_daphne import REPO_ROOT, START_TIMEOUT, DaphneProcess, start_daphne
+from tests.redis_server import free_port
+
+SERVERS = ("daphne", "uvicorn", "hypercorn")
+
+
+def _command(server: str, app: str, port: int) -> list[str]:
+    if server == "uvicorn":
+        return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+                "--lifespan", "on", "--no-access-log", app]
+    if server == "hypercorn":
+        return [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", app]
+    raise ValueError(f"unknown server {server!r}")
+
+
+def start_server(server: str, app: str, env: dict[str, str] | None = None,
+                 timeout: float = START_TIMEOUT) -> DaphneProcess:
+    """Start ``app`` under ``server`` on a free loopback port; return once it accepts TCP."""
+    if server == "daphne":
+        return start_daphne(app, env, timeout=timeout)
+    port = free_port()
+    fd, log_path = tempfile.mkstemp(prefix=f"{server}-", suffix=".log")
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen(_command(server, app, port), cwd=REPO_ROOT, env=child_env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    node = DaphneProcess(port=port, proc=proc, log_path=log_path, app=app, env=dict(env or {}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and node.alive():
+        if _accepts(port):
+            return node
+        time.sleep(0.05)
+    tail = node.log_tail()
+    node.kill()
+    node.terminate()
+    raise RuntimeError(f"{server} {app} did not start:\n{tail}")
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False

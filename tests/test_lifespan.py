@@ -1,0 +1,101 @@
+"""A clean stop under every ASGI server: SIGTERM removes the node and its memberships at once.
+
+The same app (``tests.consumer_asgi``, with ``LayerLifespan`` under ``"lifespan"``) runs
+under daphne (which stops through the node's Twisted trigger), uvicorn and hypercorn. The
+node's ``node_timeout`` is 60 s, so anything still registered a few seconds after SIGTERM
+would only have been removed by pruning, much later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from channels_distrib.lifespan import LayerLifespan
+from tests.helpers_servers import SERVERS, start_server
+
+pytestmark = pytest.mark.timeout(90)
+
+NODE_TIMEOUT = 60.0
+
+
+async def request(ws: Any, frame: dict[str, Any], reply: str) -> dict[str, Any]:
+    await ws.send(json.dumps(frame))
+    while True:
+        got: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if got["type"] == reply:
+            return got
+
+
+async def until_closed(ws: Any) -> int | None:
+    """Read (and drop) frames until the server closes; its close code."""
+    try:
+        while True:
+            await ws.recv()
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd is not None else None
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_sigterm_removes_node_and_memberships_at_once(
+    server: str, redis_url: str, prefix: str, make_layer: Callable[..., Any]
+) -> None:
+    env = {"DISTRIB_REDIS_URL": redis_url, "DISTRIB_PREFIX": prefix,
+           "DISTRIB_LAYER_CONFIG": json.dumps({"node_timeout": NODE_TIMEOUT}),
+           "DISTRIB_LOG_LEVEL": "INFO"}
+    node = start_server(server, "tests.consumer_asgi:application", env)
+    observer = make_layer(node_timeout=NODE_TIMEOUT)
+    try:
+        # consumer_asgi keeps Channels' own origin check, which wants an Origin.
+        async with connect(f"{node.url}/ws/lobby/", origin="http://127.0.0.1",  # type: ignore[arg-type]
+                           open_timeout=10) as ws:
+            me = await request(ws, {"type": "whoami"}, "reply.whoami")
+            await request(ws, {"type": "join", "room": "room1"}, "reply.join")
+            assert me["node_id"] in {n.node_id for n in await observer.nodes()}
+            assert [m.node_id for m in await observer.group_members("room1")] == [me["node_id"]]
+            assert await observer.group_size("lobby") == 1
+
+            started = time.monotonic()
+            node.proc.terminate()  # SIGTERM, with the client still connected
+            closed = await asyncio.wait_for(until_closed(ws), 15)
+            await asyncio.to_thread(node.proc.wait, 15)
+            stopped = time.monotonic() - started
+    finally:
+        log = node.log_tail()
+        node.terminate()
+    assert stopped < 15, log
+    print(f"{server}: stopped {stopped:.2f} s after SIGTERM, client saw close code {closed}")
+    assert me["node_id"] not in {n.node_id for n in await observer.nodes()}, log
+    assert await observer.group_members("room1") == [], log
+    assert await observer.group_size("lobby") == 0, log
+    # hypercorn itself may log a CancelledError traceback of its own connection task at
+    # shutdown; none may come from this library.
+    assert "channels_distrib/" not in log, log
+    if server != "daphne":  # daphne sends no lifespan events; its Twisted trigger stops it
+        # asyncio.run's loop close would also stop the node; LayerLifespan does it first.
+        assert "Channel layer 'default' closed on server shutdown" in log, log
+    assert "shutdown.failed" not in log and "Closing channel layer" not in log, log
+
+
+async def test_lifespan_protocol_without_a_layer_in_use() -> None:
+    sent: list[dict[str, Any]] = []
+    events = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(events)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await LayerLifespan()({"type": "lifespan"}, receive, send)
+    assert sent == [{"type": "lifespan.startup.complete"},
+                    {"type": "lifespan.shutdown.complete"}]
+    with pytest.raises(ValueError, match="lifespan"):
+        await LayerLifespan()({"type": "http"}, receive, send)
