@@ -549,3 +549,191 @@ async def test_corrupt_inbox_entries_are_logged_rate_limited(make_layer, redis_u
     await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) <= 5, f"{len(errors)} log lines for 1,000 corrupt entries"
+
+
+# ---------------------------------------------------------------- 3. re-registration race
+
+REREGISTERED = 1600
+"""Memberships of the node that comes back: several re-registration batches (200 today)."""
+
+
+@pytest.mark.xfail(
+    reason="issue 8: a discard made during re-registration is written back",
+    strict=True,
+    raises=AssertionError,
+)
+async def test_discard_during_reregistration_is_not_written_back(make_layer, redis_url):
+    """A node pruned while alive comes back over a slow link and re-registers its memberships
+    in batches; a group_discard it makes before the last batch lands must stay done."""
+    observer = make_layer()
+    groups = [f"r{i}" for i in range(REREGISTERED)]
+    async with proxy_to(redis_url) as proxy:
+        node = make_layer(hosts=[proxy.url], retry_timeout=0.3, **FAST)
+        try:
+            channel = await node.new_channel()
+            for group in groups:
+                await node.group_add(group, channel)
+            proxy.cut()
+            await poll(
+                observer.prune,
+                lambda ids: node.node_id in ids,
+                TIMEOUT + 1,
+                "the cut-off node pruned",
+                error=SetupError,
+            )
+            if await observer.group_size(groups[0]) != 0:
+                raise SetupError("pruning left the memberships")
+            proxy.delay = 0.15  # every request of the node now takes a slow round trip
+            proxy.heal()
+            await poll(
+                lambda: observer.group_size(groups[0]),
+                lambda n: n == 1,
+                RECONNECT + 3,
+                "re-registration started",
+                error=SetupError,
+            )
+            if await observer.group_size(groups[-2]) != 0:
+                raise SetupError("re-registration finished before the discard was made")
+            await node.group_discard(groups[-1], channel)
+            await poll(
+                lambda: observer.group_size(groups[-2]),
+                lambda n: n == 1,
+                10,
+                "re-registration finished",
+                error=SetupError,
+            )
+            proxy.delay = 0.0
+            await asyncio.sleep(TWO_BEATS + SLACK)
+            assert await observer.group_size(groups[-1]) == 0, "the discard was written back"
+            assert groups[-1] not in await observer.channel_groups(channel)
+            await observer.group_send(groups[-1], {"type": "test.message", "n": 1})
+            assert await nothing_arrives(node, channel, 0.3)
+        finally:
+            proxy.heal()
+            proxy.delay = 0.0
+            await close_quietly(node)
+
+
+# ---------------------------------------------------------------- 4. flush race
+
+
+@pytest.mark.xfail(
+    reason="issue 8: a heartbeat during flush() re-registers the flushed memberships",
+    strict=True,
+    raises=AssertionError,
+)
+async def test_heartbeat_during_flush_does_not_bring_memberships_back(own_redis, prefix):
+    """The flushing process talks to Redis over a slow link, so the node beats several times
+    between the flush's deletes and its last write. Afterwards the flushed groups stay empty."""
+    url = own_redis.url  # a private server: the flush's SCAN sees only this test's keys
+    async with own_layer(hosts=[url], prefix=prefix, **FAST) as node, own_layer(
+        hosts=[url], prefix=prefix, _flush=False
+    ) as observer, proxy_to(url) as proxy, own_layer(
+        hosts=[proxy.url], prefix=prefix, _flush=False
+    ) as flusher:
+        channel = await node.new_channel()
+        for group in ("a", "b", "c"):
+            await node.group_add(group, channel, presence=group == "c")
+        await node.group_add("a", "plain.member")
+        await flusher.group_size("a")  # connection open before the link slows down
+        proxy.delay = 0.5  # > 2 heartbeats between any two of the flush's round trips
+        await asyncio.wait_for(flusher.flush(), 20)
+        proxy.delay = 0.0
+        await asyncio.sleep(3 * HB)
+        for group in ("a", "b", "c"):
+            assert await observer.group_channels(group) == set(), f"{group} came back"
+        assert await observer.channel_groups(channel) == set()
+        await node.group_add("d", channel)  # the node still works after the flush
+        assert await observer.group_channels("d") == {channel}
+        await observer.group_send("d", {"type": "test.message", "n": 1})
+        assert await received(node, channel) == {"type": "test.message", "n": 1}
+
+
+# ---------------------------------------------------------------- 8. pruned node's inbox
+
+
+@pytest.mark.xfail(
+    reason="issue 8: group_send re-creates a pruned node's inbox (after a stale re-add)",
+    strict=True,
+    raises=AssertionError,
+)
+async def test_group_send_never_recreates_a_pruned_nodes_inbox(make_layer, redis_url, prefix):
+    """A node cut off past node_timeout is pruned by a live node. A view then re-adds its
+    stored channel name and sends to the group: no stream appears for the pruned node, the
+    group stays empty, and once every node is gone no key of the prefix is left without a
+    TTL."""
+    live = make_layer(**FAST)
+    await live.new_channel()
+    observer = make_layer()
+    async with proxy_to(redis_url) as proxy:
+        owner = make_layer(hosts=[proxy.url], retry_timeout=0.3, **FAST)
+        try:
+            channel = await owner.new_channel()
+            await owner.group_add(GROUP, channel)
+            proxy.cut()
+            await poll(
+                observer.nodes,
+                lambda nodes: [n.node_id for n in nodes] == [live.node_id],
+                TIMEOUT + HB + SLACK + 1,
+                "the cut-off node pruned by the live one",
+                error=SetupError,
+            )
+            await poll(
+                lambda: observer.group_size(GROUP),
+                lambda n: n == 0,
+                1,
+                "its membership removed",
+                error=SetupError,
+            )
+            streams = await stream_keys(redis_url, prefix)
+            with contextlib.suppress(ValueError, TypeError):  # refusing is allowed
+                await observer.group_add(GROUP, channel)
+            for n in range(3):
+                await observer.group_send(GROUP, {"type": "test.message", "n": n})
+            assert await stream_keys(redis_url, prefix) == streams, "an inbox was re-created"
+            await poll(
+                lambda: observer.group_size(GROUP), lambda n: n == 0, TWO_BEATS + SLACK, "empty"
+            )
+        finally:
+            await close_quietly(owner)
+    await live.close()
+    async with raw_redis(redis_url) as client:
+        keys = await own_prefix_keys(client, prefix)
+    assert {k: v for k, v in keys.items() if v[1] == -1} == {}, "keys without a TTL"
+
+
+async def test_no_key_without_ttl_once_every_node_is_gone(make_layer, redis_url, prefix):
+    """Everyday use (groups of local and normal channels, presence, meta, direct and group
+    sends, a node pruned, the others closed): afterwards every key left has a TTL."""
+    observer = make_layer()
+    nodes = [make_layer(**FAST) for _ in range(2)]
+    channels = [await node.new_channel() for node in nodes]
+    for node, channel in zip(nodes, channels, strict=True):
+        await node.group_add(GROUP, channel, presence=True, meta={"u": channel})
+        await node.group_add("plain", channel)
+        await node.group_add("plain", "named.worker")
+    await observer.send("named.worker", {"type": "test.message", "n": 0})
+    await observer.group_send(GROUP, {"type": "test.message", "n": 1})
+    await observer.group_send("plain", {"type": "test.message", "n": 2})
+    await observer.send(channels[0], {"type": "test.message", "n": 3})
+    assert await received(nodes[0], channels[0]) is not None
+    assert await received(observer, "named.worker") is not None
+    async with proxy_to(redis_url) as proxy:
+        doomed = make_layer(hosts=[proxy.url], retry_timeout=0.3, **FAST)
+        gone = await doomed.new_channel()
+        await doomed.group_add(GROUP, gone, presence=True)
+        proxy.cut()
+        await poll(
+            observer.nodes,
+            lambda ns: doomed.node_id not in {n.node_id for n in ns},
+            TIMEOUT + HB + SLACK + 1,
+            "doomed node pruned",
+            error=SetupError,
+        )
+        await close_quietly(doomed)
+    for node in nodes:
+        await node.close()
+    async with raw_redis(redis_url) as client:
+        keys = await own_prefix_keys(client, prefix)
+    assert keys, "the test left nothing to judge"
+    assert {k: v for k, v in keys.items() if v[1] == -1} == {}, "keys without a TTL"
