@@ -19,7 +19,8 @@ each consumer error, and one ``{"event": "reply", "cmd", ...}`` per command. Com
 stdin, one JSON object per line:
 
 ``{"cmd": "state"}``      channels held by live consumers and their groups (``channels``)
-``{"cmd": "stats"}``      counters (received, errors, ops and op failures by exception type)
+``{"cmd": "stats"}``      counters: received, presence leaves received, consumer errors,
+                          ops and op failures by exception type
 ``{"cmd": "received"}``   with ``--record``: the ``id`` fields each channel received, in order
 ``{"cmd": "churn", "rate": R}``  change the churn rate (0 stops it; waits for running ops)
 ``{"cmd": "reset"}``      disconnect every consumer, then connect ``--consumers`` fresh ones
@@ -82,6 +83,7 @@ class SoakNode:
         self.op_errors: Counter[str] = Counter()
         self.errors = 0
         self.received = 0
+        self.presence_leaves = 0
         self.next_index = 0
         self.running: set[asyncio.Task[None]] = set()
         self.rng = random.Random(args.seed)
@@ -101,6 +103,8 @@ class SoakNode:
                 continue
             consumer.count += 1
             self.received += 1
+            if message.get("type") == "presence.diff":
+                self.presence_leaves += len(message.get("leaves", ()))
             if self.args.record and "id" in message:
                 consumer.received.append(message["id"])
 
@@ -240,6 +244,7 @@ class SoakNode:
     def stats(self) -> dict[str, Any]:
         return {
             "received": self.received,
+            "presence_leaves": self.presence_leaves,
             "errors": self.errors,
             "consumers": len(self.consumers),
             "ops": dict(self.ops),

@@ -218,7 +218,7 @@ class RedisObserver:
                 pipe.ttl(key)
             ttls = await pipe.execute()
         # -1: no TTL; -2: gone between SCAN and TTL (expired meanwhile), which is fine.
-        return [key for key, ttl in zip(keys, ttls) if ttl == -1]
+        return [key for key, ttl in zip(keys, ttls, strict=True) if ttl == -1]
 
     async def used_memory(self) -> int:
         await self.fresh()

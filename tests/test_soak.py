@@ -1,0 +1,28 @@
+"""The 60 s soak (``python -m benchmarks.soak --seconds 60``) as a test: marker ``soak``, not in
+the default run; ``.ci/run`` runs it. The soak prints its table; this test shows it on failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(360)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library defect: keys of the prefix without a TTL (the node zset, node info hash and id "
+    "counters: <prefix>:nodes, :ni, :nid, :tid in today's layout); the soak's strict rule is "
+    "that every key the layer writes has a TTL"))
+def test_soak_60_seconds() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", "--seconds", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=330,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, f"soak failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
