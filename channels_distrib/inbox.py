@@ -12,12 +12,22 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from redis.asyncio import Redis
+
+from .tasks import cancellable
 from .transport import BLOCK_SECONDS, backoff
 
 if TYPE_CHECKING:
     from .node import Node
 
 logger = logging.getLogger(__name__)
+
+def stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as a comparable (ms, seq) pair."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
 
 #: One wait of the reader for a busy consumer's queue to drain (s).
 PACE_STEP = 0.25
@@ -38,46 +48,91 @@ class InboxReader:
         self._last_drop_log = 0.0
         self.marked_full: set[str] = set()
         self._to_mark: set[str] = set()
+        self._attempt = 0
+        self.skipped = 0
+        self._last_skip_log = 0.0
 
     async def run(self) -> None:
         """Read forever from the last id seen; reconnect on any error.
 
         The cursor lives here, not in Redis, so a reconnect resumes exactly where reading
         stopped; entries written meanwhile are still in the stream (within its retention).
+        The reader has a connection of its own, so a cancelled read that redis-py will not
+        let go of can be ended by closing that connection (see :func:`cancellable`).
         """
         node = self.node
+        conn: Redis = Redis(
+            connection_pool=node.transport.blocking.connection_pool, single_connection_client=True
+        )
+        try:
+            while not node.stopped:
+                await self._read_once(conn)
+        finally:
+            await conn.aclose()
+
+    async def _read_once(self, conn: Redis) -> None:
+        node = self.node
         inbox = node.keys.inbox(node.token)
-        attempt = 0
-        while not node.stopped:
-            try:
-                response = await node.transport.blocking.xread(
-                    {inbox: self.last_id}, count=500, block=int(BLOCK_SECONDS * 1000)
+
+        async def cut() -> None:
+            if conn.connection is not None:
+                await conn.connection.disconnect()
+
+        try:
+            cursor: Any = {inbox: self.last_id}
+            response = await cancellable(
+                lambda: conn.xread(cursor, count=500, block=int(BLOCK_SECONDS * 1000)),
+                on_stuck=cut,
+            )
+            self._attempt = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._attempt += 1
+            if self._attempt in (1, 10) or self._attempt % 100 == 0:
+                logger.warning(
+                    "Inbox read for node %s failed (%s); reconnecting", node.node_id, exc
                 )
-                attempt = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                attempt += 1
-                if attempt in (1, 10) or attempt % 100 == 0:
-                    logger.warning(
-                        "Inbox read for node %s failed (%s); reconnecting", node.node_id, exc
-                    )
-                await asyncio.sleep(backoff(attempt))
-                continue
-            streams: Any = response or []
-            for _stream, entries in streams:
-                for entry_id, fields in entries:
-                    self.last_id = entry_id
-                    try:
-                        await self._dispatch(entry_id, fields)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        logger.exception(
-                            "Skipping inbox entry %r of node %s", entry_id, node.node_id
-                        )
-            if self._to_mark:
-                await self._mark_full()
+            await asyncio.sleep(backoff(self._attempt))
+            return
+        streams: Any = response or []
+        for _stream, entries in streams:
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                try:
+                    await self._dispatch(entry_id, fields)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._log_skip(entry_id)
+        if self._to_mark:
+            await self._mark_full()
+
+    def _log_skip(self, entry_id: bytes) -> None:
+        """Log a skipped entry, at most once a second (a flood of corrupt entries is one line)."""
+        self.skipped += 1
+        now = time.monotonic()
+        if now - self._last_skip_log >= 1.0:
+            self._last_skip_log = now
+            logger.error(
+                "Skipping inbox entry %r of node %s (%d skipped so far)",
+                entry_id,
+                self.node.node_id,
+                self.skipped,
+                exc_info=True,
+            )
+
+    def has_read(self, entry_id: bytes | str) -> bool:
+        """Whether the reader has passed the entry ``entry_id``."""
+        return stream_id(self.last_id) >= stream_id(entry_id)
+
+    def restart_if_ahead(self, newest: bytes | str) -> None:
+        """After Redis lost the inbox: if the cursor is ahead of every entry now in it (the
+        new server's clock is behind the old one's), read the new stream from its start.
+        None of its entries can have been read yet: all lie below the cursor."""
+        if stream_id(self.last_id) > stream_id(newest):
+            logger.warning("Node %s restarts its inbox cursor", self.node.node_id)
+            self.last_id = b"0-0"
 
     async def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Deliver one inbox entry to its local channels (or apply a control entry)."""
@@ -87,8 +142,7 @@ class InboxReader:
             return
         payload = fields.get(b"m")
         if payload is None:
-            logger.warning("Skipping inbox entry %r without payload", entry_id)
-            return
+            raise ValueError("inbox entry without payload")
         sent_ms = int(entry_id.split(b"-", 1)[0])
         now = time.monotonic()
         expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
@@ -97,9 +151,8 @@ class InboxReader:
             return
         group_field = fields.get(b"g") or fields.get(b"p")
         if group_field is None:
-            logger.warning("Skipping inbox entry %r of unknown kind", entry_id)
-            return
-        members = node.groups.get(group_field.decode())
+            raise ValueError("inbox entry of unknown kind")
+        members = node.memberships.members(group_field.decode())
         if not members:
             return
         exclude = fields.get(b"x", b"").decode()
@@ -116,23 +169,24 @@ class InboxReader:
 
     def _control(self, fields: dict[bytes, bytes]) -> None:
         """Another process added or removed one of this node's channels in a group."""
+        op = fields[b"o"]
+        if op == b"n":
+            return  # the heartbeat's marker that created the inbox
         group = fields[b"g"].decode()
         channel = fields[b"c"].decode()
-        if fields[b"o"] == b"a":
-            self.node.remember(group, channel, fields[b"r"], fields.get(b"p") == b"1")
+        memberships = self.node.memberships
+        if op == b"a":
+            memberships.adopt(group, channel, fields[b"r"], fields.get(b"p") == b"1")
         else:
-            self.node.forget(group, channel)
+            memberships.forget_remote(group, channel)
 
     async def _deliver(self, name: str, payload: bytes, expires: float) -> None:
         node = self.node
         channel = node.channels.get(name)
         if channel is None:
-            if not node.owns(name):
-                self._count_drop(name, "not a channel of this node")
-                return
-            # Forgotten after being idle (or never created here): keep the message; if nobody
-            # receives it, it expires and housekeeping forgets the channel again.
-            channel = node.local_channel(name)
+            # Not a live channel of this node (never issued here, or its consumer is gone).
+            self._count_drop(name, "no such channel on this node")
+            return
         # Pacing: a consumer that keeps receiving is worth waiting for; the messages wait
         # in Redis meanwhile. One that stopped receiving never holds the node back.
         started = time.monotonic()
@@ -177,15 +231,29 @@ class InboxReader:
         except Exception:
             logger.warning("Could not mark full channels of node %s", node.node_id, exc_info=True)
 
-    async def unmark_drained(self) -> None:
-        """Withdraw the full marks of channels that have room again (or are gone)."""
+    async def refresh_marks(self) -> None:
+        """Withdraw the full marks of channels that have room again (or are gone), and renew
+        those still full, so a mark never lapses while its channel is still dropping."""
         node = self.node
         drained = [
             name
             for name in self.marked_full
             if name not in node.channels or not node.channels[name].full
         ]
-        if drained:
-            self.marked_full.difference_update(drained)
-            key = node.keys.full(node.token)
-            await node.transport.run(lambda c: c.srem(key, *drained))
+        self.marked_full.difference_update(drained)
+        still = list(self.marked_full)
+        if not drained and not still:
+            return
+        key = node.keys.full(node.token)
+        ttl = int(node.config.expiry * 1000)
+
+        async def write(client: Any) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                if drained:
+                    pipe.srem(key, *drained)
+                if still:
+                    pipe.sadd(key, *still)
+                    pipe.pexpire(key, ttl)
+                await pipe.execute()
+
+        await node.transport.run(write)

@@ -1,40 +1,48 @@
-"""Redis key names, one function per kind of key, so the layout is written down once.
+"""Redis key names, one method per kind of key, so the layout is written down once.
 
-Layout under ``<prefix>`` (P)::
+Layout 2. Every key is ``<prefix>:{<tag>}<suffix>``. The prefix may contain ':' but never
+'{' or '}', and neither do the tag (a kind letter, '.', a group, channel, token or bucket
+name) or the suffix; so the first '{' of a key marks where its prefix ends, and two prefixes,
+or two kinds under one prefix, can never name the same key. The braces are also a Redis
+Cluster hash tag: the keys of one group, one channel or one node share a slot, while
+different groups, channels and nodes spread over the slots.
 
-    P:q:<channel>        list     normal channel queue; items are b"<expire ms>:<payload>"
-    P:in:<token>         stream   a node's inbox: direct, group and control entries
-    P:full:<token>       set      that node's local channels currently dropping (senders get ChannelFull)
-    P:g:<group>          hash     channel -> member record (msgpack [node_id, meta, joined_at])
-    P:gn:<group>         hash     node token -> number of that node's members in the group
-    P:gp:<group>         hash     node token -> number of that node's presence members
-    P:gpm:<group>        hash     channel -> member record, presence members only
-    P:gq:<group>         zset     normal channel members -> joined ms (for group_expiry)
-    P:qc                 hash     normal channel -> its capacity (read by GROUP_SEND)
-    P:cg:<channel>       set      groups the channel is in
-    P:nc:<token>         set      a node's channels that are in any group
-    P:nodes              zset     node token -> deadline ms (last heartbeat + its node_timeout; Redis time)
-    P:ni                 hash     node token -> msgpack node info
-    P:nid                hash     node id -> token (refuses a second live process with the same id)
-    P:tid                hash     token -> node id
-    P:rl:<key>           hash     a shared token bucket (take_tokens)
-    P:pruned:<token>     string   tombstone: this node was pruned (it re-announces joins on return)
-    P:flush              string   flush epoch: nodes that see it change drop their local state
+Under prefix ``P``::
 
-The Lua scripts in :mod:`channels_distrib.scripts` build the per-group and per-node names from
-the prefix the same way; keep the two in step.
+    P:{g.<group>}:m       hash    channel -> member record (every member)
+    P:{g.<group>}:n       hash    node token -> number of that node's members
+    P:{g.<group>}:p       hash    node token -> number of that node's presence members
+    P:{g.<group>}:pm      hash    channel -> member record, presence members only
+    P:{g.<group>}:q       zset    normal-channel members -> joined ms (for group_expiry)
+    P:{g.<group>}:qc      hash    normal-channel member -> its capacity (read by GROUP_SEND)
+    P:{c.<channel>}:q     list    a normal channel's queue; items b"<expire ms>:<payload>"
+    P:{c.<channel>}:i.<run>  list a receiver's in-flight items of that queue (has a TTL)
+    P:{c.<channel>}:g     set     groups a normal channel is in
+    P:{n.<token>}:in      stream  a node's inbox: direct, group and control entries
+    P:{n.<token>}:full    set     that node's channels currently dropping (senders: ChannelFull)
+    P:{n.<token>}:c       hash    that node's channel -> its groups, space separated
+    P:{n.<token>}:pruned  string  this node was pruned (it re-announces joins on return)
+    P:{x}:nodes           zset    node token -> deadline ms (last beat + its node_timeout)
+    P:{x}:ni              hash    node token -> msgpack node info
+    P:{x}:nid             hash    node id -> token (refuses a second live process with one id)
+    P:{x}:tid             hash    token -> node id
+    P:{x}:flush           string  flush epoch: nodes that see it change drop their local state
+    P:{r.<key>}:b         hash    a shared token bucket (take_tokens)
+
+Every key has a TTL: the node keys and the ``{x}`` keys are refreshed by the live nodes'
+heartbeats, so a prefix whose nodes all died empties itself. The Lua scripts that must reach
+keys named by data (a group's nodes' inboxes, a dead node's groups) build those names with
+the same functions, written once in :data:`channels_distrib.scripts.LUA_KEYS`.
 """
 
 from __future__ import annotations
 
-import re
+#: The version of this layout; nodes of another layout on one prefix refuse to start.
+LAYOUT = 2
 
-# What follows "<prefix>:" in a key of ours. Channel and group names hold no ':', so a key of
-# a longer prefix ("p:q:..." for prefix "p:q") never matches for prefix "p".
-_OWN_KEY = re.compile(
-    rb"(?:(?:q|in|full|g|gn|gp|gpm|gq|cg|nc|pruned|rl):[^:]+"
-    rb"|q:[^:]+:inflight:[0-9a-f]+|nodes|ni|nid|tid|qc|flush)"
-)
+#: Node zsets of other layouts this code knows; a live entry there means an incompatible node.
+#: Layout 1 (channels_distrib 0.1) kept its node deadlines in ``<prefix>:nodes``.
+FOREIGN_NODE_KEYS = ("{prefix}:nodes",)
 
 
 class Keys:
@@ -43,85 +51,115 @@ class Keys:
     __slots__ = ("prefix",)
 
     def __init__(self, prefix: str) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("a prefix must not contain '{' or '}'")
         self.prefix = prefix
 
-    def queue(self, channel: str) -> str:
-        return f"{self.prefix}:q:{channel}"
+    # -- one group ------------------------------------------------------------------------
 
-    def inbox(self, token: str) -> str:
-        return f"{self.prefix}:in:{token}"
-
-    def full(self, token: str) -> str:
-        return f"{self.prefix}:full:{token}"
+    def _group(self, group: str, suffix: str) -> str:
+        return f"{self.prefix}:{{g.{group}}}:{suffix}"
 
     def group(self, group: str) -> str:
-        return f"{self.prefix}:g:{group}"
+        return self._group(group, "m")
 
     def group_nodes(self, group: str) -> str:
-        return f"{self.prefix}:gn:{group}"
+        return self._group(group, "n")
 
     def group_presence_nodes(self, group: str) -> str:
-        return f"{self.prefix}:gp:{group}"
+        return self._group(group, "p")
 
     def group_presence(self, group: str) -> str:
-        return f"{self.prefix}:gpm:{group}"
+        return self._group(group, "pm")
 
     def group_queues(self, group: str) -> str:
-        return f"{self.prefix}:gq:{group}"
+        return self._group(group, "q")
 
-    def channel_groups(self, channel: str) -> str:
-        return f"{self.prefix}:cg:{channel}"
+    def group_queue_capacity(self, group: str) -> str:
+        return self._group(group, "qc")
 
-    def node_channels(self, token: str) -> str:
-        return f"{self.prefix}:nc:{token}"
-
-    @property
-    def nodes(self) -> str:
-        return f"{self.prefix}:nodes"
-
-    @property
-    def node_info(self) -> str:
-        return f"{self.prefix}:ni"
-
-    @property
-    def node_ids(self) -> str:
-        return f"{self.prefix}:nid"
-
-    @property
-    def token_ids(self) -> str:
-        return f"{self.prefix}:tid"
-
-    def bucket(self, key: str) -> str:
-        return f"{self.prefix}:rl:{key}"
-
-    def tombstone(self, token: str) -> str:
-        return f"{self.prefix}:pruned:{token}"
-
-    @property
-    def flush(self) -> str:
-        return f"{self.prefix}:flush"
-
-    def membership_keys(self, group: str, channel: str, token: str) -> list[str]:
-        """KEYS[1..7] of GROUP_ADD / GROUP_DISCARD for one (group, channel), in their documented order.
-
-        ``token`` is the owning node's token, or "" for a normal channel (KEYS[7] is then unused).
-        """
+    def group_keys(self, group: str) -> list[str]:
+        """The six keys of one group, in the order the membership scripts take them."""
         return [
             self.group(group),
             self.group_nodes(group),
             self.group_presence_nodes(group),
             self.group_presence(group),
             self.group_queues(group),
-            self.channel_groups(channel),
-            self.node_channels(token) if token else self.channel_groups(channel),
+            self.group_queue_capacity(group),
         ]
 
+    # -- one normal channel ---------------------------------------------------------------
+
+    def queue(self, channel: str) -> str:
+        return f"{self.prefix}:{{c.{channel}}}:q"
+
+    def inflight(self, channel: str, run: str) -> str:
+        return f"{self.prefix}:{{c.{channel}}}:i.{run}"
+
+    def channel_groups(self, channel: str) -> str:
+        """The groups of a normal channel (a node's channels are in :meth:`node_channels`)."""
+        return f"{self.prefix}:{{c.{channel}}}:g"
+
+    # -- one node -------------------------------------------------------------------------
+
+    def inbox(self, token: str) -> str:
+        return f"{self.prefix}:{{n.{token}}}:in"
+
+    def full(self, token: str) -> str:
+        return f"{self.prefix}:{{n.{token}}}:full"
+
+    def node_channels(self, token: str) -> str:
+        return f"{self.prefix}:{{n.{token}}}:c"
+
+    def tombstone(self, token: str) -> str:
+        return f"{self.prefix}:{{n.{token}}}:pruned"
+
+    # -- the node table -------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> str:
+        return f"{self.prefix}:{{x}}:nodes"
+
+    @property
+    def node_info(self) -> str:
+        return f"{self.prefix}:{{x}}:ni"
+
+    @property
+    def node_ids(self) -> str:
+        return f"{self.prefix}:{{x}}:nid"
+
+    @property
+    def token_ids(self) -> str:
+        return f"{self.prefix}:{{x}}:tid"
+
+    @property
+    def flush(self) -> str:
+        return f"{self.prefix}:{{x}}:flush"
+
+    def table_keys(self) -> list[str]:
+        """P:{x}:nodes, ni, nid, tid: the keys every node-table script takes first."""
+        return [self.nodes, self.node_info, self.node_ids, self.token_ids]
+
+    def foreign_node_keys(self) -> list[str]:
+        """Node zsets of other layouts on this prefix (see :data:`FOREIGN_NODE_KEYS`)."""
+        return [template.format(prefix=self.prefix) for template in FOREIGN_NODE_KEYS]
+
+    # -- other ----------------------------------------------------------------------------
+
+    def bucket(self, key: str) -> str:
+        return f"{self.prefix}:{{r.{key}}}:b"
+
     def owns(self, key: bytes) -> bool:
-        """Whether a key SCAN found under :meth:`scan_pattern` is this prefix's (not a longer one's)."""
-        head = self.prefix.encode() + b":"
-        return key.startswith(head) and _OWN_KEY.fullmatch(key[len(head) :]) is not None
+        """Whether a key SCAN found under :meth:`scan_pattern` is this prefix's (not a longer one's).
+
+        The first '{' ends the prefix (see the module docstring), so a key of prefix "p:q"
+        ("p:q:{...}") never passes for prefix "p".
+        """
+        head = self.prefix.encode() + b":{"
+        return key.startswith(head) and b"{" not in key[len(head) :]
 
     def scan_pattern(self) -> str:
         """SCAN MATCH pattern for every key of this prefix (glob characters escaped)."""
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
-        return f"{escaped}:*"
+        return escaped + ":{*"

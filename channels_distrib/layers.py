@@ -20,6 +20,7 @@ from channels.layers import BaseChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 
 from .config import MIB, LayerConfig, build_config
+from .heartbeat import TokenTaken
 from .keys import Keys
 from .node import Node, default_node_id, new_token
 from .queues import NamedQueue
@@ -27,7 +28,6 @@ from .registry import (
     INBOX_MAXLEN,
     AddResult,
     Registry,
-    encode_record,
     presence_entry,
     token_of,
 )
@@ -151,6 +151,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._node_starting: asyncio.Future[Node] | None = None
         self._dropped = 0
         self._last_drop_log = 0.0
+        self._corrupt = 0
+        self._last_corrupt_log = 0.0
 
     # -- connections per event loop -------------------------------------------------------
 
@@ -210,7 +212,17 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         try:
             return self.serializer.loads(payload)
         except SerializerError as exc:
-            logger.error("Skipping a corrupt or foreign payload for %s: %s", channel, exc)
+            # Counted always, logged at most once a second: a flood is one line, not a storm.
+            self._corrupt += 1
+            now = time.monotonic()
+            if now - self._last_corrupt_log >= 1.0:
+                self._last_corrupt_log = now
+                logger.error(
+                    "Skipping a corrupt or foreign payload for %s: %s (%d skipped so far)",
+                    channel,
+                    exc,
+                    self._corrupt,
+                )
             return None
 
     def _check_meta(self, meta: Any) -> None:
@@ -240,15 +252,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         starting: asyncio.Future[Node] = asyncio.get_running_loop().create_future()
         self._node_starting = starting
         try:
-            node = Node(
-                self.config,
-                self.keys,
-                self.registry,
-                self._transport(),
-                token=self._token,
-                node_id=self.node_id,
-            )
-            await node.start()
+            node = await self._start_node()
             self._node = node
             starting.set_result(node)
             return node
@@ -258,6 +262,27 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             raise
         finally:
             self._node_starting = None
+
+    async def _start_node(self) -> Node:
+        """Register a node; a token Redis already knows (a 40-bit collision) is replaced."""
+        for attempt in range(3):
+            node = Node(
+                self.config,
+                self.keys,
+                self.registry,
+                self._transport(),
+                token=self._token,
+                node_id=self.node_id,
+            )
+            try:
+                await node.start()
+                return node
+            except TokenTaken:
+                if attempt == 2:
+                    raise
+                logger.warning("Node token %s is taken; drawing another", self._token)
+                self._token = new_token()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @property
     def node_id(self) -> str:
@@ -292,7 +317,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 local.put(payload, time.monotonic() + self.config.expiry)
                 return
             keys = [self.keys.inbox(token), self.keys.full(token)]
-            args = [channel, payload, INBOX_MAXLEN, self.registry.inbox_ttl_ms]
+            args = [channel, payload, INBOX_MAXLEN]
             if not await transport.script("send_inbox", keys, args):
                 raise ChannelFull(channel)
             return
@@ -321,7 +346,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         state = self._state()
         queue = state.queues.get(channel)
         if queue is None:
-            queue = state.queues[channel] = NamedQueue(self.keys, state.transport, channel)
+            queue = state.queues[channel] = NamedQueue(
+                self.keys, state.transport, channel, self.config.expiry
+            )
         while True:
             message = self._decode(await queue.get(), channel)
             if message is not None:
@@ -338,26 +365,25 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._check_meta(meta)
         transport = self._transport()
         node = self._node
-        owned = node is not None and node.owns(channel)
-        if owned and node is not None:
-            node_id: str | None = node.node_id
+        result: AddResult | None
+        if node is not None and node.owns(channel):
+            if channel not in node.channels:
+                # This node's token, but not a live channel of it (never issued here, or its
+                # consumer is gone): a dead channel is never recorded.
+                logger.debug("group_add of %s to %s ignored: not a live channel", channel, group)
+                return
+            # The membership owner writes it and keeps Redis in step if the write fails.
+            result = await node.memberships.join(group, channel, meta, presence)
         else:
             node_id = await self.registry.owner_id(transport, channel)
-        if owned and node is not None:
-            # Remember first: a group message that races the registry write still arrives.
-            node.remember(group, channel, encode_record(node_id, meta), presence)
-        try:
             result = await self.registry.add(
-                transport, group, channel, node_id, meta, presence, notify=not owned
+                transport, group, channel, node_id, meta, presence, notify=True
             )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            if owned and node is not None:
-                node.forget(group, channel)
-            raise
-        if owned and node is not None:
-            node.remember(group, channel, result.record, presence)
+        if result is None:
+            # A process-local channel whose node is not live (a stale or made-up name): never
+            # recorded. (For our own channels: this node was pruned; its heartbeat re-adds it.)
+            logger.debug("group_add of %s to %s ignored: its node is not live", channel, group)
+            return
         await self._announce(transport, group, channel, result, presence)
 
     async def _announce(
@@ -390,11 +416,12 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         node = self._node
-        owned = node is not None and node.owns(channel)
-        if owned and node is not None:
-            node.forget(group, channel)
         transport = self._transport()
-        record = await self.registry.discard(transport, group, channel, notify=not owned)
+        if node is not None and node.owns(channel):
+            # A failed write raises, and the membership owner retries it until Redis confirms.
+            record = await node.memberships.leave(group, channel)
+        else:
+            record = await self.registry.discard(transport, group, channel, notify=True)
         if record is not None:
             await self.registry.send_presence(
                 transport, group, [], [presence_entry(channel, record)]
@@ -479,11 +506,26 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def flush(self) -> None:
         """Delete everything under this prefix (SCAN, never KEYS); nodes drop their local state."""
         transport = self._transport()
+        epoch = secrets.token_hex(8).encode()
+        node = self._node
+        if node is not None:
+            node.on_flush(epoch)
+        for state in self._loops.values():
+            for queue in state.queues.values():
+                queue.buffer.clear()
+        # The epoch is written first: a heartbeat that runs while the keys are deleted sees
+        # it and drops its node's state, instead of taking the missing keys for data loss and
+        # writing flushed memberships back. It is the one key a flush leaves, and it expires
+        # once every live node has seen it.
+        ttl_ms = int((self.config.node_timeout * 10 + 60) * 1000)
+        await transport.run(lambda c: c.set(self.keys.flush, epoch, px=ttl_ms))
+        epoch_key = self.keys.flush.encode()
 
         async def delete_all(client: Any) -> None:
             batch: list[bytes] = []
             async for key in client.scan_iter(match=self.keys.scan_pattern(), count=1000):
-                if self.keys.owns(key):  # "p:*" also matches keys of a prefix "p:q"
+                # "p:{*" never matches a prefix "p:q"'s keys, but owns() is the rule.
+                if self.keys.owns(key) and key != epoch_key:
                     batch.append(key)
                 if len(batch) >= 500:
                     await client.unlink(*batch)
@@ -492,20 +534,6 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 await client.unlink(*batch)
 
         await transport.run(delete_all)
-        # The one key a flush leaves: nodes that see the epoch change drop their local state
-        # instead of writing it back. It expires once every live node has seen it; a node
-        # that then finds it gone treats that as data loss and re-registers what it holds,
-        # which by then is only what joined after the flush.
-        epoch = secrets.token_hex(8).encode()
-        ttl_ms = int((self.config.node_timeout * 10 + 60) * 1000)
-        await transport.run(lambda c: c.set(self.keys.flush, epoch, px=ttl_ms))
-        node = self._node
-        if node is not None:
-            node.flush_epoch = epoch
-            node.drop_state()
-        for state in self._loops.values():
-            for queue in state.queues.values():
-                queue.buffer.clear()
 
     async def close(self) -> None:
         """Stop this process's node (removing it and its memberships) and close connections."""

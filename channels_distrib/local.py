@@ -47,9 +47,12 @@ class LocalChannel:
         "expired",
         "room_waiter",
         "created",
+        "creator",
     )
 
-    def __init__(self, name: str, capacity: int) -> None:
+    def __init__(
+        self, name: str, capacity: int, creator: asyncio.Task[object] | None = None
+    ) -> None:
         self.name = name
         self.capacity = capacity
         self.items: deque[tuple[float, bytes]] = deque()
@@ -61,6 +64,8 @@ class LocalChannel:
         self.expired = 0
         self.room_waiter: asyncio.Future[None] | None = None
         self.no_pace_until = 0.0  # the node does not wait for this consumer before then
+        # The task that called new_channel(): while it runs, the channel is alive.
+        self.creator = creator
 
     @property
     def full(self) -> bool:
@@ -69,6 +74,18 @@ class LocalChannel:
     def receiving(self, now: float) -> bool:
         """True while a consumer is taking messages: a receive is pending or just returned."""
         return self.pending > 0 or now - self.last_active < RECEIVING_GRACE
+
+    def dead(self, now: float, grace: float) -> bool:
+        """Its consumer is gone: the creating task ended and nobody has received for ``grace`` s.
+
+        A consumer that is alive but busy (a handler waiting a minute on a slow API) is not
+        dead: its task still runs. A channel made in a short helper task stays alive while
+        another task keeps receiving on it.
+        """
+        creator = self.creator
+        if creator is not None and not creator.done():
+            return False
+        return self.pending == 0 and now - self.last_active > grace
 
     def put(self, payload: bytes, expires: float) -> None:
         """Queue one payload (the caller has checked capacity) and wake one waiting receive."""

@@ -1,10 +1,12 @@
-"""A node: one process's identity, its local channels and memberships, and its two tasks.
+"""A node: one process's identity, its local channels, and its three tasks.
 
 A process becomes a node the first time it creates a process-local channel. The node's own
-memory (its channels and their memberships) is the truth for its channels: whenever Redis
-has lost them (this node was pruned during a pause, Redis restarted empty, a failover) the
-next heartbeat writes them back. The tasks' work lives in :mod:`channels_distrib.inbox`
-and :mod:`channels_distrib.heartbeat`; the node starts, cancels and awaits them.
+memory is the truth for its channels; :mod:`channels_distrib.membership` owns their
+memberships and keeps Redis in step (re-registering everything after pruning or data loss).
+The tasks' work lives in :mod:`channels_distrib.inbox` (reading),
+:mod:`channels_distrib.heartbeat` (staying listed, on its own timer) and
+:mod:`channels_distrib.housekeeping` (pruning, expiry, retries); the node starts, cancels
+and awaits them.
 """
 
 from __future__ import annotations
@@ -15,28 +17,20 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from .config import LayerConfig
 from .heartbeat import Heartbeat
+from .housekeeping import Housekeeper
 from .inbox import InboxReader
 from .keys import Keys
 from .local import LocalChannel
-from .registry import Registry, presence_entry, token_of
+from .membership import Memberships
+from .registry import Registry, token_of
 from .tasks import cancel_and_wait
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Membership:
-    """One of this node's channels in one group, as the node remembers it."""
-
-    record: bytes
-    presence: bool
-    joined: float  # time.monotonic() at join, for group_expiry
 
 
 def default_node_id(token: str) -> str:
@@ -46,8 +40,9 @@ def default_node_id(token: str) -> str:
 
 
 def new_token() -> str:
-    """A short random node token (8 base32 characters): keeps channel names well under 100."""
-    return secrets.token_hex(5)[:8]
+    """A short random node token (10 hex characters, 40 bits): keeps channel names well under
+    100 characters. The first heartbeat refuses a token Redis already knows."""
+    return secrets.token_hex(5)
 
 
 class Node:
@@ -74,11 +69,11 @@ class Node:
         self.started_at = time.time()
         self.loop = asyncio.get_running_loop()
         self.channels: dict[str, LocalChannel] = {}
-        self.groups: dict[str, dict[str, Membership]] = {}
-        self.channel_groups: dict[str, set[str]] = {}
+        self.memberships = Memberships(self)
         self.flush_epoch = b""
         self.clock_offset = 0.0  # Redis time minus local time, seconds
         self.inbox = InboxReader(self)
+        self.housekeeper = Housekeeper(self)
         self.heartbeat = Heartbeat(self)
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = False
@@ -92,6 +87,9 @@ class Node:
             self.loop.create_task(self.inbox.run(), name=f"channels_distrib.inbox.{self.token}"),
             self.loop.create_task(
                 self.heartbeat.run(), name=f"channels_distrib.heartbeat.{self.token}"
+            ),
+            self.loop.create_task(
+                self.housekeeper.run(), name=f"channels_distrib.housekeeping.{self.token}"
             ),
         ]
         self._install_twisted_trigger()
@@ -138,38 +136,23 @@ class Node:
 
     def new_channel(self, prefix: str) -> str:
         name = f"{prefix}.{self.token}!{secrets.token_hex(6)}"
-        self.channels[name] = LocalChannel(name, self.config.capacity_for(name))
+        self.channels[name] = LocalChannel(
+            name, self.config.capacity_for(name), creator=asyncio.current_task()
+        )
         return name
 
     def local_channel(self, name: str) -> LocalChannel:
+        """One of this node's channels, for receive(); a name with this node's token that it
+        does not hold (buried as dead, or dropped by a flush) is taken up again."""
         channel = self.channels.get(name)
         if channel is None:
-            # Received before new_channel() on this node (for example after a flush); adopt it.
             channel = self.channels[name] = LocalChannel(name, self.config.capacity_for(name))
         return channel
 
-    def remember(self, group: str, channel: str, record: bytes, presence: bool) -> None:
-        # A repeated group_add renews the membership (group_expiry counts from it), as in
-        # channels_redis.
-        self.groups.setdefault(group, {})[channel] = Membership(record, presence, time.monotonic())
-        self.channel_groups.setdefault(channel, set()).add(group)
-
-    def forget(self, group: str, channel: str) -> None:
-        members = self.groups.get(group)
-        if members is not None:
-            members.pop(channel, None)
-            if not members:
-                del self.groups[group]
-        groups = self.channel_groups.get(channel)
-        if groups is not None:
-            groups.discard(group)
-            if not groups:
-                del self.channel_groups[channel]
-
-    def drop_state(self) -> None:
-        """After a flush: forget every membership and queued message (channels stay usable)."""
-        self.groups.clear()
-        self.channel_groups.clear()
+    def on_flush(self, epoch: bytes) -> None:
+        """A flush: hold no membership and no queued message (channels stay usable)."""
+        self.flush_epoch = epoch
+        self.memberships.clear()
         for channel in self.channels.values():
             channel.clear()
 
@@ -181,17 +164,8 @@ class Node:
         """Messages this node dropped (full queue of a consumer that stopped receiving)."""
         return self.inbox.dropped
 
-    async def discard(self, group: str, channel: str) -> None:
-        """Leave a group for one of this node's channels, announcing a presence leave."""
-        self.forget(group, channel)
-        record = await self.registry.discard(self.transport, group, channel, notify=False)
-        if record is not None:
-            await self.registry.send_presence(
-                self.transport, group, [], [presence_entry(channel, record)]
-            )
-
     def owns(self, channel: str) -> bool:
         return token_of(channel) == self.token
 
 
-__all__ = ["Membership", "Node", "cancel_and_wait", "default_node_id", "new_token"]
+__all__ = ["Node", "default_node_id", "new_token"]

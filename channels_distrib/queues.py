@@ -5,7 +5,8 @@ the client never reads the reply. Here the pop moves the item into a per-receive
 "in flight" list (``BLMOVE``), and the item leaves that list only once it is in this
 process's buffer; a cancelled or failed pop puts whatever is in flight back at the head of
 the queue, after making sure the abandoned ``BLMOVE`` can no longer fire (``CLIENT
-UNBLOCK``).
+UNBLOCK``). The in-flight list holds a placeholder and has a TTL the receiver renews, so a
+receiver that dies between a pop and its acknowledgement leaves no key behind for good.
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ from redis.asyncio import Redis
 
 from .keys import Keys
 from .local import LocalChannel
-from .tasks import cancel_and_wait
+from .tasks import cancel_and_wait, cancellable
 from .transport import BLOCK_SECONDS, Transport, backoff
 
 logger = logging.getLogger(__name__)
+
+#: TTL of an in-flight list (ms), renewed by its receiver at least every BLOCK_SECONDS.
+INFLIGHT_TTL_MS = 30_000
 
 
 class NamedQueue:
     """One normal channel's receiving side on one event loop; owns its popping task."""
 
-    def __init__(self, keys: Keys, transport: Transport, channel: str) -> None:
+    def __init__(self, keys: Keys, transport: Transport, channel: str, expiry: float) -> None:
         self.channel = channel
         self.transport = transport
+        self.keys = keys
         self.key = keys.queue(channel)
+        self.expiry_ms = int(expiry * 1000)
         self.buffer = LocalChannel(channel, 1 << 30)
         self.popping: asyncio.Task[None] | None = None  # the run currently popping
         self.runs: set[asyncio.Task[None]] = set()  # every run not finished yet
@@ -66,7 +72,7 @@ class NamedQueue:
 
         Each run has its own in-flight list, so a run's clean-up never touches another's.
         """
-        inflight = f"{self.key}:inflight:{secrets.token_hex(4)}"
+        inflight = self.keys.inflight(self.channel, secrets.token_hex(4))
         if previous:
             await asyncio.wait(previous)
         conn: Redis = Redis(
@@ -79,19 +85,28 @@ class NamedQueue:
         try:
             if not self.transport.clock_synced:
                 await self.transport.sync_clock()
+            await self.transport.script("inflight_open", [inflight], [INFLIGHT_TTL_MS])
+
+            async def cut() -> None:
+                if conn.connection is not None:
+                    await conn.connection.disconnect()
+
             # Pop only while a receive here is unserved: never take what others could receive.
             while self.buffer.waiters:
                 try:
                     if client_id is None:
                         client_id = int(await conn.client_id())
-                    item = await conn.blmove(
-                        self.key, inflight, int(BLOCK_SECONDS), "LEFT", "RIGHT"
+                    item = await cancellable(
+                        lambda: conn.blmove(self.key, inflight, int(BLOCK_SECONDS), "LEFT", "RIGHT"),
+                        on_stuck=cut,
                     )
                     if item is not None:
                         delivered = item if isinstance(item, bytes) else item.encode()
                         self._deliver(delivered)
-                        await conn.lpop(inflight)
+                        await self.transport.script("inflight_ack", [inflight], [INFLIGHT_TTL_MS])
                         delivered = None
+                    else:
+                        await self.transport.run(lambda c: c.pexpire(inflight, INFLIGHT_TTL_MS))
                     attempt = 0
                 except asyncio.CancelledError:
                     raise
@@ -103,7 +118,7 @@ class NamedQueue:
                         )
                     # Until the restore is known to have run, remember what was delivered:
                     # restoring later without it would hand that message out again.
-                    while not await self._restore(inflight, delivered, client_id):
+                    while not await self._restore(inflight, delivered, client_id, reopen=True):
                         attempt += 1
                         await asyncio.sleep(backoff(attempt))
                     delivered, client_id = None, None
@@ -149,7 +164,14 @@ class NamedQueue:
         if remaining > 0:
             self.buffer.put(payload, time.monotonic() + remaining)
 
-    async def _restore(self, inflight: str, delivered: bytes | None, client_id: int | None) -> bool:
+    async def _restore(
+        self,
+        inflight: str,
+        delivered: bytes | None,
+        client_id: int | None,
+        *,
+        reopen: bool = False,
+    ) -> bool:
         """Put in-flight items back at the head of the queue (except the one delivered).
 
         Idempotent (the script empties the in-flight list), so a failed attempt may simply be
@@ -160,7 +182,11 @@ class NamedQueue:
                 # The abandoned BLMOVE must not move another item after we looked.
                 blocked = client_id
                 await self.transport.run(lambda c: c.client_unblock(blocked))
-            args: list[Any] = [delivered if delivered is not None else b""]
+            args: list[Any] = [
+                delivered if delivered is not None else b"",
+                self.expiry_ms,
+                INFLIGHT_TTL_MS if reopen else "",
+            ]
             await self.transport.script("restore_inflight", [inflight, self.key], args)
             return True
         except asyncio.CancelledError:

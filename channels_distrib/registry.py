@@ -81,9 +81,19 @@ class Registry:
         self.config = config
         self.keys = keys
         self.serializer = serializer
-        self.inbox_ttl_ms = int(max(config.expiry, config.node_timeout) * 2000) + 10_000
+        # A node's own keys (inbox, full set, channel index) outlive it by this much; its
+        # heartbeat renews them.
+        self.node_ttl_ms = int(max(config.expiry, config.node_timeout) * 2000) + 10_000
+        # The node table outlives the last node long enough for a restarted one to prune it.
+        self.table_ttl_ms = int(max(config.group_expiry, config.node_timeout * 10) * 1000)
 
     # -- writes ---------------------------------------------------------------------------
+
+    def _membership_keys(self, group: str, channel: str, token: str) -> list[str]:
+        """KEYS[1..9] of GROUP_ADD (GROUP_DISCARD takes the first eight)."""
+        side = self.keys.node_channels(token) if token else self.keys.channel_groups(channel)
+        inbox = self.keys.inbox(token) if token else side
+        return [*self.keys.group_keys(group), side, self.keys.nodes, inbox]
 
     async def add(
         self,
@@ -94,42 +104,56 @@ class Registry:
         meta: Meta | None,
         presence: bool,
         notify: bool,
-    ) -> AddResult:
-        """Add or update one membership; ``notify`` tells the owning node through its inbox."""
+        record: bytes | None = None,
+    ) -> AddResult | None:
+        """Add or update one membership; ``notify`` tells the owning node through its inbox.
+
+        Returns None when Redis refused it: the channel's node is not live.
+        """
         token = token_of(channel)
-        keys = self.keys.membership_keys(group, channel, token)
         args = [
-            self.keys.prefix,
             group,
             channel,
             token,
-            encode_record(node_id, meta),
+            record if record is not None else encode_record(node_id, meta),
             "1" if presence else "0",
             int(self.config.group_expiry * 1000),
             "1" if notify and token else "0",
             INBOX_MAXLEN,
-            self.inbox_ttl_ms,
             self.config.capacity_for(channel),
+            self.node_ttl_ms,
         ]
-        old, old_presence, record, flat = await t.script("group_add", keys, args)
+        reply = await t.script("group_add", self._membership_keys(group, channel, token), args)
+        if int(reply[0]) != 1:
+            return None
+        _ok, old, old_presence, stored, flat = reply
         state = [presence_entry(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
-        return AddResult(new=old is None, old_presence=old_presence, record=record, state=state)
+        return AddResult(new=old is None, old_presence=old_presence, record=stored, state=state)
 
     async def discard(self, t: Transport, group: str, channel: str, notify: bool) -> bytes | None:
         """Remove one membership; returns its presence record when it was a presence member."""
         token = token_of(channel)
-        keys = self.keys.membership_keys(group, channel, token)
-        args = [
-            group,
-            channel,
-            token,
-            "1" if notify and token else "0",
-            INBOX_MAXLEN,
-            self.inbox_ttl_ms,
-            self.keys.prefix,
-        ]
+        keys = self._membership_keys(group, channel, token)
+        del keys[7]  # GROUP_DISCARD takes no node table
+        args = [group, channel, token, "1" if notify and token else "0", INBOX_MAXLEN]
         removed, presence = await t.script("group_discard", keys, args)
         return presence if removed and presence else None
+
+    async def sync(self, t: Transport, token: str, items: list[Any]) -> list[Any] | None:
+        """Write a batch of one node's memberships (flat op, group, channel, record, presence
+        quintuples); returns the flat presence changes, or None when the node is not live."""
+        keys = [self.keys.nodes, self.keys.node_channels(token)]
+        args = [
+            self.keys.prefix,
+            token,
+            int(self.config.group_expiry * 1000),
+            self.node_ttl_ms,
+            *items,
+        ]
+        reply = await t.script("sync", keys, args)
+        if int(reply[0]) != 1:
+            return None
+        return list(reply[1:])
 
     def group_send_args(
         self, kind: str, group: str, payload: bytes, exclude: str = ""
@@ -138,7 +162,13 @@ class Registry:
         nodes = (
             self.keys.group_nodes(group) if kind == "g" else self.keys.group_presence_nodes(group)
         )
-        keys = [nodes, self.keys.group_queues(group), self.keys.group(group)]
+        keys = [
+            nodes,
+            self.keys.group_queues(group),
+            self.keys.group(group),
+            self.keys.group_queue_capacity(group),
+            self.keys.group_presence(group),
+        ]
         args: list[Any] = [
             self.keys.prefix,
             kind,
@@ -146,7 +176,6 @@ class Registry:
             payload,
             exclude,
             INBOX_MAXLEN,
-            self.inbox_ttl_ms,
             int(self.config.expiry * 1000),
             int(self.config.group_expiry * 1000),
             self.config.capacity,
@@ -168,37 +197,50 @@ class Registry:
         keys, args = self.group_send_args("p", group, payload, exclude)
         await t.script("group_send", keys, args)
 
-    async def send_leave_diffs(self, t: Transport, flat: list[Any]) -> None:
-        """One diff per group for flat (group, channel, record) triples from PRUNE_NODE."""
-        by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for i in range(0, len(flat), 3):
-            by_group[_text(flat[i])].append(presence_entry(_text(flat[i + 1]), flat[i + 2]))
-        if not by_group:
+    async def send_diffs(
+        self,
+        t: Transport,
+        joins: dict[str, list[dict[str, Any]]],
+        leaves: dict[str, list[dict[str, Any]]],
+    ) -> None:
+        """One ``presence.diff`` per group for many groups at once, in one pipeline."""
+        groups = sorted(set(joins) | set(leaves))
+        if not groups:
             return
         script = t.scripts["group_send"]
 
         async def send_all(client: Any) -> None:
             async with client.pipeline(transaction=False) as pipe:
-                for group, leaves in by_group.items():
-                    payload = self.serializer.dumps(
-                        {"type": "presence.diff", "group": group, "joins": [], "leaves": leaves}
-                    )
-                    keys, args = self.group_send_args("p", group, payload)
+                for group in groups:
+                    diff = {
+                        "type": "presence.diff",
+                        "group": group,
+                        "joins": joins.get(group, []),
+                        "leaves": leaves.get(group, []),
+                    }
+                    keys, args = self.group_send_args("p", group, self.serializer.dumps(diff))
                     await script(keys=keys, args=args, client=pipe)
                 await pipe.execute()
 
         await t.run(send_all)
 
+    async def send_leave_diffs(self, t: Transport, flat: list[Any]) -> None:
+        """One diff per group for flat (group, channel, record) triples from PRUNE_NODE."""
+        by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for i in range(0, len(flat), 3):
+            by_group[_text(flat[i])].append(presence_entry(_text(flat[i + 1]), flat[i + 2]))
+        await self.send_diffs(t, {}, by_group)
+
     async def prune_token(self, t: Transport, token: str, *, own: bool = False) -> bool:
         """Remove a dead node (or, with ``own``, this node on a clean stop) and announce leaves."""
-        keys = [self.keys.nodes, self.keys.node_info, self.keys.node_ids, self.keys.token_ids]
-        args = [
-            self.keys.prefix,
-            token,
-            int(self.config.node_timeout * 1000),
-            TOMBSTONE_MS,
-            "1" if own else "0",
+        keys = [
+            *self.keys.table_keys(),
+            self.keys.node_channels(token),
+            self.keys.inbox(token),
+            self.keys.full(token),
+            self.keys.tombstone(token),
         ]
+        args = [self.keys.prefix, token, TOMBSTONE_MS, "1" if own else "0"]
         result = await t.script("prune_node", keys, args)
         if not result or int(result[0]) != 1:
             return False
@@ -248,6 +290,10 @@ class Registry:
         return members
 
     async def channel_groups(self, t: Transport, channel: str) -> set[str]:
+        token = token_of(channel)
+        if token:
+            words = await t.run(lambda c: c.hget(self.keys.node_channels(token), channel))
+            return set(_text(words).split()) if words else set()
         groups = await t.run(lambda c: c.smembers(self.keys.channel_groups(channel)))
         return {_text(group) for group in groups}
 
@@ -294,5 +340,5 @@ class Registry:
         token = await t.run(lambda c: c.hget(self.keys.node_ids, node_id))
         if token is None:
             return set()
-        names = await t.run(lambda c: c.smembers(self.keys.node_channels(_text(token))))
+        names = await t.run(lambda c: c.hkeys(self.keys.node_channels(_text(token))))
         return {_text(name) for name in names}

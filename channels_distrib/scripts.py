@@ -1,17 +1,34 @@
 """Every Lua script the layer runs, each documented with its KEYS, ARGV and return value.
 
-The key layout is in :mod:`channels_distrib.keys`. Scripts that must reach keys named by data
-(a group's nodes' inboxes, a dead node's channels) build those names from the prefix in ARGV;
-that is allowed on a standalone server and a Sentinel master. A Redis Cluster deployment
-splits these into a read plus pipelined writes instead (see DESIGN.md).
+The key layout is in :mod:`channels_distrib.keys`. Every key a script touches that the caller
+can name is passed in KEYS. Three scripts must also reach keys named by data they read (a
+group's nodes' inboxes, its normal members' queues, a dead node's groups, a batch of a node's
+groups); they build those names with the helpers in :data:`LUA_KEYS`, which mirror
+:class:`~channels_distrib.keys.Keys`. That is fine on a standalone server or a Sentinel
+master; Redis Cluster splits them into a read and pipelined writes instead (DESIGN.md).
 
 Times are Redis server time in milliseconds (``TIME``), so nodes on different hosts agree.
+Writes to inboxes use ``XADD ... NOMKSTREAM``: only a live node's heartbeat creates its inbox,
+so no send ever re-creates the inbox of a pruned node.
 """
 
 from __future__ import annotations
 
+#: Key names built inside Lua (see keys.py for the layout these mirror).
+LUA_KEYS = """
+local function gkey(prefix, group, suffix) return prefix .. ':{g.' .. group .. '}:' .. suffix end
+local function ckey(prefix, channel, suffix) return prefix .. ':{c.' .. channel .. '}:' .. suffix end
+local function nkey(prefix, token, suffix) return prefix .. ':{n.' .. token .. '}:' .. suffix end
+local function group_keys(prefix, group)
+  return {gkey(prefix, group, 'm'), gkey(prefix, group, 'n'), gkey(prefix, group, 'p'),
+          gkey(prefix, group, 'pm'), gkey(prefix, group, 'q'), gkey(prefix, group, 'qc')}
+end
+"""
+
 # Shared helpers, prepended to the scripts that use them.
-_PRELUDE = """
+_PRELUDE = (
+    LUA_KEYS
+    + """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -22,6 +39,10 @@ end
 local function extend(key, ms)
   -- Lengthen a key's TTL, never shorten it: processes with a longer group_expiry win.
   if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+local function live(nodes, token)
+  local deadline = redis.call('ZSCORE', nodes, token)
+  return deadline and tonumber(deadline) >= now_ms()
 end
 local function drop_expired(queue, now)
   -- Items are "<expire ms>:<payload>" in send order, so expired ones sit at the head.
@@ -34,9 +55,88 @@ local function drop_expired(queue, now)
   end
 end
 """
+)
+
+# A node's channel -> groups index is a hash whose values are space-separated group names
+# (group names hold no spaces): one field per channel instead of one set per channel.
+_WORDS = """
+local function add_word(key, field, word)
+  local words = redis.call('HGET', key, field)
+  if not words then
+    redis.call('HSET', key, field, word)
+  elseif not string.find(' ' .. words .. ' ', ' ' .. word .. ' ', 1, true) then
+    redis.call('HSET', key, field, words .. ' ' .. word)
+  end
+end
+local function remove_word(key, field, word)
+  local words = redis.call('HGET', key, field)
+  if not words then return end
+  local kept = {}
+  for w in string.gmatch(words, '%S+') do if w ~= word then table.insert(kept, w) end end
+  if #kept == 0 then redis.call('HDEL', key, field)
+  else redis.call('HSET', key, field, table.concat(kept, ' ')) end
+end
+"""
+
+# Membership helpers shared by GROUP_ADD, GROUP_DISCARD, SYNC, GROUP_SEND and PRUNE_NODE.
+# `g` is the group's six keys (m, n, p, pm, q, qc); `side` is the channel's own index: the
+# node's channel hash (P:{n.<token>}:c) for a node's channel, the channel's group set
+# (P:{c.<channel>}:g) for a normal channel.
+_MEMBERSHIP = (
+    _WORDS
+    + """
+local function add_member(g, side, group, channel, token, record, presence, gexp, capacity, node_ttl)
+  if string.sub(record, 1, 1) == ':' then record = now_ms() .. record end
+  local old = redis.call('HGET', g[1], channel)
+  local old_presence = redis.call('HGET', g[4], channel)
+  redis.call('HSET', g[1], channel, record)
+  if token == '' then
+    redis.call('ZADD', g[5], now_ms(), channel)
+    redis.call('HSET', g[6], channel, capacity)
+    redis.call('SADD', side, group)
+    extend(g[5], gexp); extend(g[6], gexp); extend(side, gexp)
+  else
+    if not old then redis.call('HINCRBY', g[2], token, 1) end
+    add_word(side, channel, group)
+    extend(g[2], gexp); extend(side, node_ttl)
+  end
+  if presence == '1' then
+    redis.call('HSET', g[4], channel, record)
+    if not old_presence and token ~= '' then redis.call('HINCRBY', g[3], token, 1) end
+    extend(g[4], gexp); extend(g[3], gexp)
+  elseif old_presence then
+    redis.call('HDEL', g[4], channel)
+    if token ~= '' then decr(g[3], token) end
+  end
+  extend(g[1], gexp)
+  return old, old_presence, record
+end
+local function remove_member(g, side, group, channel, token)
+  -- The channel's own index is cleaned even when the group hash had no entry (self-healing).
+  if token == '' then
+    redis.call('SREM', side, group)
+  else
+    remove_word(side, channel, group)
+  end
+  if redis.call('HDEL', g[1], channel) == 0 then return false, false end
+  if token == '' then
+    redis.call('ZREM', g[5], channel)
+    redis.call('HDEL', g[6], channel)
+  else
+    decr(g[2], token)
+  end
+  local presence = redis.call('HGET', g[4], channel)
+  if presence then
+    redis.call('HDEL', g[4], channel)
+    if token ~= '' then decr(g[3], token) end
+  end
+  return true, presence or false
+end
+"""
+)
 
 # SEND_QUEUE: append one message to a normal channel's queue, unless it is at capacity.
-# KEYS[1] queue list (P:q:<channel>)
+# KEYS[1] queue list (P:{c.<channel>}:q)
 # ARGV[1] payload, ARGV[2] capacity, ARGV[3] expiry ms
 # Returns 1 when queued, 0 when the channel is full (the caller raises ChannelFull).
 SEND_QUEUE = (
@@ -52,54 +152,55 @@ return 1
 )
 
 # SEND_INBOX: append a message for one process-local channel to its node's inbox stream.
-# KEYS[1] inbox stream (P:in:<token>), KEYS[2] the node's full set (P:full:<token>)
-# ARGV[1] channel, ARGV[2] payload, ARGV[3] inbox max length (approximate), ARGV[4] inbox TTL ms
-# Returns 1 when appended, 0 when the owning node marked the channel full.
+# KEYS[1] inbox stream (P:{n.<token>}:in), KEYS[2] the node's full set (P:{n.<token>}:full)
+# ARGV[1] channel, ARGV[2] payload, ARGV[3] inbox max length (approximate)
+# Returns 1 when appended, 0 when the owning node marked the channel full, 2 when the node
+# has no inbox (it is not live: the message goes nowhere, as to any channel nobody reads).
 SEND_INBOX = """
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'c', ARGV[1], 'm', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[3], '*', 'c', ARGV[1], 'm', ARGV[2])
+if not id then return 2 end
 return 1
 """
 
 # GROUP_SEND: one message to every node with members of a group (one inbox entry per node;
 # the node fans out locally), and to every normal-channel member's queue.
-# KEYS[1] P:gn:<group> (or P:gp:<group> for presence-only sends), KEYS[2] P:gq:<group>,
-# KEYS[3] P:g:<group>
+# KEYS[1] P:{g.<group>}:n (or :p for presence-only sends), KEYS[2] :q, KEYS[3] :m,
+# KEYS[4] :qc, KEYS[5] :pm of the group
 # ARGV[1] prefix, ARGV[2] entry kind: 'g' (all members) or 'p' (presence members only),
 # ARGV[3] group, ARGV[4] payload, ARGV[5] channel to exclude ('' for none),
-# ARGV[6] inbox max length, ARGV[7] unused, ARGV[8] expiry ms, ARGV[9] group_expiry ms,
-# ARGV[10] default capacity (P:qc holds each normal member's own capacity)
+# ARGV[6] inbox max length, ARGV[7] expiry ms, ARGV[8] group_expiry ms, ARGV[9] default capacity
 # Returns {nodes written, queues written, queue messages dropped for capacity}.
 GROUP_SEND = (
     _PRELUDE
+    + _MEMBERSHIP
     + """
 local prefix, kind, group, payload, exclude = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local tokens = redis.call('HKEYS', KEYS[1])
+local written = 0
 for _, token in ipairs(tokens) do
-  local inbox = prefix .. ':in:' .. token
-  -- No PEXPIRE here: a listed node keeps its own inbox's TTL fresh (HEARTBEAT), and
-  -- pruning deletes the inbox together with the node's entries in these hashes.
+  local inbox = nkey(prefix, token, 'in')
+  -- NOMKSTREAM: a pruned node's inbox stays gone (its heartbeat re-creates it on return).
+  local id
   if exclude == '' then
-    redis.call('XADD', inbox, 'MAXLEN', '~', ARGV[6], '*', kind, group, 'm', payload)
+    id = redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[6], '*', kind, group, 'm', payload)
   else
-    redis.call('XADD', inbox, 'MAXLEN', '~', ARGV[6], '*', kind, group, 'm', payload, 'x', exclude)
+    id = redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[6], '*', kind, group, 'm', payload, 'x', exclude)
   end
+  if id then written = written + 1 end
 end
 local queued, dropped = 0, 0
 if kind == 'g' and redis.call('EXISTS', KEYS[2]) == 1 then
   local now = now_ms()
-  local expiry = tonumber(ARGV[8])
-  local stale = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[9]))
-  for _, channel in ipairs(stale) do
-    redis.call('ZREM', KEYS[2], channel)
-    redis.call('HDEL', KEYS[3], channel)
-    redis.call('SREM', prefix .. ':cg:' .. channel, group)
+  local expiry = tonumber(ARGV[7])
+  local g = {KEYS[3], '', '', KEYS[5], KEYS[2], KEYS[4]}
+  for _, channel in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[8]))) do
+    remove_member(g, ckey(prefix, channel, 'g'), group, channel, '')
   end
   for _, channel in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     if channel ~= exclude then
-      local capacity = tonumber(redis.call('HGET', prefix .. ':qc', channel) or ARGV[10])
-      local queue = prefix .. ':q:' .. channel
+      local capacity = tonumber(redis.call('HGET', KEYS[4], channel) or ARGV[9])
+      local queue = ckey(prefix, channel, 'q')
       drop_expired(queue, now)
       if redis.call('LLEN', queue) >= capacity then
         dropped = dropped + 1
@@ -111,135 +212,112 @@ if kind == 'g' and redis.call('EXISTS', KEYS[2]) == 1 then
     end
   end
 end
-return {#tokens, queued, dropped}
+return {written, queued, dropped}
 """
 )
 
-# Membership helpers shared by GROUP_ADD and REREGISTER.
-_MEMBERSHIP = """
-local function add_member(prefix, group, channel, token, record, presence, gexp, capacity)
-  local g, gn, gp = prefix .. ':g:' .. group, prefix .. ':gn:' .. group, prefix .. ':gp:' .. group
-  local gpm, gq = prefix .. ':gpm:' .. group, prefix .. ':gq:' .. group
-  local cg = prefix .. ':cg:' .. channel
-  if string.sub(record, 1, 1) == ':' then record = now_ms() .. record end
-  local old = redis.call('HGET', g, channel)
-  local old_presence = redis.call('HGET', gpm, channel)
-  redis.call('HSET', g, channel, record)
-  if token == '' then
-    redis.call('ZADD', gq, now_ms(), channel)
-    extend(gq, gexp)
-    redis.call('HSET', prefix .. ':qc', channel, capacity)
-    extend(prefix .. ':qc', gexp)
-  elseif not old then
-    redis.call('HINCRBY', gn, token, 1)
-  end
-  if presence == '1' then
-    redis.call('HSET', gpm, channel, record)
-    if not old_presence and token ~= '' then redis.call('HINCRBY', gp, token, 1) end
-    extend(gpm, gexp)
-    extend(gp, gexp)
-  elseif old_presence then
-    redis.call('HDEL', gpm, channel)
-    if token ~= '' then decr(gp, token) end
-  end
-  redis.call('SADD', cg, group)
-  extend(cg, gexp)
-  if token ~= '' then
-    local nc = prefix .. ':nc:' .. token
-    redis.call('SADD', nc, channel)
-    extend(nc, gexp)
-    extend(gn, gexp)
-  end
-  extend(g, gexp)
-  return old, old_presence, record
-end
-"""
-
-# GROUP_ADD: add (or update) one membership; for presence members, also read the presence state.
-# When another process adds a node's channel, it also tells that node through its inbox.
-# KEYS[1..7] P:g, P:gn, P:gp, P:gpm, P:gq of the group, P:cg:<channel>, P:nc:<token>
-#   (declared for documentation and Cluster slot checks; the helper rebuilds them from ARGV[1])
-# ARGV[1] prefix, ARGV[2] group, ARGV[3] channel, ARGV[4] owning node token ('' for a normal
-# channel), ARGV[5] member record ':<msgpack [node_id, meta]>' (stamped here with the join
-# time), ARGV[6] presence '1'/'0', ARGV[7] group_expiry ms, ARGV[8] '1' to notify the owning
-# node's inbox, ARGV[9] inbox max length, ARGV[10] inbox TTL ms, ARGV[11] the channel's
-# capacity (kept in P:qc for normal channels, so GROUP_SEND can enforce it server-side)
-# Returns {old record or false, old presence record or false, stored record, presence state
-# as a flat channel/record list (only when ARGV[6] is '1')}.
+# GROUP_ADD: add (or update) one membership; for presence members, also read the presence
+# state. A process-local channel is recorded only while its node is live (a stale name, or
+# a name with '!' that no live node issued, is refused); when another process adds a node's
+# channel, the node is told through its inbox.
+# KEYS[1..6] the group's m, n, p, pm, q, qc; KEYS[7] the channel's index (P:{n.<token>}:c or
+# P:{c.<channel>}:g); KEYS[8] P:{x}:nodes; KEYS[9] the owning node's inbox (or KEYS[7])
+# ARGV[1] group, ARGV[2] channel, ARGV[3] owning node token ('' for a normal channel),
+# ARGV[4] member record ':<msgpack [node_id, meta]>' (stamped here with the join time),
+# ARGV[5] presence '1'/'0', ARGV[6] group_expiry ms, ARGV[7] '1' to notify the owning node,
+# ARGV[8] inbox max length, ARGV[9] the channel's capacity (normal channels), ARGV[10] node
+# key TTL ms
+# Returns {0} when refused (the channel's node is not live); else {1, old record or false,
+# old presence record or false, stored record, presence state as a flat channel/record list
+# (only when ARGV[5] is '1')}.
 GROUP_ADD = (
     _PRELUDE
     + _MEMBERSHIP
     + """
-local prefix, group, channel, token, presence = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
-local old, old_presence, record = add_member(prefix, group, channel, token, ARGV[5], presence, tonumber(ARGV[7]), ARGV[11])
-if ARGV[8] == '1' then
-  local inbox = prefix .. ':in:' .. token
-  redis.call('XADD', inbox, 'MAXLEN', '~', ARGV[9], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', presence)
-  redis.call('PEXPIRE', inbox, ARGV[10])
+local group, channel, token, presence = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+if token ~= '' and not live(KEYS[8], token) then return {0} end
+local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local old, old_presence, record = add_member(g, KEYS[7], group, channel, token, ARGV[4], presence, tonumber(ARGV[6]), ARGV[9], tonumber(ARGV[10]))
+if ARGV[7] == '1' then
+  redis.call('XADD', KEYS[9], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', presence)
 end
 local state = {}
 if presence == '1' then state = redis.call('HGETALL', KEYS[4]) end
-return {old or false, old_presence or false, record, state}
-"""
-)
-
-# REREGISTER: re-add a batch of memberships a node holds in memory (after it was pruned while
-# alive, or after Redis lost its data). Same effect as GROUP_ADD for each.
-# KEYS none. ARGV[1] prefix, ARGV[2] node token, ARGV[3] group_expiry ms, then groups of four:
-# group, channel, record, presence ('1'/'0').
-# Returns a flat list group, channel, record for each presence membership that was missing
-# (the caller announces those joins only when the node had been pruned).
-REREGISTER = (
-    _PRELUDE
-    + _MEMBERSHIP
-    + """
-local added = {}
-local gexp = tonumber(ARGV[3])
-for i = 4, #ARGV, 4 do
-  local _, old_presence, record = add_member(ARGV[1], ARGV[i], ARGV[i + 1], ARGV[2], ARGV[i + 2], ARGV[i + 3], gexp, 0)
-  if ARGV[i + 3] == '1' and not old_presence then
-    table.insert(added, ARGV[i]); table.insert(added, ARGV[i + 1]); table.insert(added, record)
-  end
-end
-return added
+return {1, old or false, old_presence or false, record, state}
 """
 )
 
 # GROUP_DISCARD: remove one membership; does nothing if it is not there.
-# KEYS[1..7] as GROUP_ADD. ARGV[1] group, ARGV[2] channel, ARGV[3] owning node token ('' normal),
-# ARGV[4] '1' to tell the owning node through its inbox, ARGV[5] inbox max length,
-# ARGV[6] inbox TTL ms, ARGV[7] prefix
+# KEYS[1..7] as GROUP_ADD; KEYS[8] the owning node's inbox (or KEYS[7])
+# ARGV[1] group, ARGV[2] channel, ARGV[3] owning node token ('' for a normal channel),
+# ARGV[4] '1' to tell the owning node through its inbox, ARGV[5] inbox max length
 # Returns {1 if removed else 0, the presence record if it was a presence member else false}.
 GROUP_DISCARD = (
     _PRELUDE
+    + _MEMBERSHIP
     + """
 local group, channel, token = ARGV[1], ARGV[2], ARGV[3]
 if ARGV[4] == '1' then
-  local inbox = ARGV[7] .. ':in:' .. token
-  redis.call('XADD', inbox, 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', group, 'c', channel)
-  redis.call('PEXPIRE', inbox, ARGV[6])
+  redis.call('XADD', KEYS[8], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', group, 'c', channel)
 end
-if redis.call('HDEL', KEYS[1], channel) == 0 then return {0, false} end
-if token == '' then redis.call('ZREM', KEYS[5], channel) else decr(KEYS[2], token) end
-local presence = redis.call('HGET', KEYS[4], channel)
-if presence then
-  redis.call('HDEL', KEYS[4], channel)
-  if token ~= '' then decr(KEYS[3], token) end
+local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local removed, presence = remove_member(g, KEYS[7], group, channel, token)
+return {removed and 1 or 0, presence}
+"""
+)
+
+# SYNC: write a batch of one node's memberships as the node holds them: re-adds (after the
+# node was pruned while alive, or Redis lost its data) and removals (retried until Redis
+# confirms them, or found by reconciliation). Refused while the node is not live, so a node
+# that was pruned writes nothing back until its heartbeat has re-registered it.
+# KEYS[1] P:{x}:nodes, KEYS[2] the node's channel hash (P:{n.<token>}:c)
+# ARGV[1] prefix, ARGV[2] node token, ARGV[3] group_expiry ms, ARGV[4] node key TTL ms, then
+# groups of five: op ('a' add / 'r' remove), group, channel, record, presence ('1'/'0')
+# Returns {0} when the node is not live; else {1, then kind, group, channel, record for each
+# change worth reporting: 'j' a presence membership that was missing and is now added, 'l' a
+# presence membership that was there and is now removed, 's' the join stamp given to an
+# added record that had none}.
+SYNC = (
+    _PRELUDE
+    + _MEMBERSHIP
+    + """
+local prefix, token = ARGV[1], ARGV[2]
+if not live(KEYS[1], token) then return {0} end
+local gexp, node_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local changes = {1}
+for i = 5, #ARGV, 5 do
+  local op, group, channel = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local g = group_keys(prefix, group)
+  if op == 'a' then
+    local _, old_presence, record = add_member(g, KEYS[2], group, channel, token, ARGV[i + 3], ARGV[i + 4], gexp, 0, node_ttl)
+    local kind = false
+    if ARGV[i + 4] == '1' and not old_presence then kind = 'j'
+    elseif string.sub(ARGV[i + 3], 1, 1) == ':' then kind = 's' end
+    if kind then
+      table.insert(changes, kind); table.insert(changes, group); table.insert(changes, channel); table.insert(changes, record)
+    end
+  else
+    local _, presence = remove_member(g, KEYS[2], group, channel, token)
+    if presence then
+      table.insert(changes, 'l'); table.insert(changes, group); table.insert(changes, channel); table.insert(changes, presence)
+    end
+  end
 end
-redis.call('SREM', KEYS[6], group)
-if token ~= '' and redis.call('SCARD', KEYS[6]) == 0 then redis.call('SREM', KEYS[7], channel) end
-return {1, presence or false}
+return changes
 """
 )
 
 # HEARTBEAT: record that a node is alive, and report what it needs to know.
-# KEYS[1] P:nodes (token -> deadline ms), KEYS[2] P:ni, KEYS[3] P:nid, KEYS[4] P:tid, KEYS[5] P:pruned:<token>,
-# KEYS[6] P:flush, KEYS[7] the node's inbox (P:in:<token>)
+# KEYS[1..4] P:{x}:nodes, ni, nid, tid; KEYS[5] the node's tombstone; KEYS[6] P:{x}:flush;
+# KEYS[7] the node's inbox; KEYS[8] its full set; KEYS[9] its channel hash; KEYS[10..] node
+# zsets of other key layouts (checked on the first beat)
 # ARGV[1] token, ARGV[2] node id, ARGV[3] node info (msgpack), ARGV[4] node_timeout ms,
-# ARGV[5] '1' on first registration (refuse a node id held by another live process),
-# ARGV[6] inbox TTL ms (refreshed here, so sends need not)
-# Returns {-1, other token} when the id is taken; else {existed 1/0, was pruned 1/0,
-# now ms, flush epoch or '', dead tokens (at most 16 per beat)}.
+# ARGV[5] '1' on first registration, ARGV[6] node key TTL ms, ARGV[7] node table TTL ms,
+# ARGV[8] inbox max length
+# Returns {-1, other token} when the node id is taken by another live process; {-2} when the
+# token is already known (a collision: pick another); {-3, key} when a live node of another
+# key layout uses this prefix; else {existed 1/0, was pruned 1/0, now ms, flush epoch or '',
+# dead tokens (at most 16 per beat), newest inbox entry id}.
 HEARTBEAT = (
     _PRELUDE
     + """
@@ -249,6 +327,13 @@ local now = now_ms()
 -- different timeouts (a rolling configuration change) judge each other by the right one.
 local deadline = now + tonumber(ARGV[4])
 if ARGV[5] == '1' then
+  for i = 10, #KEYS do
+    if #redis.call('ZRANGEBYSCORE', KEYS[i], now, '+inf', 'LIMIT', 0, 1) > 0 then return {-3, KEYS[i]} end
+  end
+  if redis.call('ZSCORE', KEYS[1], token) or redis.call('HEXISTS', KEYS[4], token) == 1
+     or redis.call('EXISTS', KEYS[5], KEYS[7]) > 0 then
+    return {-2}
+  end
   local other = redis.call('HGET', KEYS[3], node_id)
   if other and other ~= token then
     local other_deadline = redis.call('ZSCORE', KEYS[1], other)
@@ -262,46 +347,56 @@ redis.call('HSET', KEYS[2], token, ARGV[3])
 redis.call('HSET', KEYS[3], node_id, token)
 redis.call('HSET', KEYS[4], token, node_id)
 if pruned == 1 then redis.call('DEL', KEYS[5]) end
-redis.call('PEXPIRE', KEYS[7], ARGV[6])
+if redis.call('EXISTS', KEYS[7]) == 0 then
+  -- Only the live node creates its inbox; sends never do (NOMKSTREAM). 'o' 'n' is a no-op.
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[8], '*', 'o', 'n')
+end
+local node_ttl, table_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+for i = 7, 9 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], node_ttl) end
+end
+for i = 1, 4 do extend(KEYS[i], table_ttl) end
+local newest = redis.call('XREVRANGE', KEYS[7], '+', '-', 'COUNT', 1)
+local newest_id = newest[1] and newest[1][1] or '0-0'
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
-return {existed, pruned, now, redis.call('GET', KEYS[6]) or '', dead}
+return {existed, pruned, now, redis.call('GET', KEYS[6]) or '', dead, newest_id}
 """
 )
 
 # PRUNE_NODE: remove a dead node and every membership of its channels, atomically, once.
-# KEYS[1] P:nodes, KEYS[2] P:ni, KEYS[3] P:nid, KEYS[4] P:tid
-# ARGV[1] prefix, ARGV[2] token, ARGV[3] unused (the deadline is in P:nodes), ARGV[4] tombstone TTL ms,
-# ARGV[5] '1' when a node removes itself on a clean stop (no liveness check, no tombstone)
+# KEYS[1..4] P:{x}:nodes, ni, nid, tid; KEYS[5] the node's channel hash; KEYS[6] its inbox;
+# KEYS[7] its full set; KEYS[8] its tombstone
+# ARGV[1] prefix, ARGV[2] token, ARGV[3] tombstone TTL ms, ARGV[4] '1' when a node removes
+# itself on a clean stop (no liveness check, no tombstone)
 # Returns {0} when there was nothing to prune (already pruned, or it beat again meanwhile);
 # else {1, then group, channel, record for each presence membership removed}.
 PRUNE_NODE = (
     _PRELUDE
     + """
-local prefix, token, own = ARGV[1], ARGV[2], ARGV[5] == '1'
+local prefix, token, own = ARGV[1], ARGV[2], ARGV[4] == '1'
 local seen = redis.call('ZSCORE', KEYS[1], token)
 if not own then
   if not seen then return {0} end
   if tonumber(seen) >= now_ms() then return {0} end  -- its deadline has not passed
 end
 local result = {1}
-local nc = prefix .. ':nc:' .. token
-for _, channel in ipairs(redis.call('SMEMBERS', nc)) do
-  local cg = prefix .. ':cg:' .. channel
-  for _, group in ipairs(redis.call('SMEMBERS', cg)) do
-    if redis.call('HDEL', prefix .. ':g:' .. group, channel) == 1 then
-      decr(prefix .. ':gn:' .. group, token)
-      local gpm = prefix .. ':gpm:' .. group
-      local record = redis.call('HGET', gpm, channel)
+local index = redis.call('HGETALL', KEYS[5])
+for i = 1, #index, 2 do
+  local channel = index[i]
+  for group in string.gmatch(index[i + 1], '%S+') do
+    if redis.call('HDEL', gkey(prefix, group, 'm'), channel) == 1 then
+      decr(gkey(prefix, group, 'n'), token)
+      local pm = gkey(prefix, group, 'pm')
+      local record = redis.call('HGET', pm, channel)
       if record then
-        redis.call('HDEL', gpm, channel)
-        decr(prefix .. ':gp:' .. group, token)
+        redis.call('HDEL', pm, channel)
+        decr(gkey(prefix, group, 'p'), token)
         table.insert(result, group); table.insert(result, channel); table.insert(result, record)
       end
     end
   end
-  redis.call('DEL', cg)
 end
-redis.call('DEL', nc, prefix .. ':in:' .. token, prefix .. ':full:' .. token)
+redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
 redis.call('ZREM', KEYS[1], token)
 redis.call('HDEL', KEYS[2], token)
 local node_id = redis.call('HGET', KEYS[4], token)
@@ -309,33 +404,69 @@ if node_id then
   if redis.call('HGET', KEYS[3], node_id) == token then redis.call('HDEL', KEYS[3], node_id) end
   redis.call('HDEL', KEYS[4], token)
 end
-if not own then redis.call('SET', prefix .. ':pruned:' .. token, '1', 'PX', ARGV[4]) end
+if not own then redis.call('SET', KEYS[8], '1', 'PX', ARGV[3]) end
 return result
 """
 )
 
+# INFLIGHT_OPEN: start (or resume) a receiver's in-flight list with a placeholder item, so
+# BLMOVE always moves into an existing list and the list keeps its TTL: a receiver that dies
+# between a pop and its acknowledgement leaves nothing behind for longer than the TTL.
+# KEYS[1] the in-flight list (P:{c.<channel>}:i.<run>). ARGV[1] TTL ms.
+# Returns 1.
+INFLIGHT_OPEN = """
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('RPUSH', KEYS[1], '') end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# INFLIGHT_ACK: the item BLMOVE put at the tail of the in-flight list is in this process's
+# buffer: drop it from the list and renew the list's TTL.
+# KEYS[1] the in-flight list. ARGV[1] TTL ms.
+# Returns 1 when an item was dropped, 0 when only the placeholder (or nothing) was there.
+INFLIGHT_ACK = """
+local tail = redis.call('LINDEX', KEYS[1], -1)
+local dropped = 0
+if tail and tail ~= '' then redis.call('RPOP', KEYS[1]); dropped = 1 end
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('RPUSH', KEYS[1], '') end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return dropped
+"""
+
 # RESTORE_INFLIGHT: give back what a cancelled or failed receive had moved out of a queue.
-# KEYS[1] the receiver's in-flight list, KEYS[2] the queue (P:q:<channel>)
-# ARGV[1] the item already delivered locally (skipped once), or '' for none
+# KEYS[1] the receiver's in-flight list, KEYS[2] the queue (P:{c.<channel>}:q)
+# ARGV[1] the item already delivered locally (skipped once), or '' for none; ARGV[2] the
+# queue's expiry ms (a queue that had expired meanwhile gets its TTL back); ARGV[3] the
+# in-flight TTL ms to reopen the list with, or '' to leave it deleted
 # Returns the number of items put back at the head of the queue, in their original order.
-RESTORE_INFLIGHT = """
+RESTORE_INFLIGHT = (
+    _PRELUDE
+    + """
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 redis.call('DEL', KEYS[1])
 local skipped, restored = false, 0
 for i = #items, 1, -1 do
-  if not skipped and ARGV[1] ~= '' and items[i] == ARGV[1] then
+  if items[i] == '' then
+    -- the placeholder
+  elseif not skipped and ARGV[1] ~= '' and items[i] == ARGV[1] then
     skipped = true
   else
     redis.call('LPUSH', KEYS[2], items[i])
     restored = restored + 1
   end
 end
+if restored > 0 then extend(KEYS[2], tonumber(ARGV[2]) + 1000) end
+if ARGV[3] ~= '' then
+  redis.call('RPUSH', KEYS[1], '')
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
 return restored
 """
+)
 
 # TAKE_TOKENS: a token bucket shared by every process (for example a per-user rate limit that
 # holds across nodes). Tokens refill continuously at ARGV[1] per second up to ARGV[2].
-# KEYS[1] the bucket (P:rl:<key>, a hash of tokens and the last refill time)
+# KEYS[1] the bucket (P:{r.<key>}:b, a hash of tokens and the last refill time)
 # ARGV[1] rate (tokens per second), ARGV[2] burst (bucket size), ARGV[3] cost
 # Returns 1 when the cost was taken, 0 when the bucket holds too few tokens (nothing taken).
 TAKE_TOKENS = (
@@ -357,8 +488,8 @@ return taken
 )
 
 # NODES: the node table and the server time, for nodes() in one round trip.
-# KEYS[1] P:nodes, KEYS[2] P:ni
-# Returns {now ms, flat token/last-seen list, flat token/info list}.
+# KEYS[1] P:{x}:nodes, KEYS[2] P:{x}:ni
+# Returns {now ms, flat token/deadline list, flat token/info list}.
 NODES = (
     _PRELUDE
     + """
@@ -371,11 +502,13 @@ ALL = {
     "send_inbox": SEND_INBOX,
     "group_send": GROUP_SEND,
     "group_add": GROUP_ADD,
-    "reregister": REREGISTER,
     "group_discard": GROUP_DISCARD,
+    "sync": SYNC,
     "heartbeat": HEARTBEAT,
     "prune_node": PRUNE_NODE,
     "nodes": NODES,
+    "inflight_open": INFLIGHT_OPEN,
+    "inflight_ack": INFLIGHT_ACK,
     "restore_inflight": RESTORE_INFLIGHT,
     "take_tokens": TAKE_TOKENS,
 }

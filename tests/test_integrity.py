@@ -6,9 +6,9 @@ Key names are never hard-coded: keys are judged by type and TTL, so the tests ho
 key layout change the issue asks for. Faults come from the loopback TCP proxy in
 ``tests/helpers_layers.py`` (cut, slow link, a reply that never comes).
 
-Tests that fail on today's code carry ``xfail(strict=True, raises=AssertionError)``: a broken
-precondition (the fault did not happen as intended) raises ``SetupError`` instead, which is a
-real failure, so an xfail can only come from the contract check itself.
+Each test failed on the code before the fix of issue 8 (the membership owner, key layout 2,
+the channel-life rule). A broken precondition (the fault did not happen as intended) raises
+``SetupError``, so a test can only pass through the contract check itself.
 """
 
 from __future__ import annotations
@@ -118,11 +118,6 @@ async def stream_keys(redis_url: str, prefix: str) -> set[bytes]:
 # ---------------------------------------------------------------- 1. foreign adds
 
 
-@pytest.mark.xfail(
-    reason="issue 8: foreign add of a channel whose node is gone is recorded",
-    strict=True,
-    raises=AssertionError,
-)
 @pytest.mark.parametrize("kind", ["closed-owner", "never-issued", "bang-name"])
 async def test_foreign_add_of_a_channel_no_live_node_issued_is_never_recorded(
     make_layer, redis_url, prefix, kind
@@ -158,11 +153,6 @@ async def test_foreign_add_of_a_channel_no_live_node_issued_is_never_recorded(
 # ---------------------------------------------------------------- 2. failed / cancelled removals
 
 
-@pytest.mark.xfail(
-    reason="issue 8: a group_discard whose Redis write failed is never retried",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_failed_discard_is_retried_once_redis_answers(make_layer, redis_url):
     """The node's link is cut: the discard may raise, but once Redis answers again the node
     finishes it within two heartbeats (it is never pruned meanwhile: node_timeout is long)."""
@@ -194,11 +184,6 @@ async def test_failed_discard_is_retried_once_redis_answers(make_layer, redis_ur
             await close_quietly(node)
 
 
-@pytest.mark.xfail(
-    reason="issue 8: a group_discard cancelled during an outage is forgotten by the node only",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_discard_cancelled_during_outage_is_still_done(make_layer, redis_url):
     """A consumer's cleanup times out (is cancelled) while Redis is unreachable: the node has
     forgotten the membership, so it must finish the removal once Redis answers."""
@@ -283,11 +268,6 @@ async def test_add_cancelled_after_its_write_ran_leaves_redis_and_node_agreeing(
 # ---------------------------------------------------------------- 5. the idle rule
 
 
-@pytest.mark.xfail(
-    reason="issue 8: the idle rule drops a busy consumer's memberships and queued messages",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_channels_redis_message_expiry_group_send(make_layer):
     """channels_redis's test_message_expiry__group_send, with a short heartbeat so housekeeping
     surely runs in the 2 s gap: m1 expires, m2 and m3 arrive, in order."""
@@ -302,11 +282,6 @@ async def test_channels_redis_message_expiry_group_send(make_layer):
     assert await received(layer, channel, 2) == {"type": "message.3"}
 
 
-@pytest.mark.xfail(
-    reason="issue 8: the idle rule drops a busy consumer's memberships and queued messages",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_busy_consumer_keeps_memberships_and_unexpired_messages(make_layer):
     """A live consumer that does not receive for longer than expiry (its handler is slow) keeps
     every membership; expired messages go, unexpired ones are delivered when it receives."""
@@ -340,11 +315,6 @@ async def _make_channel_in_task(layer: Any, group: str, presence: bool) -> str:
     return await asyncio.ensure_future(helper())
 
 
-@pytest.mark.xfail(
-    reason="issue 8: a channel whose consumer task ended keeps its memberships",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_channel_whose_creating_task_ended_loses_memberships_with_a_leave(make_layer):
     """Its task ended without group_discard and nobody receives on it: within two heartbeats
     (after two heartbeats of no receive) it leaves, and presence members get the leave."""
@@ -429,15 +399,13 @@ async def check_short_prefix(short: Any, channel: str) -> None:
 async def check_longer_prefix(other: Any, channel: str) -> None:
     assert [n.node_id for n in await other.nodes()] == [other.node_id]
     assert await other.group_channels(GROUP) == {channel, "other.plain"}
-    assert [m.meta for m in await other.group_members(GROUP)] == [{"k": 1}, None]
+    metas = {m.channel: m.meta for m in await other.group_members(GROUP)}
+    assert metas == {channel: {"k": 1}, "other.plain": None}
     assert await other.node_channels(other.node_id) == {channel}
     await other.group_send(GROUP, {"type": "test.message", "n": 2})
     assert await received(other, channel, 2) == {"type": "test.message", "n": 2}
 
 
-@pytest.mark.xfail(
-    reason="issue 8: prefixes that contain ':' collide", strict=True, raises=AssertionError
-)
 @pytest.mark.parametrize("suffix", ["g", "q"])
 async def test_names_like_internal_keys_do_not_collide_with_a_longer_prefix(
     make_layer, redis_url, prefix, suffix
@@ -464,11 +432,6 @@ async def test_names_like_internal_keys_do_not_collide_with_a_longer_prefix(
         await check_short_prefix(short, channel)
 
 
-@pytest.mark.xfail(
-    reason="issue 8: flush() of a prefix deletes a longer prefix's keys",
-    strict=True,
-    raises=AssertionError,
-)
 @pytest.mark.parametrize("suffix", ["g", "q", "in", "cg"])
 async def test_flush_of_a_prefix_leaves_a_longer_prefix_alone(
     make_layer, redis_url, prefix, suffix
@@ -490,11 +453,6 @@ async def test_flush_of_a_prefix_leaves_a_longer_prefix_alone(
         assert await received(other, "other.queue", 2) == {"type": "test.message", "n": 1}
 
 
-@pytest.mark.xfail(
-    reason="issue 8: flush() of a longer prefix deletes a shorter prefix's keys",
-    strict=True,
-    raises=AssertionError,
-)
 @pytest.mark.parametrize("suffix", ["g", "q", "cg"])
 async def test_flush_of_a_longer_prefix_leaves_the_shorter_alone(
     make_layer, redis_url, prefix, suffix
@@ -510,11 +468,6 @@ async def test_flush_of_a_longer_prefix_leaves_the_shorter_alone(
 # ---------------------------------------------------------------- 10. corrupt payloads
 
 
-@pytest.mark.xfail(
-    reason="issue 8: corrupt payload errors are not rate-limited",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_corrupt_inbox_entries_are_logged_rate_limited(make_layer, redis_url, prefix, caplog):
     """1,000 corrupt entries injected into a node's inbox: a handful of error lines, and the
     next real message is delivered. The inbox and its payload field are found generically:
@@ -557,11 +510,6 @@ REREGISTERED = 1600
 """Memberships of the node that comes back: several re-registration batches (200 today)."""
 
 
-@pytest.mark.xfail(
-    reason="issue 8: a discard made during re-registration is written back",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_discard_during_reregistration_is_not_written_back(make_layer, redis_url):
     """A node pruned while alive comes back over a slow link and re-registers its memberships
     in batches; a group_discard it makes before the last batch lands must stay done."""
@@ -617,11 +565,6 @@ async def test_discard_during_reregistration_is_not_written_back(make_layer, red
 # ---------------------------------------------------------------- 4. flush race
 
 
-@pytest.mark.xfail(
-    reason="issue 8: a heartbeat during flush() re-registers the flushed memberships",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_heartbeat_during_flush_does_not_bring_memberships_back(own_redis, prefix):
     """The flushing process talks to Redis over a slow link, so the node beats several times
     between the flush's deletes and its last write. Afterwards the flushed groups stay empty."""
@@ -652,11 +595,6 @@ async def test_heartbeat_during_flush_does_not_bring_memberships_back(own_redis,
 # ---------------------------------------------------------------- 8. pruned node's inbox
 
 
-@pytest.mark.xfail(
-    reason="issue 8: group_send re-creates a pruned node's inbox (after a stale re-add)",
-    strict=True,
-    raises=AssertionError,
-)
 async def test_group_send_never_recreates_a_pruned_nodes_inbox(make_layer, redis_url, prefix):
     """A node cut off past node_timeout is pruned by a live node. A view then re-adds its
     stored channel name and sends to the group: no stream appears for the pruned node, the

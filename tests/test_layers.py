@@ -20,6 +20,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull, MessageTooLarge
 
+from channels_distrib.keys import Keys
 from tests.helpers_layers import (
     ProcReceiver,
     RoundTripProxy,
@@ -1019,8 +1020,8 @@ async def test_flush_leaves_no_message_or_group_keys(make_layer, redis_url, pref
         assert await prefix_keys(raw, prefix)
         await layer.flush()
         left = await prefix_keys(raw, prefix)
-        # only the flush epoch marker (keys.py: P:flush) may remain: no messages, no groups
-        assert [k for k in left if k != f"{prefix}:flush".encode()] == []
+        # only the flush epoch marker (keys.py: P:{x}:flush) may remain: no messages, no groups
+        assert [k for k in left if k != Keys(prefix).flush.encode()] == []
 
 
 # ------------------------------------------------------------------ corrupt payloads
@@ -1039,7 +1040,7 @@ async def test_corrupt_payloads_are_logged_and_skipped(make_layer, redis_url, pr
     garbage = [b"\xc1\xc1\xc1 not msgpack", b"", msgpack.packb("a foreign string"),
                msgpack.packb([1, 2, 3])]
     async with raw_redis(redis_url) as raw:
-        queue = f"{prefix}:q:corrupt.named"
+        queue = Keys(prefix).queue("corrupt.named")
         assert await raw.type(queue) == b"list", await prefix_keys(raw, prefix)
         for junk in garbage:
             await raw.rpush(queue, junk)  # no expiry header at all
@@ -1258,7 +1259,8 @@ async def test_flush_is_not_undone_by_self_healing(make_layer, redis_url, prefix
     await sender.group_send("healgroup", msg(1))
     assert await nothing_arrives(node, local, 0.5)
     async with raw_redis(redis_url) as raw:
-        assert not await raw.exists(f"{prefix}:g:healgroup", f"{prefix}:gn:healgroup")
+        keys = Keys(prefix)
+        assert not await raw.exists(keys.group("healgroup"), keys.group_nodes("healgroup"))
     # the node itself keeps working
     await sender.send(local, msg(2))
     assert await recv(node, local) == msg(2)
@@ -1424,8 +1426,7 @@ async def test_flush_uses_scan_never_keys(own_redis, prefix):
         delta = stats_delta(before, await commandstats(raw))
         assert "keys" not in delta, delta
         assert delta.get("scan", 0) >= 1, delta
-        assert not [k for k in await prefix_keys(raw, prefix)
-                    if b":q:" in k or b":g:" in k or b":gn:" in k]
+        assert [k for k in await prefix_keys(raw, prefix) if k != Keys(prefix).flush.encode()] == []
 
 
 # ------------------------------------------------------------------ drop-in under Channels

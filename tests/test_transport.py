@@ -21,6 +21,7 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from channels_distrib.exceptions import RedisUnavailable
+from channels_distrib.keys import Keys
 from tests.helpers_layers import (
     RoundTripProxy,
     eventually,
@@ -399,14 +400,14 @@ async def test_named_message_survives_kill_of_the_blocked_receiver(make_layer, r
             assert await eventually(blocked, 5), await layer_clients(raw, prefix)
             item = b"%d:" % int((time.time() + 60) * 1000) + msgpack.packb(msg(1), use_bin_type=True)
             pipe = raw.pipeline(transaction=False)
-            pipe.rpush(f"{prefix}:q:popkill.named", item)
+            pipe.rpush(Keys(prefix).queue("popkill.named"), item)
             for client in await poppers():
                 pipe.execute_command("CLIENT", "KILL", "ID", client["id"])
             await pipe.execute()
             try:
                 got = await asyncio.wait_for(asyncio.shield(pending), 10)
             except asyncio.TimeoutError:
-                left = await raw.llen(f"{prefix}:q:popkill.named")
+                left = await raw.llen(Keys(prefix).queue("popkill.named"))
                 raise AssertionError(
                     f"message never delivered; {left} item(s) left in the queue "
                     "(0 = popped by the killed connection and lost)"
@@ -436,7 +437,7 @@ async def test_inbox_message_survives_kill_of_the_blocked_reader(make_layer, red
 
             assert await eventually(blocked, 5), await layer_clients(raw, prefix)
             pipe = raw.pipeline(transaction=False)
-            pipe.xadd(f"{prefix}:in:{token}", {"c": local,
+            pipe.xadd(Keys(prefix).inbox(token), {"c": local,
                                                "m": msgpack.packb(msg(1), use_bin_type=True)})
             for client in await readers():
                 pipe.execute_command("CLIENT", "KILL", "ID", client["id"])
@@ -522,8 +523,8 @@ async def test_database_number_in_url_is_used(redis_url, prefix):
     async with own_layer(hosts=[url5], prefix=prefix) as layer:
         await layer.send("db.named", msg(1))
         async with raw_redis(url5) as raw5, raw_redis(f"redis://{host}:{port}/0") as raw0:
-            assert await raw5.exists(f"{prefix}:q:db.named")
-            assert not await raw0.exists(f"{prefix}:q:db.named")
+            assert await raw5.exists(Keys(prefix).queue("db.named"))
+            assert not await raw0.exists(Keys(prefix).queue("db.named"))
         assert await recv(layer, "db.named") == msg(1)
 
 
