@@ -51,11 +51,20 @@ def venv_python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+def missing_packages(python: str) -> list[str] | None:
+    """The modules of NEEDED that ``python`` cannot import (None if it would not run)."""
+    code = ("import importlib.util as u; "
+            f"print(' '.join(m for m in {NEEDED!r} if u.find_spec(m) is None))")
+    try:
+        result = subprocess.run([python, "-c", code], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.split() if result.returncode == 0 else None
+
+
 def has_packages(python: str) -> bool:
-    code = "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in %r))"
-    result = subprocess.run([python, "-c", code % (NEEDED,)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return result.returncode == 0
+    return missing_packages(python) == []
 
 
 def demo_requirements() -> list[str]:
@@ -72,7 +81,15 @@ def demo_requirements() -> list[str]:
 
 def ensure_environment(args: argparse.Namespace) -> None:
     """Re-exec inside .venv unless this interpreter can already run the demo."""
-    if args.no_install or has_packages(sys.executable):
+    if args.no_install:
+        missing = missing_packages(sys.executable)
+        if missing:
+            sys.exit(f"demo: --no-install, but {sys.executable} cannot import "
+                     f"{', '.join(missing)}; run `{Path(sys.executable).name} demo.py` without "
+                     "--no-install (it installs them into .venv), or install them here with "
+                     "`python -m pip install -e . --group demo`.")
+        return
+    if has_packages(sys.executable):
         return
     if os.environ.get("DEMO_BOOTSTRAPPED"):
         sys.exit("demo: the virtualenv still lacks packages after installing; see pip's output.")

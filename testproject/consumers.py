@@ -11,7 +11,9 @@
 - client ``{"type": "leaveRoom"}`` leaves the current room (answer ``{"type": "left"}``).
 - errors are ``{"type": "error", "code", "message"}`` frames and the connection stays
   open: ``invalid_json`` (message "Invalid message format"), ``invalid_message``,
-  ``unknown_type``, ``invalid_room``, ``not_in_room`` (``sendMessage`` before ``joinRoom``).
+  ``unknown_type``, ``invalid_room``, ``not_in_room`` (``sendMessage`` before ``joinRoom``),
+  ``rate_limited`` (more than 20 frames in a burst, or 5 per second after it; ten of
+  those within 10 s close the connection with 1008).
 
 The display name (``from``) is the logged-in username, else the name the visitor chose
 (``?name=`` on the WebSocket URL or ``"name"`` in ``joinRoom``), else ``guest-`` and
@@ -46,8 +48,14 @@ def clean_name(value: Any) -> str | None:
 
 
 class ChatConsumer(DistributedConsumer):
-    """One chat connection: at most one room at a time."""
+    """One chat connection: at most one room at a time.
 
+    Inbound frames are rate limited per connection: a burst of 20, then 5 per second; a
+    frame over the limit gets a ``rate_limited`` error, and 10 of those within 10 s close
+    the connection with 1008.
+    """
+
+    rate_limit = (5.0, 20)
     room: str | None = None
     chosen_name: str | None = None
 
@@ -165,20 +173,25 @@ class DashboardConsumer(DistributedConsumer):
 
 
 async def snapshot(layer: Any) -> dict[str, Any]:
-    """What the dashboard shows: live nodes and the indexed rooms with their members."""
+    """What the dashboard shows: live nodes and the indexed rooms that have members now."""
     now = time.time()
     nodes = sorted(await layer.nodes(), key=lambda n: n.node_id)
     room_rows = []
-    for room, last_join in await rooms.known_rooms():
+    in_use = []
+    for room, last_used in await rooms.known_rooms():
         members = await layer.group_members(room)
-        if not members and now - last_join > rooms.FORGET_EMPTY_AFTER:
-            await rooms.forget(room)
+        if not members:
+            # Emptied rooms are not shown; the index drops them after ROOM_TTL.
+            if now - last_used > rooms.ROOM_TTL:
+                await rooms.forget(room)
             continue
+        in_use.append(room)
         per_node: dict[str, int] = {}
         for member in members:
             key = member.node_id or "(queue)"
             per_node[key] = per_node.get(key, 0) + 1
         room_rows.append({"room": room, "members": len(members), "nodes": per_node})
+    await rooms.seen_in_use(in_use, now)
     room_rows.sort(key=lambda row: (-row["members"], row["room"]))
     return {
         "type": "cluster",

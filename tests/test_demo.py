@@ -111,3 +111,21 @@ def test_demo_starts_embedded_valkey_and_three_nodes_then_stops_them(tmp_path: P
     assert "Stopped everything the demo started." in rest
     still = [pid for pid in pids if _alive(pid)]
     assert not still, f"left running: {still}"
+
+
+def test_no_install_without_dependencies_says_what_to_run(tmp_path: Path) -> None:
+    # A bare virtualenv (no pip, no packages) has none of the demo's dependencies.
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True,
+                   timeout=60)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DJANGO_SETTINGS_MODULE", "PYTHONPATH", "PYTHONWARNINGS")}
+    result = subprocess.run([str(bare / "bin" / "python"), "demo.py", "--no-install"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "cannot import django, channels, daphne, redis, msgpack" in lines[0]
+    assert "without --no-install" in lines[0] and "pip install -e . --group demo" in lines[0]

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.helpers_daphne import DaphneProcess, start_daphne
 
@@ -417,6 +417,33 @@ async def test_plain_nodejs_client_without_origin_chats(cluster: tuple[Node, Nod
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_chat_rate_limit_stops_a_burst(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    async with chat(a, "flooder") as flooder, chat(b, "reader") as reader:
+        await reader.join("flood-room")
+        await flooder.join("flood-room")
+        for i in range(300):
+            try:
+                await flooder.send({"type": "sendMessage", "message": f"m{i}"})
+            except ConnectionClosed:
+                break
+        limited = await flooder.next("error", timeout=10)
+        assert limited["code"] == "rate_limited"
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await flooder._read(10)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+        delivered = 0
+        try:
+            while True:
+                await reader.next("message", timeout=1.5)
+                delivered += 1
+        except AssertionError:
+            pass
+    # The burst (20), plus 5/s for the moment the burst took, minus the join frame.
+    assert 15 <= delivered <= 40, delivered
 
 
 async def test_presence_lists_members_with_their_nodes(cluster: tuple[Node, Node]) -> None:
