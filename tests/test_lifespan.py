@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +44,23 @@ async def until_closed(ws: Any) -> int | None:
         return exc.rcvd.code if exc.rcvd is not None else None
 
 
-@pytest.mark.parametrize("server", SERVERS)
+async def gone(observer: Any, node_id: str) -> bool:
+    return (node_id not in {n.node_id for n in await observer.nodes()}
+            and await observer.group_members("room1") == []
+            and await observer.group_size("lobby") == 0)
+
+
+HYPERCORN_WAITS = pytest.mark.xfail(
+    sys.version_info >= (3, 12), strict=True,
+    reason="hypercorn#308: on Python 3.12+ asyncio's Server.wait_closed() waits for every "
+    "connection, so hypercorn sends lifespan.shutdown only after all clients have left",
+)
+
+
+@pytest.mark.parametrize("server", [
+    pytest.param(server, marks=HYPERCORN_WAITS) if server == "hypercorn" else server
+    for server in SERVERS
+])
 async def test_sigterm_removes_node_and_memberships_at_once(
     server: str, redis_url: str, prefix: str, make_layer: Callable[..., Any]
 ) -> None:
@@ -52,6 +69,7 @@ async def test_sigterm_removes_node_and_memberships_at_once(
            "DISTRIB_LOG_LEVEL": "INFO"}
     node = start_server(server, "tests.consumer_asgi:application", env)
     observer = make_layer(node_timeout=NODE_TIMEOUT)
+    closed: int | None = None
     try:
         # consumer_asgi keeps Channels' own origin check, which wants an Origin.
         async with connect(f"{node.url}/ws/lobby/", origin="http://127.0.0.1",  # type: ignore[arg-type]
@@ -64,24 +82,35 @@ async def test_sigterm_removes_node_and_memberships_at_once(
 
             started = time.monotonic()
             node.proc.terminate()  # SIGTERM, with the client still connected
-            closed = await asyncio.wait_for(until_closed(ws), 15)
-            await asyncio.to_thread(node.proc.wait, 15)
-            stopped = time.monotonic() - started
+            # Node and memberships go while the server stops, whether or not it has
+            # closed this connection yet.
+            while not await gone(observer, me["node_id"]):
+                assert time.monotonic() - started < 10, node.log_tail()
+                await asyncio.sleep(0.05)
+            removed = time.monotonic() - started
+            reader = asyncio.ensure_future(until_closed(ws))
+            try:
+                closed = await asyncio.wait_for(asyncio.shield(reader), 5)
+            except asyncio.TimeoutError:
+                pass  # the server keeps it open; leaving the block closes it from our side
+        await asyncio.to_thread(node.proc.wait, 15)
+        if not reader.done():
+            reader.cancel()
+        stopped = time.monotonic() - started
     finally:
         log = node.log_tail()
         node.terminate()
-    assert stopped < 15, log
-    print(f"{server}: stopped {stopped:.2f} s after SIGTERM, client saw close code {closed}")
-    assert me["node_id"] not in {n.node_id for n in await observer.nodes()}, log
-    assert await observer.group_members("room1") == [], log
-    assert await observer.group_size("lobby") == 0, log
+    print(f"{server}: node and memberships gone {removed:.2f} s after SIGTERM; "
+          f"process exited after {stopped:.2f} s; server close code {closed}")
+    # Nothing came back once the process was gone (a late disconnect must not re-register).
+    assert await gone(observer, me["node_id"]), log
     # hypercorn itself may log a CancelledError traceback of its own connection task at
     # shutdown; none may come from this library.
     assert "channels_distrib/" not in log, log
+    assert "shutdown.failed" not in log and "Closing channel layer" not in log, log
     if server != "daphne":  # daphne sends no lifespan events; its Twisted trigger stops it
         # asyncio.run's loop close would also stop the node; LayerLifespan does it first.
         assert "Channel layer 'default' closed on server shutdown" in log, log
-    assert "shutdown.failed" not in log and "Closing channel layer" not in log, log
 
 
 async def test_lifespan_protocol_without_a_layer_in_use() -> None:
