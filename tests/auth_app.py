@@ -45,8 +45,10 @@ if not settings.configured:
     django.setup()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from channels_distrib.auth import TokenAuthMiddleware  # noqa: E402
+from channels_distrib.lifespan import LayerLifespan  # noqa: E402
 
 
 @dataclass
@@ -78,4 +80,7 @@ async def whoami(scope: dict[str, Any], receive: Any, send: Any) -> None:
             return
 
 
-application = AuthMiddlewareStack(TokenAuthMiddleware(whoami))
+application = ProtocolTypeRouter({
+    "websocket": AuthMiddlewareStack(TokenAuthMiddleware(whoami)),
+    "lifespan": LayerLifespan(),  # uvicorn and hypercorn send lifespan events
+})

@@ -19,25 +19,29 @@ from tests.redis_server import free_port
 SERVERS = ("daphne", "uvicorn", "hypercorn")
 
 
-def _command(server: str, app: str, port: int) -> list[str]:
+def _command(server: str, app: str, port: int, extra: list[str]) -> list[str]:
     if server == "uvicorn":
         return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
-                "--lifespan", "on", "--no-access-log", app]
+                "--lifespan", "on", "--no-access-log", *extra, app]
     if server == "hypercorn":
-        return [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", app]
+        return [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", *extra, app]
     raise ValueError(f"unknown server {server!r}")
 
 
 def start_server(server: str, app: str, env: dict[str, str] | None = None,
-                 timeout: float = START_TIMEOUT) -> DaphneProcess:
-    """Start ``app`` under ``server`` on a free loopback port; return once it accepts TCP."""
+                 timeout: float = START_TIMEOUT, extra_args: list[str] | None = None,
+                 ) -> DaphneProcess:
+    """Start ``app`` under ``server`` on a free loopback port; return once it accepts TCP.
+
+    ``extra_args`` go to the server's command line before the app.
+    """
     if server == "daphne":
-        return start_daphne(app, env, timeout=timeout)
+        return start_daphne(app, env, timeout=timeout, extra_args=extra_args)
     port = free_port()
     fd, log_path = tempfile.mkstemp(prefix=f"{server}-", suffix=".log")
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(_command(server, app, port), cwd=REPO_ROOT, env=child_env,
+        proc = subprocess.Popen(_command(server, app, port, list(extra_args or [])), cwd=REPO_ROOT, env=child_env,
                                 stdout=log, stderr=subprocess.STDOUT)
     node = DaphneProcess(port=port, proc=proc, log_path=log_path, app=app, env=dict(env or {}))
     deadline = time.monotonic() + timeout

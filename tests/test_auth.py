@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from channels_distrib.auth import token_from_scope
 from tests.auth_app import JWT_KEY
 from tests.helpers_daphne import DaphneProcess, start_daphne
+from tests.helpers_servers import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(90)
@@ -172,3 +173,27 @@ def test_token_from_scope() -> None:
     assert token_from_scope(scope([], b"room=1&token=x%2By")) == "x+y"
     assert token_from_scope(scope([], b"token=")) is None
     assert token_from_scope(scope([(b"authorization", b"Bearer h")], b"token=q")) == "h"
+
+
+# What the README tells users to run so ?token= stays out of the server's own logs: uvicorn
+# logs every WebSocket handshake with its query string at INFO on "uvicorn.error", even
+# with --no-access-log; hypercorn writes no access log unless asked to.
+QUIET = {"uvicorn": ["--no-access-log", "--log-level", "warning"], "hypercorn": []}
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+async def test_4001_and_token_user_under_other_servers(
+    server: str, database: tuple[str, dict[str, Any]]
+) -> None:
+    node = start_server(server, "tests.auth_app:application",
+                        {"AUTH_DB": database[0], "AUTH_MODE": "jwt"}, extra_args=QUIET[server])
+    try:
+        assert await whoami(node, make_jwt(database[1]["ann"])) == {
+            "user": "ann", "authenticated": True}
+        assert await whoami(node, make_jwt(database[1]["ann"], exp=-60)) == {"closed": 4001}
+        assert await whoami(node) == ANON
+    finally:
+        log = node.log_tail(1_000_000)
+        node.terminate()
+    for token in SENT_TOKENS:
+        assert token not in log, log
