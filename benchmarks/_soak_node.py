@@ -214,6 +214,8 @@ class SoakNode:
                 await asyncio.sleep(delay)
             elif delay < -1.0:
                 next_at = time.monotonic()  # fell behind (Redis down): do not burst afterwards
+            if self.rate <= 0:
+                continue  # stopped while sleeping: start nothing after a drain
             if len(self.running) > 200:
                 continue  # operations are stuck waiting for Redis; do not pile up more
             self.spawn(self.run_op(self.pick_op()))

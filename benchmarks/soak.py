@@ -8,10 +8,11 @@ Run from the repository root::
 ``--nodes`` node processes (``benchmarks/_soak_node.py``, default 3) each hold ``--consumers``
 consumers and churn them (connect, join, leave, disconnect: ``--rate`` operations a second in
 total) while this process sends group messages to the rooms and direct messages to live
-channels. Every ``--cycle`` seconds (60) the faults come once each: one node SIGKILLed and
-started again (never node 0, so one node lives through the whole run for the RSS figure), a
-CLIENT KILL storm against every connection named ``distrib:<prefix>``, and a Redis restart
-(kill, then an empty server on the same port; only with the soak's own server).
+channels. Every ``--cycle`` seconds (60) the faults come once each, in this order: a Redis
+restart (kill, then an empty server on the same port; only with the soak's own server), a
+CLIENT KILL storm against every connection named ``distrib:<prefix>``, and one node SIGKILLed
+and started again (never node 0, so one node lives through the whole run for the RSS figure;
+last, so what the dead node leaves behind is still there for the checker).
 
 Before the load (after a warm-up) and after it (load stopped, every node reset to the same
 shape of consumers, 2 x ``expiry`` waited) the checker compares Redis, through the public
@@ -211,14 +212,50 @@ class RedisObserver:
         await self.fresh()
         return [k async for k in self.client.scan_iter(match=f"{prefix}:*", count=1000)]
 
-    async def keys_without_ttl(self, prefix: str) -> list[bytes]:
+    async def ttls(self, prefix: str) -> dict[str, int]:
+        """Every key of the prefix with its TTL in seconds (-1: none). Keys that expired
+        between SCAN and TTL (-2) are left out."""
         keys = await self.keys(prefix)
         async with self.client.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.ttl(key)
             ttls = await pipe.execute()
-        # -1: no TTL; -2: gone between SCAN and TTL (expired meanwhile), which is fine.
-        return [key for key, ttl in zip(keys, ttls, strict=True) if ttl == -1]
+        return {key.decode(errors="replace"): int(ttl)
+                for key, ttl in zip(keys, ttls, strict=True) if ttl != -2}
+
+    async def breakdown(self, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """Keys of the prefix by type: count, MEMORY USAGE bytes, and entries of streams and
+        lists; plus connected clients. Explains a used_memory difference."""
+        keys = await self.keys(prefix)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.type(key)
+                pipe.memory_usage(key)
+            answers = await pipe.execute()
+        kinds: dict[str, list[int]] = {}
+        types: dict[str, str] = {}
+        lengths: list[Any] = []
+        for key, kind, used in zip(keys, answers[::2], answers[1::2], strict=True):
+            name = kind.decode() if isinstance(kind, bytes) else str(kind)
+            entry = kinds.setdefault(name, [0, 0, 0])
+            entry[0] += 1
+            entry[1] += int(used or 0)
+            lengths.append((name, key))
+            types[key.decode(errors="replace")] = name
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name, key in lengths:
+                if name == "stream":
+                    pipe.xlen(key)
+                elif name == "list":
+                    pipe.llen(key)
+                else:
+                    pipe.exists(key)
+            counts = await pipe.execute()
+        for (name, _key), count in zip(lengths, counts, strict=True):
+            if name in ("stream", "list"):
+                kinds[name][2] += int(count)
+        clients = int((await self.client.info("clients"))["connected_clients"])
+        return {"keys (count, bytes, entries)": kinds, "connected_clients": clients}, types
 
     async def used_memory(self) -> int:
         await self.fresh()
@@ -327,6 +364,9 @@ class Snapshot:
     used_memory: int
     integrity: Integrity
     waited: float
+    breakdown: dict[str, Any] = field(default_factory=dict)
+    names: dict[str, int] = field(default_factory=dict)  # key -> TTL (s)
+    kinds: dict[str, str] = field(default_factory=dict)  # key -> type
 
 
 @dataclass
@@ -444,9 +484,12 @@ class Soak:
         await asyncio.sleep(2 * self.o.expiry)
         integrity, waited = await wait_exact(layer, self.nodes, self.groups,
                                              timeout=4 * self.o.heartbeat_interval)
-        keys = await observer.keys(self.prefix)
-        no_ttl = [k.decode(errors="replace") for k in await observer.keys_without_ttl(self.prefix)]
-        return Snapshot(len(keys), no_ttl, await observer.used_memory(), integrity, waited)
+        names = await observer.ttls(self.prefix)
+        keys = list(names)
+        no_ttl = [k for k, ttl in names.items() if ttl == -1]
+        breakdown, kinds = await observer.breakdown(self.prefix)
+        return Snapshot(len(keys), no_ttl, await observer.used_memory(), integrity, waited,
+                        breakdown, names, kinds)
 
     async def load(self, layer: Any, observer: RedisObserver) -> dict[str, int]:
         """The load phase with its fault schedule; returns node 0's RSS samples."""
@@ -461,7 +504,8 @@ class Soak:
             while time.monotonic() - start < self.o.seconds:
                 cycle_start = time.monotonic()
                 length = min(self.o.cycle, self.o.seconds - (cycle_start - start))
-                schedule = [(0.2, "node"), (0.45, "storm"), (0.7, "redis")]
+                # Node kill last, so a dead node's leftovers are not wiped by the restart.
+                schedule = [(0.2, "redis"), (0.45, "storm"), (0.7, "node")]
                 for offset, fault in schedule:
                     await self.sleep_until(cycle_start + offset * length, start, rss_at, rss)
                     if fault == "node":
@@ -590,6 +634,14 @@ class Soak:
         figures["op failures (live nodes)"] = op_errors or "none"
         figures["members checked after"] = after.integrity.members
         figures["registry exact after (s)"] = f"{after.waited:.2f}"
+        kinds_before = before.breakdown.get("keys (count, bytes, entries)", {})
+        kinds_after = after.breakdown.get("keys (count, bytes, entries)", {})
+        grown = {kind for kind, v in kinds_after.items() if v[0] > kinds_before.get(kind, [0])[0]}
+        extra = sorted(k for k in after.names if after.kinds.get(k) in grown)
+        figures["keys of the types that grew (TTL s)"] = (
+            {k: after.names[k] for k in extra[:8]} or "none")
+        figures["Redis before"] = json.dumps(before.breakdown)
+        figures["Redis after"] = json.dumps(after.breakdown)
 
 
 def _sample(found: dict[str, list[str]]) -> str:

@@ -15,9 +15,11 @@ pytestmark = [pytest.mark.soak, pytest.mark.timeout(360)]
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "library defect: keys of the prefix without a TTL (the node zset, node info hash and id "
-    "counters: <prefix>:nodes, :ni, :nid, :tid in today's layout); the soak's strict rule is "
-    "that every key the layer writes has a TTL"))
+    "library defects the soak finds on today's code: (1) keys of the prefix without a TTL "
+    "(<prefix>:nodes, :ni, :nid, :tid); (2) key count after != before: a SIGKILLed node leaves "
+    "its inbox stream (TTL ~100 s) and a 'pruned:<token>' string with a 24 h TTL; (3) "
+    "used_memory +40-50 %: inbox streams keep entries long past expiry (14,000 entries, "
+    "2.7 MB, after 2 x expiry of quiet)"))
 def test_soak_60_seconds() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.soak", "--seconds", "60"],
