@@ -6,6 +6,11 @@ Modes:
       pending, then `GOT <n>` for every message (its "n" field), then BYE.
   validate <redis_url> <prefix>
       Check name/message validation (meant to run under `python -O`); prints one JSON line.
+  unclosed <redis_url> <prefix> <rounds>
+      <rounds> times asyncio.run(...) of a layer that becomes a node, receives a message sent
+      through Redis by another layer, gets one more just before returning, and is never
+      closed (asyncio.run cancels what is left). Prints one JSON line per round with its
+      duration, so a parent with a timeout sees which round hung.
 """
 
 from __future__ import annotations
@@ -97,12 +102,42 @@ async def validate_mode(url: str, prefix: str) -> dict[str, object]:
     return results
 
 
+async def unclosed_round(url: str, prefix: str, index: int) -> None:
+    from channels_distrib.layers import DistributedChannelLayer
+
+    # Sub-second settings as a test suite would use; the default ones behave the same.
+    layer = DistributedChannelLayer(
+        hosts=[url], prefix=prefix, heartbeat_interval=0.2, node_timeout=0.8
+    )
+    other = DistributedChannelLayer(hosts=[url], prefix=prefix)  # not the owner: via Redis
+    channel = await layer.new_channel()
+    await other.send(channel, {"type": "m", "n": 1})
+    await layer.receive(channel)
+    await other.send(channel, {"type": "m", "n": 2})
+    # Return while the second message is on its way (or just read): vary the moment.
+    await asyncio.sleep((index % 5) * 0.001)
+
+
+def unclosed_mode(url: str, prefix: str, rounds: int) -> None:
+    import time
+
+    import channels_distrib.layers  # noqa: F401 - imported before the clock starts
+
+    print(json.dumps({"ready": True}), flush=True)
+    for index in range(rounds):
+        started = time.monotonic()
+        asyncio.run(unclosed_round(url, prefix, index))
+        print(json.dumps({"round": index, "seconds": time.monotonic() - started}), flush=True)
+
+
 def main() -> None:
     mode = sys.argv[1]
     if mode == "receive":
         asyncio.run(receive_mode(*sys.argv[2:5]))
     elif mode == "validate":
         print(json.dumps(asyncio.run(validate_mode(*sys.argv[2:4]))), flush=True)
+    elif mode == "unclosed":
+        unclosed_mode(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         raise SystemExit(f"unknown mode {mode}")
 

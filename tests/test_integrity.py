@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,10 +30,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from channels_distrib.exceptions import RedisUnavailable
 from tests.helpers_layers import (
+    ROOT,
     RoundTripProxy,
     nothing_arrives,
     own_layer,
     own_prefix_keys,
+    proc_env,
     raw_redis,
     recv,
     url_host_port,
@@ -675,3 +680,66 @@ async def test_no_key_without_ttl_once_every_node_is_gone(make_layer, redis_url,
         keys = await own_prefix_keys(client, prefix)
     assert keys, "the test left nothing to judge"
     assert {k: v for k, v in keys.items() if v[1] == -1} == {}, "keys without a TTL"
+
+
+# ---------------------------------------------------------------- 6. cancellation hang
+
+UNCLOSED_ROUNDS = 12
+ROUND_LIMIT = 2.0
+"""Each asyncio.run round must end within this (the contract: every task ends within 1 s of
+being cancelled); a round that does not is a hang (redis-py's read parks it again)."""
+
+
+async def run_unclosed_rounds(
+    python: str, redis_url: str, prefix: str, rounds: int
+) -> tuple[list[dict[str, Any]], str]:
+    """Run tests/layer_proc.py `unclosed` under ``python``; stop at the first round that
+    overruns ROUND_LIMIT (killing that process by its pid). Returns (rounds, stderr tail)."""
+    proc = await asyncio.create_subprocess_exec(
+        python,
+        os.path.join(ROOT, "tests", "layer_proc.py"),
+        "unclosed",
+        redis_url,
+        prefix,
+        str(rounds),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=proc_env(),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    done: list[dict[str, Any]] = []
+    try:
+        ready = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if not ready.startswith(b'{"ready"'):
+            raise SetupError(f"child did not start: {ready!r} {await proc.stderr.read()!r}")
+        for _ in range(rounds):
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), ROUND_LIMIT + 0.5)
+            except asyncio.TimeoutError:
+                break
+            if not line:
+                break
+            done.append(json.loads(line))
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()  # this child's pid only
+        await proc.wait()
+    err = (await proc.stderr.read()).decode(errors="replace")[-2000:]
+    return done, err
+
+
+async def test_unclosed_layer_never_hangs_asyncio_run(make_layer, redis_url, prefix):
+    """Rounds of asyncio.run(...) that make a node, receive through Redis, get one more
+    message just before returning, and never close the layer: each ends within 2 s.
+
+    Before the fix of issue 8 this hung in round 0 (rarely later) on Python 3.10 and 3.11:
+    the inbox task stayed "cancelling" inside redis-py's XREAD (3.12/3.13 never hung)."""
+    make_layer()  # its teardown flushes whatever the child's nodes left on the prefix
+    rounds, err = await run_unclosed_rounds(sys.executable, redis_url, prefix, UNCLOSED_ROUNDS)
+    assert len(rounds) == UNCLOSED_ROUNDS, (
+        f"round {len(rounds)} of {UNCLOSED_ROUNDS} did not end within {ROUND_LIMIT} s "
+        f"(Python {sys.version.split()[0]}); stderr: {err}"
+    )
+    assert max(r["seconds"] for r in rounds) <= ROUND_LIMIT, rounds
