@@ -29,6 +29,11 @@ NODE_TIMEOUT = 60.0
 
 async def request(ws: Any, frame: dict[str, Any], reply: str) -> dict[str, Any]:
     await ws.send(json.dumps(frame))
+    return await read_until(ws, reply)
+
+
+async def read_until(ws: Any, reply: str) -> dict[str, Any]:
+    """The next frame of type ``reply``; frames of other types are dropped."""
     while True:
         got: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
         if got["type"] == reply:
@@ -128,3 +133,41 @@ async def test_lifespan_protocol_without_a_layer_in_use() -> None:
                     {"type": "lifespan.shutdown.complete"}]
     with pytest.raises(ValueError, match="lifespan"):
         await LayerLifespan()({"type": "http"}, receive, send)
+
+
+async def test_demo_chats_across_uvicorn_and_hypercorn_nodes(
+    redis_url: str, prefix: str, make_layer: Callable[..., Any], tmp_path: Any
+) -> None:
+    """testproject under uvicorn and under hypercorn, one node each, as one chat."""
+    env = {"DJANGO_SETTINGS_MODULE": "testproject.settings", "REDIS_URL": redis_url,
+           "DISTRIB_PREFIX": prefix, "DEMO_DATABASE": str(tmp_path / "db.sqlite3")}
+    nodes = {}
+    try:
+        for server in ("uvicorn", "hypercorn"):
+            nodes[server] = start_server(server, "testproject.asgi:application",
+                                         {**env, "DISTRIB_NODE_ID": f"demo-{server}"})
+        observer = make_layer()
+        async with connect(f"{nodes['uvicorn'].url}/ws/chat/?name=uma", open_timeout=10) as uma, \
+                connect(f"{nodes['hypercorn'].url}/ws/chat/?name=hal", open_timeout=10) as hal:
+            joined = [await request(ws, {"type": "joinRoom", "room": "both"}, "joined")
+                      for ws in (uma, hal)]
+            assert [j["node"] for j in joined] == ["demo-uvicorn", "demo-hypercorn"]
+            await uma.send(json.dumps({"type": "sendMessage", "message": "from uvicorn"}))
+            got = await read_until(hal, "message")
+            assert got == {"type": "message", "room": "both", "from": "uma",
+                           "message": "from uvicorn"}
+            assert {m.node_id for m in await observer.group_members("both")} == {
+                "demo-uvicorn", "demo-hypercorn"}
+        # Clients gone, then SIGTERM: both nodes leave the registry at once.
+        started = time.monotonic()
+        for node in nodes.values():
+            node.proc.terminate()
+        for node in nodes.values():
+            await asyncio.to_thread(node.proc.wait, 15)
+        live = {n.node_id for n in await observer.nodes()}
+        assert not live & {"demo-uvicorn", "demo-hypercorn"}, live
+        assert await observer.group_members("both") == []
+        assert time.monotonic() - started < 10
+    finally:
+        for node in nodes.values():
+            node.terminate()
