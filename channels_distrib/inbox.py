@@ -29,15 +29,6 @@ def stream_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-#: One wait of the reader for a busy consumer's queue to drain (s).
-PACE_STEP = 0.25
-#: The longest the reader waits for one consumer before dropping for it instead (s); a
-#: consumer that needed that long is not waited for again for PACE_COOLDOWN seconds, so
-#: one slow consumer cannot slow down every other channel of the node.
-PACE_LIMIT = 1.0
-PACE_COOLDOWN = 10.0
-
-
 class InboxReader:
     """Reads one node's inbox and delivers each entry to the node's local channels."""
 
@@ -100,9 +91,7 @@ class InboxReader:
             for entry_id, fields in entries:
                 self.last_id = entry_id
                 try:
-                    await self._dispatch(entry_id, fields)
-                except asyncio.CancelledError:
-                    raise
+                    self._dispatch(entry_id, fields)
                 except Exception:
                     self._log_skip(entry_id)
         if self._to_mark:
@@ -134,8 +123,13 @@ class InboxReader:
             logger.warning("Node %s restarts its inbox cursor", self.node.node_id)
             self.last_id = b"0-0"
 
-    async def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        """Deliver one inbox entry to its local channels (or apply a control entry)."""
+    def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Deliver one inbox entry to its local channels (or apply a control entry).
+
+        Never waits: a consumer whose queue is full (its budget, ``capacity`` messages) has
+        the message dropped and counted, so one slow consumer never holds back the node's
+        other channels (no head-of-line blocking).
+        """
         node = self.node
         if b"o" in fields:
             self._control(fields)
@@ -147,7 +141,7 @@ class InboxReader:
         now = time.monotonic()
         expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
         if b"c" in fields:
-            await self._deliver(fields[b"c"].decode(), payload, expires)
+            self._deliver(fields[b"c"].decode(), payload, expires)
             return
         group_field = fields.get(b"g") or fields.get(b"p")
         if group_field is None:
@@ -163,9 +157,9 @@ class InboxReader:
                 continue
             local = channels.get(channel)
             if local is not None and len(local.items) < local.capacity:
-                local.put(payload, expires)  # the fast path: no await per member
+                local.put(payload, expires)  # the fast path
             else:
-                await self._deliver(channel, payload, expires)
+                self._deliver(channel, payload, expires)
 
     def _control(self, fields: dict[bytes, bytes]) -> None:
         """Another process added or removed one of this node's channels in a group."""
@@ -180,23 +174,15 @@ class InboxReader:
         else:
             memberships.forget_remote(group, channel)
 
-    async def _deliver(self, name: str, payload: bytes, expires: float) -> None:
+    def _deliver(self, name: str, payload: bytes, expires: float) -> None:
         node = self.node
         channel = node.channels.get(name)
         if channel is None:
             # Not a live channel of this node (never issued here, or its consumer is gone).
             self._count_drop(name, "no such channel on this node")
             return
-        # Pacing: a consumer that keeps receiving is worth waiting for; the messages wait
-        # in Redis meanwhile. One that stopped receiving never holds the node back.
-        started = time.monotonic()
-        while channel.full and channel.receiving(now := time.monotonic()):
-            if now < channel.no_pace_until:
-                break
-            if now - started >= PACE_LIMIT:
-                channel.no_pace_until = now + PACE_COOLDOWN
-                break
-            await channel.wait_for_room(PACE_STEP)
+        if channel.full:
+            channel.purge_expired(time.monotonic())
         if channel.full:
             self._count_drop(name, "capacity")
             if name not in self.marked_full:

@@ -37,7 +37,6 @@ class LocalChannel:
     """The messages waiting for one process-local channel, and who is waiting for them."""
 
     __slots__ = (
-        "no_pace_until",
         "name",
         "capacity",
         "items",
@@ -45,7 +44,6 @@ class LocalChannel:
         "pending",
         "last_active",
         "expired",
-        "room_waiter",
         "created",
         "creator",
     )
@@ -62,8 +60,6 @@ class LocalChannel:
         # Never received yet: not "receiving", so a channel nobody reads never paces the node.
         self.last_active = self.created - RECEIVING_GRACE
         self.expired = 0
-        self.room_waiter: asyncio.Future[None] | None = None
-        self.no_pace_until = 0.0  # the node does not wait for this consumer before then
         # The task that called new_channel(): while it runs, the channel is alive.
         self.creator = creator
 
@@ -121,8 +117,6 @@ class LocalChannel:
                     self.expired += 1
                     continue
                 self.last_active = now
-                if self.room_waiter is not None and len(items) < self.capacity:
-                    _wake(self.room_waiter)
                 return payload
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
@@ -143,17 +137,6 @@ class LocalChannel:
             finally:
                 self.pending -= 1
                 self.last_active = time.monotonic()
-
-    async def wait_for_room(self, timeout: float) -> None:
-        """Pause the inbox reader until this queue has room or ``timeout`` passes (pacing)."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.room_waiter = waiter
-        try:
-            await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self.room_waiter = None
 
     def clear(self) -> None:
         self.items.clear()

@@ -1168,7 +1168,7 @@ async def test_group_send_round_trips_do_not_grow_with_node_count(own_redis, pre
         await proxy.stop()
 
 
-# ------------------------------------------------------------------ drops, pacing
+# ------------------------------------------------------------------ drops (isolation: tests/test_isolation.py)
 
 
 async def test_group_send_drops_are_logged_rate_limited(make_layer, caplog):
@@ -1190,60 +1190,6 @@ async def test_group_send_drops_are_logged_rate_limited(make_layer, caplog):
     assert len(drops) <= 2 * (1 + int(elapsed)), [r.getMessage() for r in drops]
     assert await recv(sender, "drop.named") == msg(0)
     assert await recv(node, stuck) == msg(0)
-
-
-async def test_burst_to_receiving_consumer_is_paced_not_dropped(make_layer):
-    """While a receiving consumer's queue is full the node waits; nothing is dropped."""
-    sender, node = make_layer(capacity=5), make_layer(capacity=5)
-    local = await node.new_channel()
-    await node.group_add("burst", local)
-    got: list[int] = []
-
-    async def consume() -> None:
-        while len(got) < 300:
-            got.append((await node.receive(local))["n"])
-            await asyncio.sleep(0.001)
-
-    consumer = asyncio.create_task(consume())
-    try:
-        for i in range(300):
-            await sender.group_send("burst", msg(i))
-        async with asyncio.timeout(30):
-            await asyncio.shield(consumer)
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
-    assert got == list(range(300))
-
-
-async def test_stuck_channel_does_not_hold_the_node_back(make_layer):
-    sender, node = make_layer(capacity=5), make_layer(capacity=5)
-    stuck, active = await node.new_channel(), await node.new_channel()
-    await node.group_add("mixedspeed", stuck)
-    await node.group_add("mixedspeed", active)
-    got: list[int] = []
-
-    async def consume() -> None:
-        while len(got) < 100:
-            got.append((await node.receive(active))["n"])
-
-    consumer = asyncio.create_task(consume())
-    try:
-        for i in range(100):
-            await sender.group_send("mixedspeed", msg(i))
-        async with asyncio.timeout(8):
-            await asyncio.shield(consumer)
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
-    assert got == list(range(100))
-    leftover = []
-    while True:
-        try:
-            leftover.append((await asyncio.wait_for(node.receive(stuck), 0.3))["n"])
-        except asyncio.TimeoutError:
-            break
-    assert 1 <= len(leftover) <= 5 and leftover == sorted(leftover), leftover
 
 
 async def test_flush_is_not_undone_by_self_healing(make_layer, redis_url, prefix):
