@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from channels.exceptions import ChannelFull
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -743,3 +744,44 @@ async def test_unclosed_layer_never_hangs_asyncio_run(make_layer, redis_url, pre
         f"(Python {sys.version.split()[0]}); stderr: {err}"
     )
     assert max(r["seconds"] for r in rounds) <= ROUND_LIMIT, rounds
+
+
+# ---------------------------------------------------------------- 9. full marks lapsing
+
+
+async def test_full_mark_that_lapses_while_still_full_is_renewed(make_layer, redis_url, prefix):
+    """A channel that stopped receiving (its consumer is alive, busy) is full and marked so in
+    Redis; when the mark lapses there while the channel is still full, senders get
+    ChannelFull again within two heartbeats, and what was queued is still delivered.
+
+    The lapse is made with a DEL of the one set-typed key of the prefix that holds the
+    channel's name (found generically: type and membership, never the key's name)."""
+    node = make_layer(capacity=2, **FAST)
+    sender = make_layer()
+    channel = await node.new_channel()
+    for n in range(2):
+        await sender.send(channel, {"type": "test.message", "n": n})
+
+    async def send_refused() -> bool:
+        try:
+            await sender.send(channel, {"type": "test.message", "n": -1})
+        except ChannelFull:
+            return True
+        return False
+
+    await poll(send_refused, bool, 2, "the channel marked full", error=SetupError)
+    async with raw_redis(redis_url) as client:
+        keys = await own_prefix_keys(client, prefix)
+        marks = [
+            key
+            for key, (kind, _ttl) in keys.items()
+            if kind == "set" and await client.sismember(key, channel)
+        ]
+        if len(marks) != 1:
+            raise SetupError(f"expected one full-mark set holding {channel}: {keys!r}")
+        await client.delete(marks[0])  # the mark lapses while the channel is still full
+    if await send_refused():
+        raise SetupError("senders still refused right after the mark was removed")
+    await poll(send_refused, bool, TWO_BEATS + SLACK, "senders refused again")
+    assert await received(node, channel) == {"type": "test.message", "n": 0}
+    assert await received(node, channel) == {"type": "test.message", "n": 1}
