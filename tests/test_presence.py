@@ -149,7 +149,6 @@ async def test_non_presence_members_get_no_presence_messages(make_layer):
     assert {e["channel"] for e in got[0]["members"]} <= {watcher}
 
 
-@pytest.mark.slow
 async def test_pruned_node_leaves_arrive_in_at_most_three_diffs(make_layer, spawn_node):
     """1,000 presence members on a node that is SIGKILLed; the survivor prunes it by itself."""
     victim = spawn_node(channels=0, idle=1000, group=GROUP, presence=True, **FAST)
