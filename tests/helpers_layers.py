@@ -255,6 +255,9 @@ class RoundTripProxy:
                     conn.last = way
                     if way == "s2c" and conn.mute:
                         continue
+                    if way == "c2s" and self.sever_next_request:
+                        # Mute before the request leaves: its reply must never reach the client.
+                        conn.mute = True
                     if way == "c2s" and self.delay:
                         await asyncio.sleep(self.delay)
                         if conn.dropped:
