@@ -595,7 +595,6 @@ async def test_rediss_tls_host(tmp_path, prefix):
             await asyncio.to_thread(proc.wait, 10)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["named", "local", "group"])
 async def test_send_whose_reply_times_out_is_not_retried(redis_url, prefix, kind):
     """The command ran but its reply never comes (socket timeout): raise, never send again."""
@@ -615,7 +614,8 @@ async def test_send_whose_reply_times_out_is_not_retried(redis_url, prefix, kind
                 assert await recv(node, channel) == msg(-1)
             proxy.stall_next_request = True
             started = time.monotonic()
-            with pytest.raises(Exception) as info:  # noqa: B017 - any error, but an error
+            # The socket timeout (about 5 s), not the 30 s guard: a connection-level error.
+            with pytest.raises((ConnectionError, RedisConnectionError, RedisTimeoutError)) as info:
                 if kind == "group":
                     await asyncio.wait_for(sender.group_send("stallgroup", msg(1)), 30)
                 else:
