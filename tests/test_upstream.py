@@ -20,27 +20,11 @@ pytestmark = [
     pytest.mark.timeout(2 * upstream.DOWNLOAD_TIMEOUT + upstream.RUN_TIMEOUT + 60),
 ]
 
-# Upstream tests that fail against today's library, each with what goes wrong. Strict: one
-# that starts passing fails here until its entry is removed.
-KNOWN_FAILURES: dict[str, str] = {
-    "channels_redis.test_core.test_message_expiry__group_send": (
-        "issue 8, the idle rule: the channel has no receive pending for longer than expiry "
-        "and one expired message, so housekeeping deletes it with its unexpired messages and "
-        "drops its membership; Second! never arrives and receive() waits until the 10 s timeout"
-    ),
-}
-
-# Most upstream tests leave their layer unclosed (channels_redis's fixtures flush but never
-# close); on Python 3.10 and 3.11, in some runs, pytest-asyncio's loop teardown then waits
-# forever for the cancelled inbox reader (issue 8: "A cancelled node task can refuse to end"),
-# which pytest-timeout ends after 10 s. Seen: the reader was cancelled while redis-py opened
-# its connection, asyncio.wait_for (around redis-py's socket write; before 3.12 it returns the
-# inner result when that finished as the cancel landed) swallowed the cancellation, and the
-# reader went back to XREAD with its node not stopped. Which tests hang changes from run to
-# run, so this is no strict xfail marker: while True, a test that passed and whose one error
-# is that teardown timeout is reported as xfailed; any other failure fails. Set it False once
-# the library is fixed.
-TOLERATE_TEARDOWN_HANG = True
+# Upstream tests known to fail against the library: test id -> what goes wrong. Each is a
+# strict xfail, so one that starts passing fails here until its entry is removed. A teardown
+# that hangs (an unclosed layer's task that refuses to end, issue 8) fails its test through
+# the upstream pytest-timeout of 10 s.
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 class Runs:
@@ -94,10 +78,6 @@ def _params() -> Iterator[object]:
 @pytest.mark.parametrize(("spec", "name"), list(_params()))
 def test_upstream(upstream_runs: Runs, spec: upstream.UpstreamFile, name: str) -> None:
     outcome = upstream_runs.outcome(spec, name)
-    if outcome.teardown_hang and TOLERATE_TEARDOWN_HANG:
-        pytest.xfail(
-            "known (issue 8): the test passed, then its unclosed layer's inbox reader refused to end at loop teardown"
-        )
     if not outcome.passed:
         pytest.fail(
             f"{spec.key}::{name} did not pass against DistributedChannelLayer:\n{outcome.detail}"

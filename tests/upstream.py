@@ -204,15 +204,10 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one upstream test: ``passed`` only when it ran and nothing went wrong.
-
-    ``teardown_hang`` is set when the test itself passed and the only error is pytest-timeout
-    firing while pytest-asyncio's loop teardown waited for cancelled tasks to end.
-    """
+    """What happened to one upstream test: ``passed`` only when it ran and nothing went wrong."""
 
     passed: bool
     detail: str
-    teardown_hang: bool = False
 
 
 def cache_dir() -> Path:
@@ -367,22 +362,10 @@ def parse_report(report: Path, tests: tuple[str, ...], output: str) -> dict[str,
                 f"{p.tag}: {p.get('message', '')}\n{(p.text or '').strip()[-2500:]}"
                 for p in seen[name]
             )
-            outcomes[name] = Outcome(False, detail, _is_teardown_hang(seen[name]))
+            outcomes[name] = Outcome(False, detail)
         else:
             outcomes[name] = Outcome(True, "passed")
     return outcomes
-
-
-def _is_teardown_hang(problems: list[ET.Element]) -> bool:
-    if len(problems) != 1:
-        return False
-    (problem,) = problems
-    return (
-        problem.tag == "error"
-        and problem.get("message", "").startswith("failed on teardown")
-        and "Timeout" in problem.get("message", "")
-        and "_cancel_all_tasks" in (problem.text or "")
-    )
 
 
 def flush_prefix(redis_url: str, prefix: str) -> None:
