@@ -394,19 +394,29 @@ async def test_binary_frame_over_limit_closes_1009(connect) -> None:
 
 async def test_connection_limit_accepts_then_closes_1013(nodes, connect) -> None:
     nodes(connection_limit=2)
+    layer = channel_layers["default"]
+    group = ProbeConsumer.get_broadcast_group()
     first = await connect()
-    await connect()
+    second = await connect()
+    # `connect` only checks the accept, which a 1013 close also has: each one must be served.
+    for client in (first, second):
+        assert (await client.request("whoami"))["node_id"] == layer.node_id
     comm = WebsocketCommunicator(ProbeConsumer.as_asgi(), "/ws/")
     connected, _ = await comm.connect(timeout=5)
     assert connected  # accepted, so a browser sees the close code
     assert await comm.receive_output(5) == {"type": "websocket.close", "code": 1013}
-    layer = channel_layers["default"]
-    assert await layer.group_size(ProbeConsumer.get_broadcast_group()) == 2
+    assert await layer.group_size(group) == 2
     await comm.disconnect(timeout=5)
     # The other node's limit is its own.
-    await connect(OtherNodeProbe)
+    other = await connect(OtherNodeProbe)
+    assert (await other.request("whoami"))["node_id"] == channel_layers["other"].node_id
+    assert await layer.group_size(group) == 3
     await first.close()
-    await connect()  # a slot is free again
+    last = await connect()  # a slot is free again
+    assert (await last.request("whoami"))["node_id"] == layer.node_id
+    await second.request("whoami")
+    await other.request("whoami")
+    assert await layer.group_size(group) == 3
 
 
 def test_token_bucket_refills() -> None:
