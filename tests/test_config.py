@@ -346,11 +346,9 @@ def test_nonsense_values_rejected(config):
 
 
 def test_max_message_size_below_1mib_keeps_1mib_working_or_is_rejected():
-    """1 MiB encoded is always accepted: a lower limit must be refused or raised to 1 MiB."""
-    try:
-        layer = make(max_message_size=1000)
-    except ImproperlyConfigured as exc:
-        assert "max_message_size" in str(exc)
-        return
-    limit = getattr(layer, "max_message_size", None)
-    assert limit is None or limit >= 1024 * 1024
+    """1 MiB encoded is always accepted, so a lower limit is refused, saying what to write;
+    1 MiB itself is the smallest limit accepted."""
+    for too_small in (1000, 1024 * 1024 - 1):
+        with pytest.raises(ImproperlyConfigured, match=r"max_message_size must be at least"):
+            make(max_message_size=too_small)
+    assert make(max_message_size=1024 * 1024).config.max_message_size == 1024 * 1024
