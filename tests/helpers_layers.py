@@ -204,6 +204,7 @@ class RoundTripProxy:
     cut_fired: int = 0
     # seconds every client->server burst waits before it is forwarded (a slow link)
     delay: float = 0.0
+    sent: list[bytes] = field(default_factory=list)  # every client->server burst, in order
     # one-shot: forward the next request containing these bytes, then swallow every reply on
     # that connection (the command ran; its caller never hears back)
     mute_reply_to: bytes | None = None
@@ -220,6 +221,10 @@ class RoundTripProxy:
 
     def turns(self) -> int:
         return sum(c.turns for c in self.conns)
+
+    def count_sent(self, token: bytes, since: int = 0) -> int:
+        """Occurrences of ``token`` (e.g. b"EVALSHA") in what clients sent, from burst ``since``."""
+        return sum(data.count(token) for data in self.sent[since:])
 
     async def _handle(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -250,6 +255,8 @@ class RoundTripProxy:
                     if way == "s2c" and self.cut_after_reply_with and self.cut_after_reply_with in data:
                         self.cut_after_reply_with = None
                         conn.armed = True
+                    if way == "c2s":
+                        self.sent.append(data)
                     if way == "c2s" and conn.last == "s2c":
                         conn.turns += 1
                     conn.last = way

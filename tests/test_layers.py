@@ -1081,8 +1081,8 @@ async def test_corrupt_payloads_are_logged_and_skipped(make_layer, redis_url, pr
 
 
 async def test_group_send_cost_does_not_grow_with_group_size(own_redis, prefix):
-    """≤ 2 round trips per group_send for the sender; one inbox append per node, whatever
-    the group size; each member gets each message exactly once."""
+    """One round trip and one EVALSHA per group_send for the sender (the README's promise);
+    one inbox append per node, whatever the group size; each member gets each message once."""
     host, port = url_host_port(own_redis.url)
     config = {"hosts": [own_redis.url], "prefix": prefix, "heartbeat_interval": 20,
               "node_timeout": 60, "capacity": 1000}
@@ -1112,10 +1112,11 @@ async def test_group_send_cost_does_not_grow_with_group_size(own_redis, prefix):
             results = {}
             for group, targets in (("solo", [(n1, solo)]), ("crowd", members)):
                 stats0 = await commandstats(raw)
-                turns0 = proxy.turns()
+                turns0, sent0 = proxy.turns(), len(proxy.sent)
                 for k in range(sends):
                     await sender.group_send(group, msg(k))
                 turns = proxy.turns() - turns0
+                evalshas = proxy.count_sent(b"EVALSHA", sent0)
                 got = await asyncio.gather(*(recv_n(node, ch, sends, 30) for node, ch in targets))
                 for messages in got:
                     assert [m["n"] for m in messages] == list(range(sends))
@@ -1126,11 +1127,11 @@ async def test_group_send_cost_does_not_grow_with_group_size(own_redis, prefix):
                 delta = stats_delta(stats0, await commandstats(raw))
                 delta.pop("info", None)
                 results[group] = (turns, delta)
+                assert evalshas == sends, f"{group}: {evalshas} EVALSHA for {sends} group_sends"
 
             for group, (turns, delta) in results.items():
                 per_send = turns / sends
-                assert turns >= sends, f"{group}: the sender did not go through the proxy"
-                assert turns <= 2 * sends, f"{group}: {per_send:.1f} round trips per group_send"
+                assert turns == sends, f"{group}: {per_send:.1f} round trips per group_send"
                 appends = sum(delta.get(c, 0) for c in ("xadd", "rpush", "lpush", "publish"))
                 nodes_with_members = 1 if group == "solo" else 3
                 assert appends >= sends, (group, delta)  # the measurement sees the writes
@@ -1145,7 +1146,8 @@ async def test_group_send_cost_does_not_grow_with_group_size(own_redis, prefix):
 
 
 async def test_group_send_round_trips_do_not_grow_with_node_count(own_redis, prefix):
-    """12 nodes with one member each: still ≤ 2 round trips, one inbox append per node."""
+    """12 nodes with one member each: still one round trip and one EVALSHA per group_send,
+    one inbox append per node."""
     host, port = url_host_port(own_redis.url)
     config = {"hosts": [own_redis.url], "prefix": prefix, "heartbeat_interval": 20,
               "node_timeout": 60}
@@ -1164,15 +1166,16 @@ async def test_group_send_round_trips_do_not_grow_with_node_count(own_redis, pre
             await sender.group_send("wide", msg(-1))  # warm-up
             for node, channel in members:
                 assert await recv(node, channel) == msg(-1)
-            stats0, turns0 = await commandstats(raw), proxy.turns()
+            stats0, turns0, sent0 = await commandstats(raw), proxy.turns(), len(proxy.sent)
             for k in range(5):
                 await sender.group_send("wide", msg(k))
             turns = proxy.turns() - turns0
+            assert proxy.count_sent(b"EVALSHA", sent0) == 5, "one script call per group_send"
             for node, channel in members:
                 assert [m["n"] for m in await recv_n(node, channel, 5)] == list(range(5))
                 assert await nothing_arrives(node, channel, 0.05)
             delta = stats_delta(stats0, await commandstats(raw))
-            assert 5 <= turns <= 10, f"{turns / 5:.1f} round trips per group_send"
+            assert turns == 5, f"{turns / 5:.1f} round trips per group_send"
             assert delta.get("xadd", 0) <= 12 * 5, delta
     finally:
         await proxy.stop()
