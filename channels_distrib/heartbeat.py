@@ -57,7 +57,10 @@ class Heartbeat:
                 attempt += 1
                 logger.warning("Heartbeat of node %s failed: %s", node.node_id, exc)
             now = time.monotonic()
-            due = max(due + interval, now) if attempt == 0 else now + backoff(attempt, 1.0)
+            # While Redis fails, retry sooner than the interval (one short script): the node
+            # re-registers as soon as Redis answers again.
+            retry = backoff(attempt, min(1.0, interval))
+            due = max(due + interval, now) if attempt == 0 else now + retry
 
     def _info(self) -> bytes:
         node = self.node
