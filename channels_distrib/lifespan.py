@@ -12,6 +12,11 @@ hypercorn have no such hook but send ASGI ``lifespan`` events, so route them her
 On ``lifespan.shutdown`` (after the server has closed its connections) the layer is
 closed, which removes this process's node and every membership it still holds at once,
 instead of leaving them until other nodes prune it after ``node_timeout``.
+
+hypercorn on Python 3.12+ sends ``lifespan.shutdown`` only once every client has gone
+(hypercorn issue 308: asyncio's ``Server.wait_closed()`` now waits for open connections,
+so ``--graceful-timeout`` is not applied); until then the node stays registered, which is
+true, since it still serves those connections.
 """
 
 from __future__ import annotations
