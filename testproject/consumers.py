@@ -176,7 +176,7 @@ async def snapshot(layer: Any) -> dict[str, Any]:
     """What the dashboard shows: live nodes and the indexed rooms that have members now."""
     now = time.time()
     nodes = sorted(await layer.nodes(), key=lambda n: n.node_id)
-    room_rows = []
+    room_rows: list[dict[str, Any]] = []
     in_use = []
     for room, last_used in await rooms.known_rooms():
         members = await layer.group_members(room)
