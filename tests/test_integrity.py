@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -32,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from channels_distrib.exceptions import RedisUnavailable
 from tests.helpers_layers import (
     ROOT,
+    ProcReceiver,
     RoundTripProxy,
     nothing_arrives,
     own_layer,
@@ -785,3 +787,75 @@ async def test_full_mark_that_lapses_while_still_full_is_renewed(make_layer, red
     await poll(send_refused, bool, TWO_BEATS + SLACK, "senders refused again")
     assert await received(node, channel) == {"type": "test.message", "n": 0}
     assert await received(node, channel) == {"type": "test.message", "n": 1}
+
+
+# ---------------------------------------------------------------- heartbeat starvation
+
+EXPIRING = 2000
+
+
+async def test_mass_expiry_does_not_starve_the_heartbeat(make_layer, redis_url):
+    """Thousands of memberships reach group_expiry together on a node whose link is slow
+    (10 ms a round trip): the node keeps beating (never unlisted, so never pruned while
+    alive) and still removes them all, in batches rather than a round trip each."""
+    observer = make_layer()
+    async with proxy_to(redis_url) as proxy:
+        node = make_layer(hosts=[proxy.url], group_expiry=2, **FAST)
+        try:
+            channels = [await node.new_channel() for _ in range(EXPIRING)]
+            for start in range(0, EXPIRING, 50):
+                await asyncio.gather(
+                    *(node.group_add(GROUP, ch) for ch in channels[start : start + 50])
+                )
+            if await observer.group_size(GROUP) != EXPIRING:
+                raise SetupError("the memberships were not all added")
+            proxy.delay = 0.01
+            started = time.monotonic()
+            await holds_for(
+                observer.nodes,
+                lambda ns: node.node_id in {n.node_id for n in ns},
+                3.0,
+                "the node was unlisted (its heartbeat starved) during the mass expiry",
+            )
+            await poll(
+                lambda: observer.group_size(GROUP),
+                lambda n: n == 0,
+                max(0.5, 8 - (time.monotonic() - started)),
+                "every expired membership removed",
+            )
+            assert node.node_id in {n.node_id for n in await observer.nodes()}
+        finally:
+            proxy.delay = 0.0
+            await close_quietly(node)
+
+
+# ---------------------------------------------------------------- in-flight leftovers
+
+
+async def test_receiver_killed_between_pop_and_ack_leaves_no_key_without_ttl(
+    make_layer, redis_url, prefix
+):
+    """A process receiving on a normal channel is frozen (SIGSTOP) while its blocking pop is
+    pending; a message arrives, so Redis moves it to that receiver's in-flight list; then the
+    process is SIGKILLed before it can acknowledge. No key is left without a TTL."""
+    sender = make_layer()
+    receiver = ProcReceiver(redis_url, prefix, "inflight.q")
+    await receiver.start()
+    try:
+        await asyncio.wait_for(receiver.ready.wait(), 30)
+        await asyncio.sleep(0.2)  # the pop is pending in Redis
+        assert receiver.proc is not None
+        os.kill(receiver.proc.pid, signal.SIGSTOP)
+        await sender.send("inflight.q", {"type": "test.message", "n": 1})
+        await asyncio.sleep(0.2)
+        os.kill(receiver.proc.pid, signal.SIGKILL)
+        await receiver.proc.wait()
+    finally:
+        await receiver.stop()
+    if receiver.received:
+        raise SetupError(f"the receiver got the message before it was frozen: {receiver.received}")
+    async with raw_redis(redis_url) as client:
+        keys = await own_prefix_keys(client, prefix)
+    if not [k for k, (kind, _ttl) in keys.items() if kind == "list"]:
+        raise SetupError(f"the pop never moved the message (no list left): {keys!r}")
+    assert {k: v for k, v in keys.items() if v[1] == -1} == {}, "keys without a TTL"
