@@ -2,8 +2,9 @@
 
 Issue 8 lists the upstream tests that must pass unchanged apart from the import; each is one
 item here, so a failure names its test. The files come from the sdists at test time (see
-tests/upstream.py) and each runs once, in a pytest subprocess, for all its items. Marked
-``upstream`` (not in the default run: it needs the package index): ``./runtests -m upstream``.
+tests/upstream.py) and each runs once, in a pytest subprocess, for all its items (pubsub's
+test_layer_close alone, so that a leaked connection or task fails it). Marked ``upstream``
+(not in the default run: it needs the package index): ``./runtests -m upstream``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ when ``CHANNELS_DISTRIB_CHANNELS_SOURCE`` names a channels source tree; else the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -24,6 +25,8 @@ import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+
+from channels_distrib.layers import DistributedChannelLayer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -424,9 +427,6 @@ def parse_report(report: Path, tests: tuple[str, ...], output: str) -> dict[str,
 
 def flush_prefix(redis_url: str, prefix: str) -> None:
     """Remove what the upstream tests left under their prefix (layers they never closed)."""
-    import asyncio
-
-    from channels_distrib.layers import DistributedChannelLayer
 
     async def flush() -> None:
         layer = DistributedChannelLayer(hosts=[redis_url], prefix=prefix)
