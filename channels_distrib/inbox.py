@@ -8,12 +8,15 @@ memberships of its channels that other processes added or removed.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from .local import LocalChannel
 from .tasks import cancellable
 from .transport import BLOCK_SECONDS, backoff
 
@@ -29,6 +32,11 @@ def stream_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+#: How many messages past its capacity a consumer may have waiting in Redis, as a multiple of
+#: its capacity (10,000 with the default capacity of 100); past that its overflow is dropped.
+DEFER_FACTOR = 100
+
+
 class InboxReader:
     """Reads one node's inbox and delivers each entry to the node's local channels."""
 
@@ -42,6 +50,8 @@ class InboxReader:
         self._attempt = 0
         self.skipped = 0
         self._last_skip_log = 0.0
+        self._refill_wanted: set[str] = set()
+        self._refill_wake = asyncio.Event()
 
     async def run(self) -> None:
         """Read forever from the last id seen; reconnect on any error.
@@ -141,7 +151,7 @@ class InboxReader:
         now = time.monotonic()
         expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
         if b"c" in fields:
-            self._deliver(fields[b"c"].decode(), payload, expires)
+            self._deliver(fields[b"c"].decode(), entry_id, payload, expires)
             return
         group_field = fields.get(b"g") or fields.get(b"p")
         if group_field is None:
@@ -156,10 +166,10 @@ class InboxReader:
             if channel == exclude or (presence_only and not membership.presence):
                 continue
             local = channels.get(channel)
-            if local is not None and len(local.items) < local.capacity:
+            if local is not None and not local.deferred and len(local.items) < local.capacity:
                 local.put(payload, expires)  # the fast path
             else:
-                self._deliver(channel, payload, expires)
+                self._deliver(channel, entry_id, payload, expires)
 
     def _control(self, fields: dict[bytes, bytes]) -> None:
         """Another process added or removed one of this node's channels in a group."""
@@ -174,21 +184,113 @@ class InboxReader:
         else:
             memberships.forget_remote(group, channel)
 
-    def _deliver(self, name: str, payload: bytes, expires: float) -> None:
+    def _deliver(self, name: str, entry_id: bytes, payload: bytes, expires: float) -> None:
+        """Queue one message for a local channel; past its capacity the message waits in Redis
+        (its inbox entry id is remembered) until the consumer has room, up to its budget."""
         node = self.node
         channel = node.channels.get(name)
         if channel is None:
             # Not a live channel of this node (never issued here, or its consumer is gone).
             self._count_drop(name, "no such channel on this node")
             return
-        if channel.full:
-            channel.purge_expired(time.monotonic())
-        if channel.full:
-            self._count_drop(name, "capacity")
-            if name not in self.marked_full:
-                self._to_mark.add(name)
+        if not channel.deferred and not channel.full:
+            channel.put(payload, expires)
             return
-        channel.put(payload, expires)
+        if name not in self.marked_full:
+            self._to_mark.add(name)  # direct senders get ChannelFull while it is backlogged
+        if len(channel.deferred) >= channel.capacity * DEFER_FACTOR:
+            self._count_drop(name, "capacity")
+            return
+        channel.deferred.append(entry_id)
+        if len(channel.items) <= channel.capacity // 2:
+            self.want_refill(channel)
+
+    def want_refill(self, channel: LocalChannel) -> None:
+        """A backlogged channel has room: bring its deferred messages back (from any thread)."""
+        loop = self.node.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._refill_wanted.add(channel.name)
+            self._refill_wake.set()
+        else:
+            loop.call_soon_threadsafe(self.want_refill, channel)
+
+    async def run_refill(self) -> None:
+        """Fetch deferred messages from the inbox stream for channels that have room again.
+
+        Every channel waiting at that moment is served by one pipelined round trip, each
+        entry fetched once however many of the node's channels wait for it (a group message
+        deferred for 100 members is read once). Ids leave a backlog only once their messages
+        are queued, so new messages keep waiting behind them (FIFO).
+        """
+        node = self.node
+        attempt = 0
+        while not node.stopped:
+            await self._refill_wake.wait()
+            self._refill_wake.clear()
+            while self._refill_wanted and not node.stopped:
+                names, self._refill_wanted = self._refill_wanted, set()
+                try:
+                    await cancellable(functools.partial(self._refill, names))
+                    attempt = 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    attempt += 1
+                    logger.warning("Refill on node %s failed: %s", node.node_id, exc)
+                    self._refill_wanted |= names
+                    await asyncio.sleep(backoff(attempt, 1.0))
+
+    async def _refill(self, names: set[str]) -> None:
+        node = self.node
+        wanted: dict[str, list[bytes]] = {}
+        for name in names:
+            channel = node.channels.get(name)
+            if channel is not None and channel.deferred and len(channel.items) < channel.capacity:
+                room = channel.capacity - len(channel.items)
+                wanted[name] = list(itertools.islice(channel.deferred, room))
+        ids = sorted({i for batch in wanted.values() for i in batch}, key=stream_id)
+        if not ids:
+            return
+        inbox = node.keys.inbox(node.token)
+
+        async def fetch(client: Any) -> Any:
+            async with client.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xrange(inbox, entry_id, entry_id)
+                return await pipe.execute()
+
+        found = dict(zip(ids, await node.transport.run(fetch), strict=True))
+        for name, batch in wanted.items():
+            self._refill_one(name, batch, found)
+
+    def _refill_one(self, name: str, batch: list[bytes], found: dict[bytes, Any]) -> None:
+        node = self.node
+        channel = node.channels.get(name)
+        if channel is None:
+            return
+        now = time.monotonic()
+        for entry_id in batch:
+            if not channel.deferred or channel.deferred[0] != entry_id:
+                return  # cleared meanwhile (a flush)
+            channel.deferred.popleft()
+            entries = found.get(entry_id)
+            payload = entries[0][1].get(b"m") if entries else None
+            if payload is None:
+                self._count_drop(name, "trimmed from the inbox")
+                continue
+            sent_ms = int(entry_id.split(b"-", 1)[0])
+            expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
+            if expires <= now:
+                channel.expired += 1
+                continue
+            channel.put(payload, expires)
+        if channel.deferred and len(channel.items) <= channel.capacity // 2:
+            self._refill_wanted.add(name)
+            self._refill_wake.set()
 
     def _count_drop(self, channel: str, reason: str) -> None:
         self.dropped += 1
@@ -224,7 +326,8 @@ class InboxReader:
         drained = [
             name
             for name in self.marked_full
-            if name not in node.channels or not node.channels[name].full
+            if name not in node.channels
+            or not (node.channels[name].full or node.channels[name].deferred)
         ]
         self.marked_full.difference_update(drained)
         still = list(self.marked_full)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 #: A channel counts as "receiving" while a receive() is pending or ended this recently (s).
 RECEIVING_GRACE = 1.0
@@ -46,6 +47,8 @@ class LocalChannel:
         "expired",
         "created",
         "creator",
+        "deferred",
+        "on_room",
     )
 
     def __init__(
@@ -62,6 +65,10 @@ class LocalChannel:
         self.expired = 0
         # The task that called new_channel(): while it runs, the channel is alive.
         self.creator = creator
+        # Inbox entry ids of messages past capacity, waiting in Redis (the node's inbox stream)
+        # until the consumer has room again; FIFO: while any wait, new ones wait behind them.
+        self.deferred: deque[bytes] = deque()
+        self.on_room: Callable[[LocalChannel], None] | None = None  # set by the inbox reader
 
     @property
     def full(self) -> bool:
@@ -117,6 +124,8 @@ class LocalChannel:
                     self.expired += 1
                     continue
                 self.last_active = now
+                if self.deferred and self.on_room is not None and len(items) <= self.capacity // 2:
+                    self.on_room(self)  # bring deferred messages back from Redis
                 return payload
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
@@ -140,3 +149,4 @@ class LocalChannel:
 
     def clear(self) -> None:
         self.items.clear()
+        self.deferred.clear()

@@ -91,6 +91,9 @@ class Node:
             self.loop.create_task(
                 self.housekeeper.run(), name=f"channels_distrib.housekeeping.{self.token}"
             ),
+            self.loop.create_task(
+                self.inbox.run_refill(), name=f"channels_distrib.refill.{self.token}"
+            ),
         ]
         self._install_twisted_trigger()
         logger.info("Node %s registered (token %s)", self.node_id, self.token)
@@ -136,9 +139,9 @@ class Node:
 
     def new_channel(self, prefix: str) -> str:
         name = f"{prefix}.{self.token}!{secrets.token_hex(6)}"
-        self.channels[name] = LocalChannel(
-            name, self.config.capacity_for(name), creator=asyncio.current_task()
-        )
+        channel = LocalChannel(name, self.config.capacity_for(name), creator=asyncio.current_task())
+        channel.on_room = self.inbox.want_refill
+        self.channels[name] = channel
         return name
 
     def local_channel(self, name: str) -> LocalChannel:
@@ -147,6 +150,7 @@ class Node:
         channel = self.channels.get(name)
         if channel is None:
             channel = self.channels[name] = LocalChannel(name, self.config.capacity_for(name))
+            channel.on_room = self.inbox.want_refill
         return channel
 
     def on_flush(self, epoch: bytes) -> None:

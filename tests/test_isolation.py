@@ -1,8 +1,10 @@
 """One consumer never slows another (DESIGN.md, "Delivery guarantees").
 
-A node reads its inbox without ever waiting for a consumer: a channel's backlog is bounded by
-its budget (``capacity`` messages); past it the overflow is dropped and counted, and direct
-senders get ``ChannelFull``. Checked with counts, not timings.
+A node reads its inbox without ever waiting for a consumer. A channel holds up to
+``capacity`` messages in memory; past that its messages wait in Redis (the node remembers
+their inbox entry ids) up to its budget, ``capacity * DEFER_FACTOR``; past the budget the
+overflow is dropped and counted. Direct senders get ``ChannelFull`` while it is backlogged.
+Checked with counts, not timings.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 from channels.exceptions import ChannelFull
 
+from channels_distrib.inbox import DEFER_FACTOR
 from tests.helpers_layers import msg
 
 
@@ -50,11 +53,31 @@ async def test_burst_within_budget_to_a_slow_receiver_is_delivered_in_full(make_
     assert node._node.dropped == 0
 
 
+async def test_burst_past_capacity_to_a_slow_receiver_waits_in_redis_and_loses_nothing(
+    make_layer,
+):
+    node, sender = make_layer(capacity=10), make_layer()
+    channel = await node.new_channel()
+    await node.group_add("burst", channel)
+    got: list[int] = []
+    consumer = asyncio.create_task(_drain(node, channel, 300, 0.002, got))
+    try:
+        for n in range(300):
+            await sender.group_send("burst", msg(n))
+        async with asyncio.timeout(15):
+            await asyncio.shield(consumer)
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+    assert got == list(range(300)), "every one, in order"
+    assert node._node.dropped == 0
+
+
 async def test_a_slow_consumer_never_holds_back_the_fast_one(make_layer):
     """The fast member gets all 200 while the slow one (10 msg/s) has taken only a few: the
     reader never waited for the slow one's queue (with any waiting, even bounded, the fast
-    one could not get past the slow one's budget before the slow one drained it). The slow
-    one keeps its budget, in order; the rest is dropped and counted."""
+    one could not get past the slow one's capacity before the slow one drained it). The slow
+    one's backlog waits in Redis: it loses nothing, in order."""
     node, sender = make_layer(capacity=20), make_layer()
     fast, slow = await node.new_channel(), await node.new_channel()
     for channel in (fast, slow):
@@ -79,25 +102,29 @@ async def test_a_slow_consumer_never_holds_back_the_fast_one(make_layer):
     # one got message 41; the 200 sends take well under 1.5 s.
     assert slow_when_fast_done < 15, slow_when_fast_done
     slow_all = slow_got + await _leftover(node, slow)
-    assert slow_all == sorted(slow_all) and slow_all[:1] == [0]
-    assert len(slow_all) >= 20, "the slow consumer keeps at least its budget"
-    assert node._node.dropped == 200 - len(slow_all), "every overflow message is counted"
+    assert slow_all == list(range(200)), "the slow one's backlog (within budget) is all kept"
+    assert node._node.dropped == 0
 
 
 @pytest.mark.parametrize("receiving", [False, True], ids=["stopped", "receiving-slowly"])
-async def test_overflow_is_dropped_and_direct_senders_get_channel_full(make_layer, receiving):
-    node, sender = make_layer(capacity=5), make_layer()
+async def test_overflow_past_the_budget_is_dropped_and_direct_senders_get_channel_full(
+    make_layer, receiving
+):
+    capacity = 5
+    budget = capacity + capacity * DEFER_FACTOR  # in memory, then waiting in Redis
+    sent = budget + 100
+    node, sender = make_layer(capacity=capacity), make_layer()
     stalled, busy = await node.new_channel(), await node.new_channel()
     for channel in (stalled, busy):
         await node.group_add("mixed", channel)
     busy_got: list[int] = []
-    consumer = asyncio.create_task(_drain(node, busy, 100, 0, busy_got))
+    consumer = asyncio.create_task(_drain(node, busy, sent, 0, busy_got))
     slow: asyncio.Task[None] | None = None
     slow_got: list[int] = []
     if receiving:  # receives, but only once a second: alive, and far behind
-        slow = asyncio.create_task(_drain(node, stalled, 100, 1.0, slow_got))
+        slow = asyncio.create_task(_drain(node, stalled, sent, 1.0, slow_got))
     try:
-        for n in range(100):
+        for n in range(sent):
             await sender.group_send("mixed", msg(n))
         async with asyncio.timeout(10):
             await asyncio.shield(consumer)
@@ -106,7 +133,7 @@ async def test_overflow_is_dropped_and_direct_senders_get_channel_full(make_laye
         if slow is not None:
             slow.cancel()
         await asyncio.gather(consumer, *([slow] if slow else []), return_exceptions=True)
-    assert busy_got == list(range(100))
+    assert busy_got == list(range(sent))
     # The node marks the dropping channel full in Redis: another process's send raises.
     async with asyncio.timeout(5):
         while True:
@@ -116,4 +143,6 @@ async def test_overflow_is_dropped_and_direct_senders_get_channel_full(make_laye
                 break
             await asyncio.sleep(0.05)
     kept = slow_got + await _leftover(node, stalled)
-    assert kept == sorted(kept) and 5 <= len(kept) <= 5 + len(slow_got) + 1, kept
+    assert kept == sorted(kept) and kept[:budget] == list(range(budget)), kept[:10]
+    assert budget <= len(kept) <= budget + len(slow_got) + 1, len(kept)
+    assert node._node.dropped == sent - len(kept), "every message past the budget is counted"
