@@ -549,5 +549,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if state is not None:
             await state.close()
 
+    async def close_pools(self) -> None:
+        """The same as :meth:`close`, for code written for channels_redis."""
+        await self.close()
+
 
 __all__ = ["DistributedChannelLayer"]
