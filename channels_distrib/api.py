@@ -22,6 +22,11 @@ The envelope on the channel layer is (documented so other senders can build it):
 The JSON is encoded once by the sender, so a group of any size costs one encode, and
 what the client receives is byte for byte what the sender encoded. ``exclude`` names
 one channel (connection) that drops the message instead of forwarding it.
+
+:func:`disconnect_user` and :func:`disconnect_client` send a control message instead,
+which the connection handles by closing its WebSocket with ``code``::
+
+    {"type": "distrib.disconnect", "code": 4000}
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from channels import DEFAULT_CHANNEL_LAYER
 from channels.exceptions import InvalidChannelLayerError
@@ -41,9 +46,13 @@ if TYPE_CHECKING:
     from channels_distrib.consumers import DistributedMixin
 
 __all__ = [
+    "DEFAULT_CLOSE_CODE",
+    "DISCONNECT_TYPE",
     "ENVELOPE_TYPE",
     "RESERVED_PREFIX",
     "broadcast",
+    "disconnect_client",
+    "disconnect_user",
     "make_envelope",
     "send_to_client",
     "send_to_room",
@@ -53,6 +62,12 @@ __all__ = [
 
 ENVELOPE_TYPE = "distrib.message"
 """Channel-layer message type that carries JSON for a WebSocket (handler ``distrib_message``)."""
+
+DISCONNECT_TYPE = "distrib.disconnect"
+"""Channel-layer message type that closes a connection (handler ``distrib_disconnect``)."""
+
+DEFAULT_CLOSE_CODE = 4000
+"""The close code :func:`disconnect_user` and :func:`disconnect_client` use by default."""
 
 RESERVED_PREFIX = "distrib."
 """Group names starting with this belong to the library (user and broadcast groups)."""
@@ -75,6 +90,27 @@ def make_envelope(message: Message, *, exclude: str | None = None) -> Message:
     except ValueError as exc:  # circular reference, NaN with allow_nan=False...
         raise TypeError(f"message is not JSON-serialisable: {exc}") from exc
     return {"type": ENVELOPE_TYPE, "text": text, "exclude": exclude}
+
+
+def is_close_code(code: object) -> TypeGuard[int]:
+    """Whether a server may close a WebSocket with ``code``.
+
+    1000-1003, 1007-1014 (RFC 6455 section 7.4.1; the mixin lets daphne send them) and
+    the application range 3000-4999. 1004-1006 and 1015 are never sent in a close frame.
+    """
+    if not isinstance(code, int) or isinstance(code, bool):
+        return False
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def make_disconnect(code: int = DEFAULT_CLOSE_CODE) -> Message:
+    """The control message that makes a connection close its WebSocket with ``code``.
+
+    Raises ``ValueError`` for a code a server cannot send (see :func:`is_close_code`).
+    """
+    if not is_close_code(code):
+        raise ValueError(f"code must be 1000-1003, 1007-1014 or 3000-4999 (an int), not {code!r}")
+    return {"type": DISCONNECT_TYPE, "code": code}
 
 
 def _safe_group(kind: str, key: str) -> str:
@@ -170,3 +206,39 @@ async def broadcast(
     await _layer(layer_alias).group_send(
         consumer_class.get_broadcast_group(), make_envelope(message)
     )
+
+
+async def disconnect_user(
+    user_id: object,
+    code: int = DEFAULT_CLOSE_CODE,
+    *,
+    alias: str = DEFAULT_CHANNEL_LAYER,
+) -> None:
+    """Close every connection of the authenticated user ``user_id``, on every node, with ``code``.
+
+    Each connection leaves its rooms and groups as it closes (its ``disconnect`` runs as
+    for any close). A user with no open connection is not an error. Delivery is the
+    layer's: a connection whose queue is full at that moment misses the request. Raises
+    ``ValueError`` for an empty ``user_id`` or a code a server cannot send.
+    """
+    message = make_disconnect(code)
+    await _layer(alias).group_send(user_group(user_id), message)
+
+
+async def disconnect_client(
+    client_id: str,
+    code: int = DEFAULT_CLOSE_CODE,
+    *,
+    alias: str = DEFAULT_CHANNEL_LAYER,
+) -> None:
+    """Close the one connection whose ``client_id`` (channel name) is given, with ``code``.
+
+    A connection that is already closed is not an error. Raises ``ValueError`` when
+    ``client_id`` is not a connection's id (``specific.<token>!<id>``) or for a code a
+    server cannot send; may raise ``channels.exceptions.ChannelFull`` when the layer
+    knows that connection's queue is full.
+    """
+    message = make_disconnect(code)
+    if not isinstance(client_id, str) or "!" not in client_id:
+        raise ValueError(f"client_id must be a connection's channel name, not {client_id!r}")
+    await _layer(alias).send(client_id, message)

@@ -60,6 +60,9 @@ REQUIRED_EXTENSIONS = ("groups", "registry", "presence")
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_USER_LIMIT = 4008
+# Seconds between joining the user group and counting it (join times are stamped in ms).
+USER_LIMIT_SETTLE = 0.002
 # Bounds the best-effort group cleanup when a consumer fails or is cancelled.
 CLEANUP_TIMEOUT = 5.0
 
@@ -234,6 +237,12 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     :param max_message_size: largest inbound frame in bytes (default 64 KiB, None for
         no limit, but daphne's own 1 MiB limit still applies); larger frames close the
         connection with 1009.
+    :param user_connection_limit: most connections one authenticated user may hold,
+        cluster-wide; None (default) for no limit. The user's group is counted at
+        connect, so connections of every ``DistributedMixin`` class count. A connection
+        over the limit is accepted, then closed with 4008 (the subclass's ``connect``
+        and ``disconnect`` never run); of simultaneous connects the newest are refused.
+        Costs one extra Redis round trip per authenticated connect (two when over).
     """
 
     rooms: ClassVar[Sequence[str]] = ()
@@ -246,6 +255,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     user_rate_limit: ClassVar[tuple[float, int] | None] = None
     max_message_size: ClassVar[int | None] = 64 * 1024
     allow_anonymous: ClassVar[bool] = True
+    user_connection_limit: ClassVar[int | None] = None
 
     if TYPE_CHECKING:
         channel_layer: Any
@@ -267,6 +277,14 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
                     f"{cls.__qualname__}.{attribute} must be (rate, burst), e.g. (5.0, 10)"
                 ) from None
             TokenBucket(rate, burst)  # raises ImproperlyConfigured for bad values
+        limit = cls.user_connection_limit
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+        ):
+            raise ImproperlyConfigured(
+                f"{cls.__qualname__}.user_connection_limit must be a positive int or None, "
+                f"not {limit!r}"
+            )
         if isinstance(cls.rooms, str):
             raise ImproperlyConfigured(f"{cls.__qualname__}.rooms must be a list, not a string")
         for room in cls.rooms:
@@ -352,7 +370,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
             await self._cleanup(timeout=CLEANUP_TIMEOUT)
 
     async def websocket_connect(self, message: Message) -> None:
-        """Check the layer, ``allow_anonymous`` and the node's connection limit, then connect."""
+        """Check the layer, ``allow_anonymous`` and the connection limits, then connect."""
         layer = self._require_distributed_layer()
         allow_server_close_codes()
         if not self.allow_anonymous and self.get_user_id() is None:
@@ -370,6 +388,17 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         _open_connections[layer] = _open_connections.get(layer, 0) + 1
         self._counted_layer = layer
         self._connected_at = time.time()
+        if not await self._claim_user_slot():
+            logger.info(
+                "closing %s: user_connection_limit %s reached",
+                self.channel_name,
+                self.user_connection_limit,
+            )
+            await self._cleanup()  # leaves the user group again and frees the node slot
+            self._refused = self._closing = True
+            await super().accept()
+            await self.close(CLOSE_USER_LIMIT)
+            return
         if self.rate_limit is not None:
             self._bucket = TokenBucket(*self.rate_limit)
         self._user_bucket_key = self._user_rate_limit_key(layer)
@@ -393,6 +422,34 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         await self._cleanup()
         await super().websocket_disconnect(message)
 
+    async def _claim_user_slot(self) -> bool:
+        """Join the user's group, then count it: False when this connection is over the limit.
+
+        Joining before counting makes simultaneous connects on different nodes see each
+        other. Members rank by join time (Redis server time, in ms), then channel name,
+        the order ``group_members`` gives; a connection whose rank is ``limit`` or more
+        is over. Counting waits until Redis time has passed this join's millisecond, so
+        every member that can rank before this one is visible by then: of racing
+        connects exactly the oldest ``limit`` are kept, whichever node counts first.
+        Members on a dead node count until it is pruned.
+        """
+        limit = self.user_connection_limit
+        user_id = self.get_user_id()
+        if limit is None or user_id is None:
+            return True
+        layer = self.channel_layer
+        group = api.user_group(user_id)
+        self._own_groups.append(group)  # before the add: a cancelled add may have landed
+        await layer.group_add(group, self.channel_name, meta=self._client_meta())
+        # The join was stamped before its reply came back; once this much has passed, no
+        # later join can get the same stamp.
+        await asyncio.sleep(USER_LIMIT_SETTLE)
+        if await layer.group_size(group) <= limit:
+            return True
+        channels = [member.channel for member in await layer.group_members(group)]
+        rank = channels.index(self.channel_name) if self.channel_name in channels else len(channels)
+        return rank < limit
+
     async def _register(self) -> None:
         layer = self.channel_layer
         meta = self._client_meta()
@@ -400,7 +457,10 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         user_id = self.get_user_id()
         if user_id is not None:
             groups.append(api.user_group(user_id))
-        self._own_groups = groups
+        # The user group may be joined already (_claim_user_slot); joining again would
+        # restamp its join time, which ranks it among the user's connections.
+        groups = [group for group in groups if group not in self._own_groups]
+        self._own_groups.extend(groups)
         errors = await _run_all(
             [layer.group_add(group, self.channel_name, meta=meta) for group in groups]
         )
@@ -572,14 +632,20 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         thread. Forwarding an envelope's text touches no database, so ``distrib.message``
         goes straight to :meth:`distrib_message`; everything else is dispatched by Channels.
         """
-        if message.get("type") == api.ENVELOPE_TYPE:
+        kind = message.get("type")
+        if kind == api.ENVELOPE_TYPE:
             await self.distrib_message(message)
+            return
+        if kind == api.DISCONNECT_TYPE:
+            await self.distrib_disconnect(message)
             return
         await super().dispatch(message)
 
     async def distrib_message(self, message: Message) -> None:
         """Forward an envelope's JSON to the client unless this connection is excluded."""
-        if self._closing or message.get("exclude") == self.channel_name:
+        # Not registered: the user group was joined at connect but the subclass's
+        # connect() has not accepted (yet), and daphne refuses sends before accept.
+        if self._closing or not self._registered or message.get("exclude") == self.channel_name:
             return
         text = message.get("text")
         if not isinstance(text, str):
@@ -588,6 +654,27 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
             )
             return
         await self.send(text_data=text)
+
+    async def distrib_disconnect(self, message: Message) -> None:
+        """Close the WebSocket with the message's ``code`` and leave every group.
+
+        Sent by :func:`api.disconnect_user` and :func:`api.disconnect_client`; a code a
+        server cannot send is replaced by ``api.DEFAULT_CLOSE_CODE`` (4000).
+        """
+        if self._closing:
+            return
+        code = message.get("code")
+        if not api.is_close_code(code):
+            logger.warning(
+                "%s for %s has an invalid close code %r; closing with %d",
+                api.DISCONNECT_TYPE,
+                self.channel_name,
+                code,
+                api.DEFAULT_CLOSE_CODE,
+            )
+            code = api.DEFAULT_CLOSE_CODE
+        logger.info("closing %s with %s: disconnect requested", self.channel_name, code)
+        await self._close_with(code)
 
     async def presence_state(self, message: Message) -> None:
         """Forward a joined room's ``presence.state`` to the client as JSON; override to change."""

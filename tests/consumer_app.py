@@ -147,6 +147,12 @@ class LimitedConsumer(ProbeConsumer):
     max_message_size = 1024
 
 
+class CappedConsumer(ProbeConsumer):
+    """At most two connections per authenticated user, cluster-wide."""
+
+    user_connection_limit = 2
+
+
 class PlainConsumer(DistributedMixin, AsyncWebsocketConsumer):  # type: ignore[misc]
     """The mixin on the non-JSON base consumer."""
 
@@ -194,6 +200,7 @@ def websocket_routes() -> Any:
             path("ws/test/", ProbeConsumer.as_asgi()),
             path("ws/lobby/", LobbyConsumer.as_asgi()),
             path("ws/limited/", LimitedConsumer.as_asgi()),
+            path("ws/capped/", CappedConsumer.as_asgi()),
             path("ws/plain/", PlainConsumer.as_asgi()),
         ]
     )
