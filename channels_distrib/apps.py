@@ -20,3 +20,10 @@ class ChannelsDistribConfig(AppConfig):
         from channels_distrib.checks import TAG, check_channel_layers
 
         checks.register(check_channel_layers, TAG)
+
+        # The metrics extra: export the layers' figures to prometheus_client's registry.
+        # Without prometheus_client nothing is imported (find_spec only looks for it).
+        import importlib.util
+
+        if importlib.util.find_spec("prometheus_client") is not None:
+            import channels_distrib.metrics  # noqa: F401

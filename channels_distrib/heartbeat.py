@@ -74,6 +74,8 @@ class Heartbeat:
                 "started_at": node.started_at,
                 "channel_count": count,
                 "node_timeout": node.config.node_timeout,
+                # For node_stats() (never read into NodeInfo, whose fields stay as they are).
+                "stats": node.figures() if node.figures is not None else None,
             }
         )
         return info
@@ -105,6 +107,8 @@ class Heartbeat:
         self.last_beat = time.monotonic()
         existed, pruned, now_ms = int(result[0]), int(result[1]), int(result[2])
         flush, dead, newest = result[3], result[4], result[5]
+        if len(result) > 6:
+            node.nodes_alive = int(result[6])
         node.clock_offset = now_ms / 1000.0 - time.time()
         if first:
             node.flush_epoch = flush

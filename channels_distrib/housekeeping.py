@@ -92,6 +92,7 @@ class Housekeeper:
             if local.dead(now, grace):
                 node.memberships.bury(name)
                 del node.channels[name]
+                node.registry.counters.expired_gone += local.expired
         for name in [name for name in node.memberships.by_channel if name not in node.channels]:
             node.memberships.bury(name)  # adopted for a channel that is gone meanwhile
 

@@ -44,6 +44,7 @@ class InboxReader:
         self.node = node
         self.last_id = b"0-0"
         self.dropped = 0
+        self.dropped_by: dict[str, int] = {}  # reason (channels_distrib.stats) -> count
         self._last_drop_log = 0.0
         self.marked_full: set[str] = set()
         self._to_mark: set[str] = set()
@@ -90,6 +91,8 @@ class InboxReader:
             raise
         except Exception as exc:
             self._attempt += 1
+            if self._attempt == 1:
+                node.registry.counters.reconnects += 1  # a streak of failures: one reconnect
             if self._attempt in (1, 10) or self._attempt % 100 == 0:
                 logger.warning(
                     "Inbox read for node %s failed (%s); reconnecting", node.node_id, exc
@@ -191,7 +194,7 @@ class InboxReader:
         channel = node.channels.get(name)
         if channel is None:
             # Not a live channel of this node (never issued here, or its consumer is gone).
-            self._count_drop(name, "no such channel on this node")
+            self._count_drop(name, "no such channel on this node", "no_channel")
             return
         if not channel.deferred and not channel.full:
             channel.put(payload, expires)
@@ -199,7 +202,7 @@ class InboxReader:
         if name not in self.marked_full:
             self._to_mark.add(name)  # direct senders get ChannelFull while it is backlogged
         if len(channel.deferred) >= channel.capacity * DEFER_FACTOR:
-            self._count_drop(name, "capacity")
+            self._count_drop(name, "capacity", "capacity")
             return
         channel.deferred.append(entry_id)
         if len(channel.items) <= channel.capacity // 2:
@@ -280,7 +283,7 @@ class InboxReader:
             entries = found.get(entry_id)
             payload = entries[0][1].get(b"m") if entries else None
             if payload is None:
-                self._count_drop(name, "trimmed from the inbox")
+                self._count_drop(name, "trimmed from the inbox", "trimmed")
                 continue
             sent_ms = int(entry_id.split(b"-", 1)[0])
             expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
@@ -292,8 +295,9 @@ class InboxReader:
             self._refill_wanted.add(name)
             self._refill_wake.set()
 
-    def _count_drop(self, channel: str, reason: str) -> None:
+    def _count_drop(self, channel: str, reason: str, kind: str) -> None:
         self.dropped += 1
+        self.dropped_by[kind] = self.dropped_by.get(kind, 0) + 1
         now = time.monotonic()
         if now - self._last_drop_log >= 1.0:
             self._last_drop_log = now

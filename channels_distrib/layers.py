@@ -32,6 +32,7 @@ from .registry import (
     token_of,
 )
 from .serializers import SerializerError, make_serializer
+from .stats import NodeStats, figures
 from .transport import Transport
 from .types import Member, Message, Meta, NodeInfo
 
@@ -145,13 +146,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         )
         self.keys = Keys(self.config.prefix)
         self.registry = Registry(self.config, self.keys, self.serializer)
+        # Plain-int counters (see channels_distrib.stats); read by the heartbeat and metrics.
+        self.counters = self.registry.counters
         self._token = new_token()
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._node: Node | None = None
         self._node_starting: asyncio.Future[Node] | None = None
-        self._dropped = 0
         self._last_drop_log = 0.0
-        self._corrupt = 0
         self._last_corrupt_log = 0.0
 
     # -- connections per event loop -------------------------------------------------------
@@ -165,6 +166,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 client_name=f"distrib:{self.config.prefix}",
                 retry_timeout=self.config.retry_timeout,
             )
+            transport.counters = self.counters
             state = self._loops[loop] = _LoopState(transport)
             self._wrap_close(loop)
         return state
@@ -213,7 +215,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return self.serializer.loads(payload)
         except SerializerError as exc:
             # Counted always, logged at most once a second: a flood is one line, not a storm.
-            self._corrupt += 1
+            self.counters.corrupt += 1
             now = time.monotonic()
             if now - self._last_corrupt_log >= 1.0:
                 self._last_corrupt_log = now
@@ -221,7 +223,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     "Skipping a corrupt or foreign payload for %s: %s (%d skipped so far)",
                     channel,
                     exc,
-                    self._corrupt,
+                    self.counters.corrupt,
                 )
             return None
 
@@ -274,6 +276,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 token=self._token,
                 node_id=self.node_id,
             )
+            node.figures = self._figures
             try:
                 await node.start()
                 return node
@@ -315,15 +318,18 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 if local.full:
                     raise ChannelFull(channel)
                 local.put(payload, time.monotonic() + self.config.expiry)
+                self.counters.sent_direct += 1
                 return
             keys = [self.keys.inbox(token), self.keys.full(token)]
             args = [channel, payload, INBOX_MAXLEN]
             if not await transport.script("send_inbox", keys, args):
                 raise ChannelFull(channel)
+            self.counters.sent_direct += 1
             return
         args = [payload, self.config.capacity_for(channel), int(self.config.expiry * 1000)]
         if not await transport.script("send_queue", [self.keys.queue(channel)], args):
             raise ChannelFull(channel)
+        self.counters.sent_named += 1
 
     async def receive(self, channel: str) -> Message:
         """Wait for the next message on a channel; cancellation-safe, never a connection error."""
@@ -340,6 +346,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         while True:
             message = self._decode(await local.get(), channel)
             if message is not None:
+                self.counters.delivered += 1
                 return message
 
     async def _receive_named(self, channel: str) -> Message:
@@ -352,6 +359,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         while True:
             message = self._decode(await queue.get(), channel)
             if message is not None:
+                self.counters.delivered += 1
                 return message
 
     # -- groups ---------------------------------------------------------------------------
@@ -432,9 +440,12 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_group_name(group)
         payload = self._encode(message)
         keys, args = self.registry.group_send_args("g", group, payload)
-        _nodes, _queued, dropped = await self._transport().script("group_send", keys, args)
+        written, queued, dropped = await self._transport().script("group_send", keys, args)
+        counters = self.counters
+        counters.group_sends += 1
+        counters.sent_group += written + queued
         if dropped:
-            self._dropped += int(dropped)
+            counters.group_dropped += int(dropped)
             now = time.monotonic()
             if now - self._last_drop_log >= 1.0:
                 self._last_drop_log = now
@@ -442,7 +453,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     "group_send to %s dropped %d message(s) for full channels (%d in all)",
                     group,
                     dropped,
-                    self._dropped,
+                    counters.group_dropped,
                 )
 
     # -- registry queries -----------------------------------------------------------------
@@ -476,6 +487,14 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if not isinstance(node_id, str):
             raise TypeError("node_id must be a string")
         return await self.registry.node_channels(self._transport(), node_id)
+
+    async def node_stats(self) -> list[NodeStats]:
+        """Every live node's own figures (messages sent, delivered and dropped, connections,
+        prunes...), as each node's last heartbeat published them; by node id. One round trip."""
+        return await self.registry.node_stats(self._transport())
+
+    def _figures(self) -> dict[str, Any]:
+        return figures(self)
 
     async def prune(self) -> list[str]:
         """Remove nodes silent for longer than ``node_timeout`` now; returns their node ids."""

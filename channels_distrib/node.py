@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .config import LayerConfig
@@ -72,6 +73,9 @@ class Node:
         self.memberships = Memberships(self)
         self.flush_epoch = b""
         self.clock_offset = 0.0  # Redis time minus local time, seconds
+        self.nodes_alive = 0  # live nodes at the last heartbeat, this node included
+        # The layer's figures (channels_distrib.stats), published with each heartbeat.
+        self.figures: Callable[[], dict[str, Any]] | None = None
         self.inbox = InboxReader(self)
         self.housekeeper = Housekeeper(self)
         self.heartbeat = Heartbeat(self)

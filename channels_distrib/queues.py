@@ -112,6 +112,8 @@ class NamedQueue:
                     raise
                 except Exception as exc:
                     attempt += 1
+                    if attempt == 1:
+                        self.transport.counters.reconnects += 1
                     if attempt in (1, 10):
                         logger.warning(
                             "Receive on %s lost Redis (%s); reconnecting", self.channel, exc

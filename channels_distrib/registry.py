@@ -16,6 +16,7 @@ import msgpack
 from .config import LayerConfig
 from .keys import Keys
 from .serializers import Serializer
+from .stats import Counters, NodeStats
 from .transport import Transport
 from .types import Member, Meta, NodeInfo
 
@@ -81,6 +82,7 @@ class Registry:
         self.config = config
         self.keys = keys
         self.serializer = serializer
+        self.counters = Counters()
         # A node's own keys (inbox, full set, channel index) outlive it by this much; its
         # heartbeat renews them.
         self.node_ttl_ms = int(max(config.expiry, config.node_timeout) * 2000) + 10_000
@@ -244,6 +246,8 @@ class Registry:
         result = await t.script("prune_node", keys, args)
         if not result or int(result[0]) != 1:
             return False
+        if not own:
+            self.counters.prunes += 1
         await self.send_leave_diffs(t, list(result[1:]))
         return True
 
@@ -334,6 +338,24 @@ class Registry:
                 )
             )
         result.sort(key=lambda n: (n.started_at, n.node_id))
+        return result
+
+    async def node_stats(self, t: Transport) -> list[NodeStats]:
+        """The figures each live node published with its last heartbeat (one round trip)."""
+        now_ms, deadlines, info = await self._node_table(t)
+        result = []
+        for token, deadline in deadlines.items():
+            entry = info.get(token)
+            if deadline < now_ms or not isinstance(entry, dict):
+                continue
+            try:
+                stats = NodeStats.from_info(token, entry)
+            except (TypeError, ValueError):
+                logger.warning("Skipping malformed node figures for %r", token)
+                continue
+            if stats is not None:
+                result.append(stats)
+        result.sort(key=lambda s: s.node_id)
         return result
 
     async def node_channels(self, t: Transport, node_id: str) -> set[str]:

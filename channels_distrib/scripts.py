@@ -359,7 +359,8 @@ for i = 1, 4 do extend(KEYS[i], table_ttl) end
 local newest = redis.call('XREVRANGE', KEYS[7], '+', '-', 'COUNT', 1)
 local newest_id = newest[1] and newest[1][1] or '0-0'
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
-return {existed, pruned, now, redis.call('GET', KEYS[6]) or '', dead, newest_id}
+return {existed, pruned, now, redis.call('GET', KEYS[6]) or '', dead, newest_id,
+        redis.call('ZCOUNT', KEYS[1], now, '+inf')}
 """
 )
 

@@ -30,6 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .config import HostConfig
 from .exceptions import RedisUnavailable
 from .scripts import ALL as SCRIPT_SOURCES
+from .stats import Counters
 
 try:  # redis-py >= 7
     from redis.maint_notifications import MaintNotificationsConfig
@@ -145,6 +146,7 @@ class Transport:
         self._last_used = 0.0
         self.clock_offset = 0.0
         self.clock_synced = False
+        self.counters = Counters()  # the layer's own, once the layer has made this transport
         self.scripts = {
             name: self.client.register_script(src) for name, src in SCRIPT_SOURCES.items()
         }
@@ -165,6 +167,8 @@ class Transport:
             try:
                 return await operation(self.client)
             except NotConnected as exc:
+                if attempt == 0:
+                    self.counters.reconnects += 1
                 waited = time.monotonic() - started
                 if waited >= self.retry_timeout:
                     raise RedisUnavailable(self.host.address, waited, exc) from exc

@@ -207,4 +207,16 @@ async def snapshot(layer: Any) -> dict[str, Any]:
             for n in nodes
         ],
         "rooms": room_rows,
+        # Each node's own counters (from its heartbeat); the page turns them into rates.
+        "stats": [
+            {
+                "node_id": s.node_id,
+                "at": s.at,
+                "delivered": s.delivered,
+                "dropped": sum(s.dropped.values()),
+                "connections": s.connections,
+                "prunes": s.prunes,
+            }
+            for s in await layer.node_stats()
+        ],
     }
