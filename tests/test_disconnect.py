@@ -336,6 +336,32 @@ async def test_racing_connects_on_two_nodes_in_process(nodes) -> None:
                 await client.close()
 
 
+class RefusedByTheApp(ProbeConsumer):
+    """Has a user limit (so the user group is joined at connect), then refuses in connect()."""
+
+    user_connection_limit = 5
+
+    async def connect(self) -> None:
+        group = api.user_group(self.get_user_id())
+        await self.channel_layer.group_send(group, api.make_envelope({"type": "early"}))
+        await self.close()
+
+
+async def test_a_connection_the_app_refused_gets_no_user_messages(nodes) -> None:
+    """Daphne raises on a send before accept; the user-group message must be dropped."""
+    from channels.testing import WebsocketCommunicator
+
+    from tests.consumer_app import QueryUserMiddleware
+
+    layer = nodes()["default"]
+    comm = WebsocketCommunicator(QueryUserMiddleware(RefusedByTheApp.as_asgi()), "/ws/?user=w1")
+    connected, _ = await comm.connect(timeout=5)
+    assert not connected
+    assert await comm.receive_nothing(timeout=0.3)
+    await comm.disconnect(timeout=5)
+    assert await layer.group_channels(api.user_group("w1")) == set()
+
+
 @pytest.mark.parametrize("bad", [0, -1, "2", 1.5, True])
 def test_user_connection_limit_must_be_a_positive_int(bad: Any) -> None:
     with pytest.raises(ImproperlyConfigured, match="user_connection_limit"):
