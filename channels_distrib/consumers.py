@@ -61,8 +61,9 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_USER_LIMIT = 4008
-# Seconds between joining the user group and counting it (join times are stamped in ms).
-USER_LIMIT_SETTLE = 0.002
+# Seconds between joining the user group and counting it: join times are stamped in whole
+# ms, so 1 ms after the join's reply no later join can share its stamp (0.5 ms margin).
+USER_LIMIT_SETTLE = 0.0015
 # Bounds the best-effort group cleanup when a consumer fails or is cancelled.
 CLEANUP_TIMEOUT = 5.0
 
