@@ -53,6 +53,8 @@ __all__ = [
     "broadcast",
     "disconnect_client",
     "disconnect_user",
+    "is_close_code",
+    "make_disconnect",
     "make_envelope",
     "send_to_client",
     "send_to_room",
