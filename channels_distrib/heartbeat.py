@@ -101,6 +101,7 @@ class Heartbeat:
             node.registry.node_ttl_ms,
             node.registry.table_ttl_ms,
             INBOX_MAXLEN,
+            node.registry.retention_ms,
         ]
         result = await node.transport.script("heartbeat", keys, args)
         self._refused(int(result[0]), result)

@@ -15,7 +15,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .tasks import cancellable
-from .transport import backoff
 
 if TYPE_CHECKING:
     from .node import Node
@@ -48,19 +47,17 @@ class Housekeeper:
 
     async def run(self) -> None:
         node = self.node
-        attempt = 0
         while not node.stopped:
             await self._wake.wait()
             self._wake.clear()
             try:
                 await cancellable(self.run_pass)
-                attempt = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                attempt += 1
+                # No backoff of its own: the next pass comes with the next successful beat,
+                # which the heartbeat's own retries bring as soon as Redis answers again.
                 logger.warning("Housekeeping of node %s failed: %s", node.node_id, exc)
-                await asyncio.sleep(backoff(attempt, 1.0))
 
     async def run_pass(self) -> None:
         node = self.node

@@ -63,16 +63,17 @@ class InboxReader:
         let go of can be ended by closing that connection (see :func:`cancellable`).
         """
         node = self.node
-        conn: Redis = Redis(
-            connection_pool=node.transport.blocking.connection_pool, single_connection_client=True
-        )
+        conn = node.transport.own_connection()
         try:
             while not node.stopped:
-                await self._read_once(conn)
+                if not await self._read_once(conn):
+                    await conn.aclose()
+                    conn = node.transport.own_connection()  # see Transport.own_connection
         finally:
             await conn.aclose()
 
-    async def _read_once(self, conn: Redis) -> None:
+    async def _read_once(self, conn: Redis) -> bool:
+        """One XREAD and the dispatch of what it returned; False when the read failed."""
         node = self.node
         inbox = node.keys.inbox(node.token)
 
@@ -98,7 +99,7 @@ class InboxReader:
                     "Inbox read for node %s failed (%s); reconnecting", node.node_id, exc
                 )
             await asyncio.sleep(backoff(self._attempt))
-            return
+            return False
         streams: Any = response or []
         for _stream, entries in streams:
             for entry_id, fields in entries:
@@ -109,6 +110,7 @@ class InboxReader:
                     self._log_skip(entry_id)
         if self._to_mark:
             await self._mark_full()
+        return True
 
     def _log_skip(self, entry_id: bytes) -> None:
         """Log a skipped entry, at most once a second (a flood of corrupt entries is one line)."""

@@ -12,6 +12,7 @@ receiver that dies between a pop and its acknowledgement leaves no key behind fo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -75,9 +76,7 @@ class NamedQueue:
         inflight = self.keys.inflight(self.channel, secrets.token_hex(4))
         if previous:
             await asyncio.wait(previous)
-        conn: Redis = Redis(
-            connection_pool=self.transport.blocking.connection_pool, single_connection_client=True
-        )
+        conn: Redis = self.transport.own_connection()
         delivered: bytes | None = None  # in the buffer, not yet removed from the in-flight list
         client_id: int | None = None
         attempt = 0
@@ -97,7 +96,9 @@ class NamedQueue:
                     if client_id is None:
                         client_id = int(await conn.client_id())
                     item = await cancellable(
-                        lambda: conn.blmove(self.key, inflight, int(BLOCK_SECONDS), "LEFT", "RIGHT"),
+                        functools.partial(
+                            conn.blmove, self.key, inflight, int(BLOCK_SECONDS), "LEFT", "RIGHT"
+                        ),
                         on_stuck=cut,
                     )
                     if item is not None:
@@ -124,6 +125,8 @@ class NamedQueue:
                         attempt += 1
                         await asyncio.sleep(backoff(attempt))
                     delivered, client_id = None, None
+                    await conn.aclose()
+                    conn = self.transport.own_connection()  # see Transport.own_connection
                     await asyncio.sleep(backoff(attempt))
             clean = True  # every item moved was delivered and acknowledged
         finally:

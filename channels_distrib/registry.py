@@ -24,8 +24,6 @@ logger = logging.getLogger(__name__)
 
 #: Approximate cap on inbox length (entries); older entries are trimmed by XADD.
 INBOX_MAXLEN = 100_000
-#: How long a pruned node's tombstone lasts (ms): a node back within this announces its joins.
-TOMBSTONE_MS = 24 * 3600 * 1000
 
 
 def token_of(channel: str) -> str:
@@ -86,6 +84,9 @@ class Registry:
         # A node's own keys (inbox, full set, channel index) outlive it by this much; its
         # heartbeat renews them.
         self.node_ttl_ms = int(max(config.expiry, config.node_timeout) * 2000) + 10_000
+        # What a pruned node leaves: its inbox (what was sent before the pruning still reaches
+        # it if it returns within expiry) and its tombstone (it then re-announces its joins).
+        self.retention_ms = int(max(config.expiry, config.node_timeout) * 1000) + 1000
         # The node table outlives the last node long enough for a restarted one to prune it.
         self.table_ttl_ms = int(max(config.group_expiry, config.node_timeout * 10) * 1000)
 
@@ -242,7 +243,7 @@ class Registry:
             self.keys.full(token),
             self.keys.tombstone(token),
         ]
-        args = [self.keys.prefix, token, TOMBSTONE_MS, "1" if own else "0"]
+        args = [self.keys.prefix, token, self.retention_ms, "1" if own else "0"]
         result = await t.script("prune_node", keys, args)
         if not result or int(result[0]) != 1:
             return False

@@ -313,7 +313,7 @@ return changes
 # zsets of other key layouts (checked on the first beat)
 # ARGV[1] token, ARGV[2] node id, ARGV[3] node info (msgpack), ARGV[4] node_timeout ms,
 # ARGV[5] '1' on first registration, ARGV[6] node key TTL ms, ARGV[7] node table TTL ms,
-# ARGV[8] inbox max length
+# ARGV[8] inbox max length, ARGV[9] inbox retention ms (older entries are trimmed)
 # Returns {-1, other token} when the node id is taken by another live process; {-2} when the
 # token is already known (a collision: pick another); {-3, key} when a live node of another
 # key layout uses this prefix; else {existed 1/0, was pruned 1/0, now ms, flush epoch or '',
@@ -356,6 +356,9 @@ for i = 7, 9 do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], node_ttl) end
 end
 for i = 1, 4 do extend(KEYS[i], table_ttl) end
+-- Entries older than expiry can only be expired messages: trim them (a quiet inbox would
+-- otherwise keep up to its MAXLEN for good).
+redis.call('XTRIM', KEYS[7], 'MINID', '~', now - tonumber(ARGV[9]))
 local newest = redis.call('XREVRANGE', KEYS[7], '+', '-', 'COUNT', 1)
 local newest_id = newest[1] and newest[1][1] or '0-0'
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
@@ -365,10 +368,12 @@ return {existed, pruned, now, redis.call('GET', KEYS[6]) or '', dead, newest_id,
 )
 
 # PRUNE_NODE: remove a dead node and every membership of its channels, atomically, once.
+# A dead node's inbox is kept for ARGV[3] ms (what was sent to it before the pruning still
+# reaches it if it comes back within expiry); a clean stop deletes it.
 # KEYS[1..4] P:{x}:nodes, ni, nid, tid; KEYS[5] the node's channel hash; KEYS[6] its inbox;
 # KEYS[7] its full set; KEYS[8] its tombstone
-# ARGV[1] prefix, ARGV[2] token, ARGV[3] tombstone TTL ms, ARGV[4] '1' when a node removes
-# itself on a clean stop (no liveness check, no tombstone)
+# ARGV[1] prefix, ARGV[2] token, ARGV[3] retention ms (inbox and tombstone), ARGV[4] '1' when
+# a node removes itself on a clean stop (no liveness check, no tombstone, inbox deleted)
 # Returns {0} when there was nothing to prune (already pruned, or it beat again meanwhile);
 # else {1, then group, channel, record for each presence membership removed}.
 PRUNE_NODE = (
@@ -397,7 +402,8 @@ for i = 1, #index, 2 do
     end
   end
 end
-redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
+redis.call('DEL', KEYS[5], KEYS[7])
+if own then redis.call('DEL', KEYS[6]) else redis.call('PEXPIRE', KEYS[6], ARGV[3]) end
 redis.call('ZREM', KEYS[1], token)
 redis.call('HDEL', KEYS[2], token)
 local node_id = redis.call('HGET', KEYS[4], token)

@@ -53,7 +53,22 @@ class NotConnected(RedisConnectionError):
 
 
 class _MarksConnectFailures:
-    """Mixin for redis-py connection classes: failures while connecting raise NotConnected."""
+    """Mixin for redis-py connection classes: failures while connecting raise NotConnected.
+
+    Both entry points are wrapped: ``connect()`` (the pool's, which behind Sentinel first asks
+    the sentinels for the master and raises MasterNotFoundError while there is none) and
+    ``connect_check_health()`` (what a command on a disconnected connection calls).
+    """
+
+    async def connect(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().connect(*args, **kwargs)  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except NotConnected:
+            raise
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise NotConnected(str(exc)) from exc
 
     async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -107,7 +122,12 @@ def make_client(
         del options["socket_keepalive"]  # TCP only
     options.update(host.kwargs)
     if host.sentinels:
-        from redis.asyncio.sentinel import Sentinel
+        from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
+
+        class _SentinelConnection(_MarksConnectFailures, SentinelManagedConnection):
+            pass
+
+        options["connection_class"] = _SentinelConnection
 
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(host.sentinels), sentinel_kwargs=host.sentinel_kwargs or None
@@ -150,6 +170,13 @@ class Transport:
         self.scripts = {
             name: self.client.register_script(src) for name, src in SCRIPT_SOURCES.items()
         }
+
+    def own_connection(self) -> Redis:
+        """A client holding one blocking-pool connection of its own (for a reader that must be
+        able to close it under a stuck call). Replace it after a connection error: redis-py
+        reconnects a held connection to the address it had, so behind Sentinel it would keep
+        dialling the old master after a failover, where a new one asks the sentinels."""
+        return Redis(connection_pool=self.blocking.connection_pool, single_connection_client=True)
 
     async def run(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
         """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``."""
