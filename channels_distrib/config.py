@@ -67,6 +67,7 @@ class LayerConfig:
     max_meta_size: int
     retry_timeout: float
     connection_limit: int | None
+    presence_interval: float = 0.1
 
     def capacity_for(self, channel: str) -> int:
         """The capacity of one channel: the first matching ``channel_capacity`` glob, else ``capacity``."""
@@ -294,6 +295,7 @@ def build_config(
     max_meta_size: Any,
     retry_timeout: Any,
     connection_limit: Any,
+    presence_interval: Any = 0.1,
 ) -> LayerConfig:
     """Check every option and their combinations; raise ``ImproperlyConfigured`` on the first mistake."""
     if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
@@ -354,4 +356,7 @@ def build_config(
         max_meta_size=_int("max_meta_size", max_meta_size, minimum=64),
         retry_timeout=_number("retry_timeout", retry_timeout, minimum=0.0, strict=False),
         connection_limit=connection_limit,
+        presence_interval=_number(
+            "presence_interval", presence_interval, minimum=0.0, strict=False
+        ),
     )

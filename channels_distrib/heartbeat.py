@@ -122,6 +122,7 @@ class Heartbeat:
             logger.warning("Node %s %s; re-registering its memberships", node.node_id, reason)
             node.inbox.restart_if_ahead(newest)
             node.memberships.mark_all_dirty()
+            node.presence.reset()
             node.housekeeper.reregister(announce=bool(pruned))
         node.housekeeper.wake([t.decode() if isinstance(t, bytes) else t for t in dead])
 

@@ -161,14 +161,26 @@ class InboxReader:
         group_field = fields.get(b"g") or fields.get(b"p")
         if group_field is None:
             raise ValueError("inbox entry of unknown kind")
-        members = node.memberships.members(group_field.decode())
+        group = group_field.decode()
+        presence_only = b"p" in fields
+        # The node's presence replica takes the diff first (decoded once here for the node);
+        # members whose presence.state already held all of it are skipped.
+        known = node.presence.on_diff(group, payload) if presence_only else None
+        members = node.memberships.members(group)
         if not members:
             return
         exclude = fields.get(b"x", b"").decode()
-        presence_only = b"p" in fields
+        # A batched presence diff names its window's joiners (space-separated): each gets
+        # its own diff from its node (presence.py).
+        excluded = set(exclude.split(" ")) if " " in exclude else None
         channels = node.channels
         for channel, membership in list(members.items()):
-            if channel == exclude or (presence_only and not membership.presence):
+            if (
+                channel == exclude
+                or (excluded is not None and channel in excluded)
+                or (presence_only and not membership.presence)
+                or (known is not None and known[0].get(channel, -1) >= known[1])
+            ):
                 continue
             local = channels.get(channel)
             if local is not None and not local.deferred and len(local.items) < local.capacity:

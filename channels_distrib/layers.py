@@ -56,6 +56,7 @@ _OPTIONS = (
     "max_meta_size",
     "retry_timeout",
     "connection_limit",
+    "presence_interval",
 )
 
 
@@ -80,7 +81,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     ``expiry``, ``group_expiry``, ``capacity``, ``channel_capacity``,
     ``symmetric_encryption_keys``, ``serializer_format``, ``random_prefix_length`` — accepted,
     no effect) plus ``node_id``, ``heartbeat_interval``, ``node_timeout``, ``serializer``,
-    ``max_message_size``, ``max_meta_size``, ``retry_timeout`` and ``connection_limit``.
+    ``max_message_size``, ``max_meta_size``, ``retry_timeout``, ``connection_limit`` and
+    ``presence_interval`` (seconds, default 0.1: a node's presence joins and leaves of one
+    group within that long are sent as one ``presence.diff``; 0 sends each at once).
     See the README for each option's meaning and default.
     """
 
@@ -106,6 +109,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         max_meta_size: int = 4096,
         retry_timeout: float = 5.0,
         connection_limit: int | None = None,
+        presence_interval: float = 0.1,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -135,6 +139,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             max_meta_size=max_meta_size,
             retry_timeout=retry_timeout,
             connection_limit=connection_limit,
+            presence_interval=presence_interval,
         )
         super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
         self.channel_capacity = list(self.config.channel_capacity)
@@ -380,13 +385,15 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 # consumer is gone): a dead channel is never recorded.
                 logger.debug("group_add of %s to %s ignored: not a live channel", channel, group)
                 return
-            # The membership owner writes it and keeps Redis in step if the write fails.
-            result = await node.memberships.join(group, channel, meta, presence)
-        else:
-            node_id = await self.registry.owner_id(transport, channel)
-            result = await self.registry.add(
-                transport, group, channel, node_id, meta, presence, notify=True
-            )
+            # The membership owner writes it and keeps Redis in step if the write fails; the
+            # node's presence owner queues the state and batches the diff.
+            if not await node.presence.join(group, channel, meta, presence):
+                logger.debug("group_add of %s to %s ignored: this node is not live", channel, group)
+            return
+        node_id = await self.registry.owner_id(transport, channel)
+        result = await self.registry.add(
+            transport, group, channel, node_id, meta, presence, notify=True
+        )
         if result is None:
             # A process-local channel whose node is not live (a stale or made-up name): never
             # recorded. (For our own channels: this node was pruned; its heartbeat re-adds it.)
@@ -397,16 +404,11 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def _announce(
         self, transport: Transport, group: str, channel: str, result: AddResult, presence: bool
     ) -> None:
-        """presence.state to a joining presence member, presence.diff to the others."""
+        """presence.state to a presence member another node owns (or a normal channel),
+        presence.diff to the others (this node's own channels go through its presence owner)."""
         if presence:
             state = {"type": "presence.state", "group": group, "members": result.state}
-            node = self._node
-            if node is not None and node.owns(channel):
-                node.local_channel(channel).put(
-                    self.serializer.dumps(state), time.monotonic() + self.config.expiry
-                )
-            else:
-                await self.send(channel, state)
+            await self.send(channel, state)
             leaves = [presence_entry(channel, result.old_presence)] if result.old_presence else []
             if (
                 result.old_presence is None
@@ -427,9 +429,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         transport = self._transport()
         if node is not None and node.owns(channel):
             # A failed write raises, and the membership owner retries it until Redis confirms.
-            record = await node.memberships.leave(group, channel)
-        else:
-            record = await self.registry.discard(transport, group, channel, notify=True)
+            await node.presence.leave(group, channel)
+            return
+        record = await self.registry.discard(transport, group, channel, notify=True)
         if record is not None:
             await self.registry.send_presence(
                 transport, group, [], [presence_entry(channel, record)]

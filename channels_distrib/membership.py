@@ -181,13 +181,14 @@ class Memberships:
     # -- direct writes (one membership, one round trip) ------------------------------------
 
     async def join(
-        self, group: str, channel: str, meta: Meta | None, presence: bool
+        self, group: str, channel: str, meta: Meta | None, presence: bool, read_state: bool = True
     ) -> AddResult | None:
         """Add (or update) one of this node's channels; None when Redis refused it.
 
         Memory first, so a group message racing the write still arrives. If the write fails
         or is cancelled, the caller is told so and the node goes back to what it held before;
         the write may have run, so the key stays dirty and the next sync puts Redis in step.
+        ``read_state`` False skips reading the group's presence state (the node has a replica).
         """
         node = self.node
         key = (group, channel)
@@ -198,7 +199,14 @@ class Memberships:
         result: AddResult | None = None
         try:
             result = await node.registry.add(
-                node.transport, group, channel, node.node_id, meta, presence, notify=False
+                node.transport,
+                group,
+                channel,
+                node.node_id,
+                meta,
+                presence,
+                notify=False,
+                read_state=read_state,
             )
         except BaseException:
             if self._gens.get(key) == gen:
@@ -280,8 +288,8 @@ class Memberships:
                 joins.setdefault(group, []).append(presence_entry(channel, record))
             elif kind == "l":
                 leaves.setdefault(group, []).append(presence_entry(channel, record))
-        node = self.node
-        await node.registry.send_diffs(node.transport, joins, leaves)
+        if joins or leaves:
+            await self.node.presence.announce(joins, leaves)
 
     # -- reconciliation ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from .inbox import InboxReader
 from .keys import Keys
 from .local import LocalChannel
 from .membership import Memberships
+from .presence import Presence
 from .registry import Registry, token_of
 from .tasks import cancel_and_wait
 from .transport import Transport
@@ -47,7 +48,8 @@ def new_token() -> str:
 
 
 class Node:
-    """Owns this process's inbox reader and heartbeat tasks (start, cancel, await) and local state."""
+    """Owns this process's tasks (inbox, heartbeat, housekeeping, refill, presence diffs:
+    start, cancel, await) and local state."""
 
     def __init__(
         self,
@@ -71,6 +73,7 @@ class Node:
         self.loop = asyncio.get_running_loop()
         self.channels: dict[str, LocalChannel] = {}
         self.memberships = Memberships(self)
+        self.presence = Presence(self)
         self.flush_epoch = b""
         self.clock_offset = 0.0  # Redis time minus local time, seconds
         self.nodes_alive = 0  # live nodes at the last heartbeat, this node included
@@ -98,6 +101,9 @@ class Node:
             self.loop.create_task(
                 self.inbox.run_refill(), name=f"channels_distrib.refill.{self.token}"
             ),
+            self.loop.create_task(
+                self.presence.run(), name=f"channels_distrib.presence.{self.token}"
+            ),
         ]
         self._install_twisted_trigger()
         logger.info("Node %s registered (token %s)", self.node_id, self.token)
@@ -110,6 +116,12 @@ class Node:
         await cancel_and_wait(self._tasks)
         self._tasks = []
         if deregister:
+            try:
+                # Leaves still waiting for their window: the deregistration below announces
+                # only the memberships Redis still has.
+                await self.presence.flush_due(everything=True)
+            except Exception:
+                logger.warning("Node %s could not send its last presence diffs", self.node_id)
             try:
                 await self.registry.prune_token(self.transport, self.token, own=True)
                 logger.info("Node %s deregistered", self.node_id)
@@ -161,6 +173,7 @@ class Node:
         """A flush: hold no membership and no queued message (channels stay usable)."""
         self.flush_epoch = epoch
         self.memberships.clear()
+        self.presence.clear()
         for channel in self.channels.values():
             channel.clear()
 

@@ -108,10 +108,13 @@ class Registry:
         presence: bool,
         notify: bool,
         record: bytes | None = None,
+        read_state: bool = True,
     ) -> AddResult | None:
         """Add or update one membership; ``notify`` tells the owning node through its inbox.
 
-        Returns None when Redis refused it: the channel's node is not live.
+        A presence member's result carries the group's presence state unless ``read_state``
+        is False (the caller's node has a replica of it). Returns None when Redis refused it:
+        the channel's node is not live.
         """
         token = token_of(channel)
         args = [
@@ -125,6 +128,7 @@ class Registry:
             INBOX_MAXLEN,
             self.config.capacity_for(channel),
             self.node_ttl_ms,
+            "1" if read_state else "0",
         ]
         reply = await t.script("group_add", self._membership_keys(group, channel, token), args)
         if int(reply[0]) != 1:

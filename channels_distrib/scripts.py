@@ -226,10 +226,11 @@ return {written, queued, dropped}
 # ARGV[4] member record ':<msgpack [node_id, meta]>' (stamped here with the join time),
 # ARGV[5] presence '1'/'0', ARGV[6] group_expiry ms, ARGV[7] '1' to notify the owning node,
 # ARGV[8] inbox max length, ARGV[9] the channel's capacity (normal channels), ARGV[10] node
-# key TTL ms
+# key TTL ms, ARGV[11] '0' to skip reading the presence state (the caller's node keeps a
+# replica of it; absent or '1': read it)
 # Returns {0} when refused (the channel's node is not live); else {1, old record or false,
 # old presence record or false, stored record, presence state as a flat channel/record list
-# (only when ARGV[5] is '1')}.
+# (only when ARGV[5] is '1' and ARGV[11] is not '0')}.
 GROUP_ADD = (
     _PRELUDE
     + _MEMBERSHIP
@@ -242,7 +243,7 @@ if ARGV[7] == '1' then
   redis.call('XADD', KEYS[9], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', presence)
 end
 local state = {}
-if presence == '1' then state = redis.call('HGETALL', KEYS[4]) end
+if presence == '1' and ARGV[11] ~= '0' then state = redis.call('HGETALL', KEYS[4]) end
 return {1, old or false, old_presence or false, record, state}
 """
 )

@@ -1,0 +1,470 @@
+"""A node's presence: a replica of each group's presence members, and batched diffs.
+
+One :class:`Presence` per node owns both (DESIGN.md "Presence at scale"):
+
+- **The replica.** For every group where this node has a presence member, the node keeps
+  the group's presence entries (``{"channel", "node_id", "meta"}`` by channel). It is filled
+  by one ``HGETALL`` (inside GROUP_ADD) when the node's first presence member of the group
+  joins, then kept current by the presence diffs the node reads from its inbox (each decoded
+  once per node) and by the node's own joins and leaves. A joiner's ``presence.state`` comes
+  from it, so a join costs Redis no read of the whole table. It is dropped when the node has
+  no presence member left in the group, and after a flush, pruning or data loss (the node
+  may have missed diffs; the next join fills it again).
+- **Batching.** With ``presence_interval`` > 0, the node's joins and leaves of one group are
+  collected for that long from the first one, then sent as one ``presence.diff`` (a join and
+  a leave of the same channel inside one window cancel out). The task that sends them is
+  owned by the node. With 0, each change is sent at once, as a diff of its own.
+
+The joiner must not be told of its own join. A window's diff is written to every node with
+presence members, this one included, with the window's joiners in the entry's exclude field
+(``x``, space-separated: channel names hold no spaces), so no node delivers it to them; the
+node hands each joiner, in memory, a diff of only what changed after it joined (its state
+already held everything before). Filtering per recipient this way costs only the joiners of
+one window on one node; every other member on every node gets the same encoded bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .registry import AddResult, presence_entry
+from .serializers import SerializerError
+from .tasks import cancellable
+from .transport import backoff
+from .types import Meta
+
+if TYPE_CHECKING:
+    from .node import Node
+
+logger = logging.getLogger(__name__)
+
+Entry = dict[str, Any]  # {"channel", "node_id", "meta"}
+#: One change in a window: (kind "j"/"l", channel, entry, whether the channel is a joiner that
+#: was given a presence.state, so must not be told of its own join).
+Change = tuple[str, str, Entry, bool]
+
+
+@dataclass
+class _Window:
+    deadline: float
+    changes: list[Change] = field(default_factory=list)
+
+
+class Replica:
+    """One group's presence entries as this node knows them, with versions: ``since`` is
+    the version of each channel's last change (kept for a while after it left), ``seen``
+    the version of each local member's ``presence.state``. A diff that only repeats what a
+    member's state already held is not delivered to it (a member that joined just before a
+    batched diff arrived would otherwise be told again of joins its state listed)."""
+
+    __slots__ = ("entries", "since", "seen", "version")
+
+    def __init__(self, state: Iterable[Entry] = ()) -> None:
+        self.entries: dict[str, Entry] = {entry["channel"]: entry for entry in state}
+        self.since: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
+        self.version = 0
+
+    def put(self, channel: str, entry: Entry) -> int:
+        """Hold ``entry`` for ``channel``; returns the version since which it is held."""
+        if self.entries.get(channel) == entry:
+            return self.since.get(channel, 0)
+        self.version += 1
+        self.entries[channel] = entry
+        self.since[channel] = self.version
+        return self.version
+
+    def remove(self, channel: str) -> int:
+        """Hold no entry for ``channel``; returns the version since which it is absent."""
+        if channel not in self.entries:
+            return self.since.get(channel, 0)
+        self.version += 1
+        del self.entries[channel]
+        self.since[channel] = self.version
+        if len(self.since) > 2 * len(self.entries) + 64:
+            self._forget_old_leaves()
+        return self.version
+
+    def _forget_old_leaves(self) -> None:
+        # A leave every member's state postdates needs no version: absent since 0 means "no
+        # member's state listed it".
+        oldest = min(self.seen.values(), default=self.version)
+        for channel in [c for c, v in self.since.items() if v <= oldest and c not in self.entries]:
+            del self.since[channel]
+
+
+@dataclass
+class _Fill:
+    """A replica being filled: the diffs read while the state read was on its way."""
+
+    diffs: list[tuple[list[Entry], list[Entry]]] = field(default_factory=list)
+
+
+def net_changes(changes: Iterable[Change]) -> tuple[dict[str, Entry], dict[str, Entry]]:
+    """Merge changes in order into (joins, leaves) by channel; a join and a leave of one
+    channel cancel out, and a leave then a join with the same entry is no change at all."""
+    joins: dict[str, Entry] = {}
+    leaves: dict[str, Entry] = {}
+    for kind, channel, entry, _joiner in changes:
+        if kind == "j":
+            if channel in leaves and channel not in joins and leaves[channel] == entry:
+                del leaves[channel]
+            else:
+                joins[channel] = entry
+        elif channel in joins:
+            del joins[channel]  # joined inside the window: nobody was told (a leave before stays)
+        else:
+            leaves[channel] = entry
+    return joins, leaves
+
+
+class Presence:
+    """The presence replica and diff batching of one node; its task is owned by the node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.interval = node.config.presence_interval
+        self.replicas: dict[str, Replica] = {}
+        self._fills: dict[str, list[_Fill]] = {}
+        self._windows: dict[str, _Window] = {}
+        self._wake = asyncio.Event()
+        self.diffs_sent = 0
+        self.dropped = 0
+
+    # -- joins and leaves of this node's channels --------------------------------------------
+
+    async def join(self, group: str, channel: str, meta: Meta | None, presence: bool) -> bool:
+        """Add one of this node's channels to a group; a presence member gets its
+        ``presence.state`` queued before this returns. False when Redis refused it."""
+        node = self.node
+        fill = self._begin_fill(group) if presence and group not in self.replicas else None
+        try:
+            result = await node.memberships.join(
+                group, channel, meta, presence, read_state=fill is not None
+            )
+        except BaseException:
+            if fill is not None:
+                self._end_fill(group, fill, None)
+            raise
+        if result is None:
+            if fill is not None:
+                self._end_fill(group, fill, None)
+            return False
+        if fill is not None:
+            self._end_fill(group, fill, result.state)
+        elif presence and group not in self.replicas:
+            # The replica was dropped while the write was on its way: read the state now.
+            await self._fill_now(group)
+        await self._joined(group, channel, result, presence)
+        return True
+
+    async def _joined(self, group: str, channel: str, result: AddResult, presence: bool) -> None:
+        changes: list[Change] = []
+        old = presence_entry(channel, result.old_presence) if result.old_presence else None
+        if presence:
+            entry = presence_entry(channel, result.record)
+            if old != entry:
+                if old is not None:
+                    changes.append(("l", channel, old, False))
+                changes.append(("j", channel, entry, True))
+            replica = self.replicas.get(group)
+            if replica is not None:
+                replica.put(channel, entry)
+                replica.seen[channel] = replica.version
+                members = list(replica.entries.values())
+            else:
+                members = [entry]  # unreachable in practice: the replica was just filled
+            self._queue_state(group, channel, members)
+        elif old is not None:
+            changes.append(("l", channel, old, False))
+            self._forget(group, channel)
+        if changes:
+            await self._record(group, changes)
+
+    async def leave(self, group: str, channel: str) -> None:
+        """Remove one of this node's channels from a group (a failed write raises, and the
+        membership owner retries it); a presence member's leave is announced."""
+        record = await self.node.memberships.leave(group, channel)
+        self._forget(group, channel)
+        if record is not None:
+            await self._record(group, [("l", channel, presence_entry(channel, record), False)])
+
+    async def announce(
+        self, joins: dict[str, list[Entry]], leaves: dict[str, list[Entry]]
+    ) -> None:
+        """Presence changes of this node's channels reported by a membership sync (leaves of
+        buried or expired channels, joins re-announced after pruning), one diff per group."""
+        if self.interval <= 0:
+            for group, entries in leaves.items():
+                for entry in entries:
+                    self._forget(group, entry["channel"])
+            await self.node.registry.send_diffs(self.node.transport, joins, leaves)
+            return
+        for group in sorted(set(joins) | set(leaves)):
+            changes: list[Change] = [("l", e["channel"], e, False) for e in leaves.get(group, [])]
+            changes += [("j", e["channel"], e, False) for e in joins.get(group, [])]
+            for entry in leaves.get(group, []):
+                self._forget(group, entry["channel"])
+            await self._record(group, changes)
+
+    def _forget(self, group: str, channel: str) -> None:
+        """One of this node's channels is no longer a presence member of ``group``."""
+        replica = self.replicas.get(group)
+        if replica is not None and not self._holds_presence(group, channel):
+            replica.remove(channel)
+            replica.seen.pop(channel, None)
+            self._drop_if_unused(group)
+
+    def _queue_state(self, group: str, channel: str, members: list[Entry]) -> None:
+        node = self.node
+        payload = node.registry.serializer.dumps(
+            {"type": "presence.state", "group": group, "members": members}
+        )
+        node.local_channel(channel).put(payload, time.monotonic() + node.config.expiry)
+
+    # -- the replica -------------------------------------------------------------------------
+
+    def _holds_presence(self, group: str, channel: str) -> bool:
+        held = self.node.memberships.held(group, channel)
+        return held is not None and held.presence
+
+    def _has_local_presence(self, group: str) -> bool:
+        members = self.node.memberships.members(group)
+        return members is not None and any(m.presence for m in members.values())
+
+    def _drop_if_unused(self, group: str) -> None:
+        if group in self.replicas and group not in self._fills and not self._has_local_presence(group):
+            del self.replicas[group]
+
+    def _begin_fill(self, group: str) -> _Fill:
+        fill = _Fill()
+        self._fills.setdefault(group, []).append(fill)
+        return fill
+
+    def _end_fill(self, group: str, fill: _Fill, state: list[Entry] | None) -> None:
+        """A state read came back (None: it failed): the replica is that state plus the diffs
+        read since the read was started (diffs are applied in order, so replaying ones the
+        state already reflects changes nothing)."""
+        fills = self._fills.get(group, [])
+        if fill in fills:
+            fills.remove(fill)
+        if not fills:
+            self._fills.pop(group, None)
+        if state is not None:
+            replica = Replica(state)
+            for joins, leaves in fill.diffs:
+                self._apply(group, replica, joins, leaves)
+            self.replicas[group] = replica
+        self._drop_if_unused(group)
+
+    async def _fill_now(self, group: str) -> None:
+        node = self.node
+        key = node.keys.group_presence(group)
+        fill = self._begin_fill(group)
+        state: list[Entry] | None = None
+        try:
+            raw = await node.transport.run(lambda c: c.hgetall(key))
+            state = [presence_entry(_text(ch), rec) for ch, rec in raw.items()]
+        finally:
+            self._end_fill(group, fill, state)
+
+    def _apply(self, group: str, replica: Replica, joins: list[Entry], leaves: list[Entry]) -> int:
+        """Apply one diff; returns the replica version since which all of it was known (a
+        member whose state is at least that recent learns nothing from it). For this node's
+        own channels its memory is the truth: a diff changes them only where it agrees."""
+        node = self.node
+        news = 0
+        for entry in leaves:
+            channel = entry.get("channel") if isinstance(entry, dict) else None
+            if not isinstance(channel, str):
+                continue
+            if node.owns(channel) and self._holds_presence(group, channel):
+                known = replica.since.get(channel, 0)
+            else:
+                known = replica.remove(channel)
+            news = max(news, known)
+        for entry in joins:
+            channel = entry.get("channel") if isinstance(entry, dict) else None
+            if not isinstance(channel, str):
+                continue
+            if not node.owns(channel) or self._holds_presence(group, channel):
+                known = replica.put(channel, entry)
+            else:
+                known = replica.since.get(channel, 0)
+            news = max(news, known)
+        return news
+
+    def on_diff(self, group: str, payload: bytes) -> tuple[dict[str, int], int] | None:
+        """A presence diff read from the inbox: applied to the group's replica (decoded once
+        for the whole node) before the same bytes go to the node's presence members.
+
+        Returns (each local member's state version, the version since which the diff was
+        known): members whose state is that recent are skipped. None: deliver to all.
+        """
+        replica = self.replicas.get(group)
+        fills = self._fills.get(group)
+        if replica is None and not fills:
+            return None
+        try:
+            diff = self.node.registry.serializer.loads(payload)
+        except SerializerError:
+            return None  # the layer's own decode logs it when a member receives it
+        joins, leaves = diff.get("joins"), diff.get("leaves")
+        if not isinstance(joins, list) or not isinstance(leaves, list):
+            return None
+        for fill in fills or ():
+            fill.diffs.append((joins, leaves))
+        if replica is None:
+            return None
+        news = self._apply(group, replica, joins, leaves)
+        self._drop_if_unused(group)
+        return replica.seen, news
+
+    def reset(self) -> None:
+        """The node may have missed diffs (it was pruned, or Redis lost its data): drop every
+        replica; the next join of each group fills it again."""
+        self.replicas.clear()
+        self._fills.clear()
+
+    def clear(self) -> None:
+        """After a flush: no replica and nothing waiting to be announced."""
+        self.reset()
+        self._windows.clear()
+
+    # -- batching ----------------------------------------------------------------------------
+
+    async def _record(self, group: str, changes: list[Change]) -> None:
+        if self.interval <= 0:
+            joins, leaves = net_changes(changes)
+            if joins or leaves:
+                joiners = [c for kind, c, _e, joiner in changes if kind == "j" and joiner]
+                await self.node.registry.send_presence(
+                    self.node.transport,
+                    group,
+                    list(joins.values()),
+                    list(leaves.values()),
+                    exclude=joiners[0] if len(joiners) == 1 else "",
+                )
+                self.diffs_sent += 1
+            return
+        window = self._windows.get(group)
+        if window is None:
+            window = self._windows[group] = _Window(time.monotonic() + self.interval)
+            self._wake.set()
+        window.changes.extend(changes)
+
+    async def run(self) -> None:
+        """Send each window's diff when its time is up; a failed send is kept and retried."""
+        node = self.node
+        attempt = 0
+        while not node.stopped:
+            if not self._windows:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            delay = min(w.deadline for w in self._windows.values()) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                await cancellable(self.flush_due)
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                logger.warning("Presence diffs of node %s not sent: %s", node.node_id, exc)
+                await asyncio.sleep(backoff(attempt, 1.0))
+
+    async def flush_due(self, *, everything: bool = False) -> None:
+        """Send the diffs of every window whose time is up (``everything``: all of them)."""
+        now = time.monotonic()
+        due = {
+            group: window
+            for group, window in self._windows.items()
+            if everything or window.deadline <= now
+        }
+        for group in due:
+            del self._windows[group]
+        try:
+            await self._send(due)
+        except BaseException:
+            for group, window in due.items():
+                # Put back in front of anything recorded meanwhile, to keep the order.
+                later = self._windows.get(group)
+                if later is not None:
+                    window.changes.extend(later.changes)
+                self._windows[group] = window
+            raise
+
+    async def _send(self, due: dict[str, _Window]) -> None:
+        node = self.node
+        registry = node.registry
+        serializer = registry.serializer
+        sends: list[tuple[list[str], list[Any]]] = []
+        private: list[tuple[str, bytes]] = []
+        for group, window in due.items():
+            joins, leaves = net_changes(window.changes)
+            if not joins and not leaves:
+                continue
+            diff = {
+                "type": "presence.diff",
+                "group": group,
+                "joins": list(joins.values()),
+                "leaves": list(leaves.values()),
+            }
+            joiners = self._joiners(window.changes)
+            sends.append(
+                registry.group_send_args("p", group, serializer.dumps(diff), " ".join(joiners))
+            )
+            for channel, position in joiners.items():
+                if not self._holds_presence(group, channel):
+                    continue
+                later_joins, later_leaves = net_changes(window.changes[position + 1 :])
+                if later_joins or later_leaves:
+                    mine = {
+                        "type": "presence.diff",
+                        "group": group,
+                        "joins": list(later_joins.values()),
+                        "leaves": list(later_leaves.values()),
+                    }
+                    private.append((channel, serializer.dumps(mine)))
+        if sends:
+            script = node.transport.scripts["group_send"]
+
+            async def send_all(client: Any) -> None:
+                async with client.pipeline(transaction=False) as pipe:
+                    for keys, args in sends:
+                        await script(keys=keys, args=args, client=pipe)
+                    await pipe.execute()
+
+            await node.transport.run(send_all)
+            self.diffs_sent += len(sends)
+        expires = time.monotonic() + node.config.expiry
+        for channel, payload in private:
+            local = node.channels.get(channel)
+            if local is None or local.full:
+                self.dropped += 1
+                logger.debug("Presence diff for %s dropped: gone or full", channel)
+                continue
+            local.put(payload, expires)
+
+    @staticmethod
+    def _joiners(changes: list[Change]) -> dict[str, int]:
+        """Each joiner given a state in this window, with the position of its last join."""
+        return {
+            channel: i
+            for i, (kind, channel, _e, joiner) in enumerate(changes)
+            if kind == "j" and joiner
+        }
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+__all__ = ["Presence", "Replica", "net_changes"]
