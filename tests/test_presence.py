@@ -4,6 +4,7 @@ presence members only, one diff per group for a pruned node, none after Redis da
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -254,3 +255,209 @@ async def test_presence_state_of_a_normal_channel_member(make_layer):
     assert entry(x1, node.node_id, None) in state["members"]
     diff = (await collect(node, x1, lambda ms: bool(joins_of(ms)), 5))[-1]
     assert diff["joins"] == [entry("workers.presence", None, {"w": 1})]
+
+
+# -- presence at scale (DESIGN.md "Presence at scale"): counts, not timings ----------------
+
+
+def diffs_of(messages: list[dict]) -> list[dict]:
+    return [m for m in messages if m.get("type") == "presence.diff"]
+
+
+def view_of(messages: list[dict]) -> set[str]:
+    """What a member believes the room holds: its state, then every diff applied in order."""
+    view: set[str] = set()
+    for message in presence_events(messages):
+        if message["type"] == "presence.state":
+            view = {e["channel"] for e in message["members"]}
+        else:
+            view -= {e["channel"] for e in message["leaves"]}
+            view |= {e["channel"] for e in message["joins"]}
+    return view
+
+
+async def output_bytes(url: str) -> int:
+    client = aioredis.from_url(url)
+    try:
+        return int((await client.info("stats"))["total_net_output_bytes"])
+    finally:
+        await client.aclose()
+
+
+async def fill_room(node, n: int) -> tuple[list[str], float]:
+    """``n`` presence members of one node joining GROUP one after the other; the seconds taken."""
+    channels = [await node.new_channel() for _ in range(n)]
+    start = time.monotonic()
+    for i, channel in enumerate(channels):
+        await node.group_add(GROUP, channel, presence=True, meta={"name": f"user-{i}"})
+    return channels, time.monotonic() - start
+
+
+async def drain(node, channels: list[str], quiet: float) -> dict[str, list[dict]]:
+    """Every channel's messages, once nothing arrives for ``quiet`` s (windows flushed)."""
+    got = {channel: [] for channel in channels}
+    while True:
+        await asyncio.sleep(quiet)
+        more = 0
+        for channel in channels:
+            while node._node.channels[channel].items:
+                got[channel].append(await node.receive(channel))
+                more += 1
+        if not more:
+            return got
+
+
+@pytest.mark.parametrize("n", [100, 400])
+async def test_joins_cost_redis_output_linear_in_members(own_redis, make_layer, n):
+    """N members joining one room on one node: Redis output grows with N (each join reads no
+    presence table; each window's diff is written once per node), and each member's view ends
+    as the whole room without ever being told of its own join."""
+    node = make_layer(hosts=[own_redis.url], capacity=4 * n)
+    before = await output_bytes(own_redis.url)
+    channels, took = await fill_room(node, n)
+    got = await drain(node, channels, quiet=0.5)
+    output = await output_bytes(own_redis.url) - before
+    print(f"\n{n} presence joins: {took:.2f} s, {output:,} B of Redis output ({output / n:.0f} B/member)")
+    # Quadratic (a state read per join) is ~90 B x n^2 / 2: 450 KB at 100, 7 MB at 400.
+    assert output < 1200 * n, f"{output} B of Redis output for {n} joins"
+    for channel, messages in got.items():
+        assert messages[0]["type"] == "presence.state", channel
+        assert view_of(messages) == set(channels), channel
+        assert channel not in joins_of(messages), f"{channel} was told of its own join"
+
+
+async def test_one_diff_per_window_and_one_state_read(own_redis, make_layer):
+    """Each member gets at most one diff per node per window, and only the room's first
+    local join reads the presence table (later joiners' states come from the replica)."""
+    from tests.helpers_nodes import commandstats, stats_delta
+
+    interval = 0.2
+    node = make_layer(hosts=[own_redis.url], capacity=1000, presence_interval=interval)
+    first = await node.new_channel()
+    await node.group_add(GROUP, first, presence=True)
+    stats = await commandstats(own_redis.url)
+    channels, took = await fill_room(node, 300)
+    reads = stats_delta(stats, await commandstats(own_redis.url)).get("hgetall", 0)
+    got = await drain(node, [first, *channels], quiet=2 * interval)
+    windows = int(took / interval) + 2
+    diffs = diffs_of(got[first])
+    print(f"\n300 joins in {took:.2f} s: {len(diffs)} diff(s) to the first member")
+    assert reads == 0, f"{reads} HGETALL for 300 joins into a room the node already replicates"
+    assert 1 <= len(diffs) <= windows, [len(d["joins"]) for d in diffs]
+    assert sorted(joins_of(got[first])) == sorted(channels), "every join, once"
+    for channel in channels:
+        assert len(diffs_of(got[channel])) <= windows, channel
+        assert channel not in joins_of(got[channel])
+
+
+async def test_a_leave_costs_each_other_member_one_frame(make_layer):
+    a_node, b_node = make_layer(**FAST), make_layer(**FAST)
+    a_members, _ = await fill_room(a_node, 20)
+    b_members, _ = await fill_room(b_node, 20)
+    await drain(a_node, a_members, quiet=0.5)
+    await drain(b_node, b_members, quiet=0.3)
+
+    leaver = a_members[7]
+    await a_node.group_discard(GROUP, leaver)
+    got = await drain(a_node, a_members, quiet=0.5)
+    got.update(await drain(b_node, b_members, quiet=0.1))
+    expected = {
+        "type": "presence.diff",
+        "group": GROUP,
+        "joins": [],
+        "leaves": [entry(leaver, a_node.node_id, {"name": "user-7"})],
+    }
+    assert got.pop(leaver) == []
+    for channel, messages in got.items():
+        assert messages == [expected], channel
+
+
+async def test_join_and_leave_inside_one_window_cancel_out(make_layer):
+    interval = 0.5
+    watching, busy = make_layer(presence_interval=interval), make_layer(presence_interval=interval)
+    watcher = await watching.new_channel()
+    await watching.group_add(GROUP, watcher, presence=True)
+    assert [m["type"] for m in await receive_all(watching, watcher, quiet=0.3)] == ["presence.state"]
+
+    gone, first, second = [await busy.new_channel() for _ in range(3)]
+    await busy.group_add(GROUP, gone, presence=True)
+    await busy.group_add(GROUP, first, presence=True)
+    await busy.group_discard(GROUP, gone)
+    await busy.group_add(GROUP, second, presence=True)
+    got = await receive_all(watching, watcher, quiet=interval + 0.5)
+    assert diffs_of(got) == [
+        {
+            "type": "presence.diff",
+            "group": GROUP,
+            "joins": [entry(first, busy.node_id, None), entry(second, busy.node_id, None)],
+            "leaves": [],
+        }
+    ], got
+    # Joiners of one window: each is told only of what changed after its own join.
+    first_got = await receive_all(busy, first, quiet=0.2)
+    assert first_got[0]["type"] == "presence.state"
+    assert {e["channel"] for e in first_got[0]["members"]} == {watcher, gone, first}
+    assert diffs_of(first_got) == [
+        {
+            "type": "presence.diff",
+            "group": GROUP,
+            "joins": [entry(second, busy.node_id, None)],
+            "leaves": [entry(gone, busy.node_id, None)],
+        }
+    ]
+    second_got = await receive_all(busy, second, quiet=0.2)
+    assert [m["type"] for m in second_got] == ["presence.state"]
+    assert {e["channel"] for e in second_got[0]["members"]} == {watcher, first, second}
+
+
+async def test_presence_interval_zero_sends_each_change_at_once(make_layer):
+    node = make_layer(presence_interval=0)
+    first = await node.new_channel()
+    await node.group_add(GROUP, first, presence=True)
+    channels, _ = await fill_room(node, 10)
+    await node.group_discard(GROUP, channels[0])
+    got = await drain(node, [first, *channels], quiet=0.5)
+    assert [(d["joins"], d["leaves"]) for d in diffs_of(got[first])] == [
+        *[([entry(c, node.node_id, {"name": f"user-{i}"})], []) for i, c in enumerate(channels)],
+        ([], [entry(channels[0], node.node_id, {"name": "user-0"})]),
+    ]
+    for channel in channels[1:]:
+        assert channel not in joins_of(got[channel])
+        assert view_of(got[channel]) == {first, *channels[1:]}
+
+
+async def test_replica_follows_other_nodes(make_layer):
+    """A node's later joiners get their state from its replica: it has every other node's
+    joins, leaves and meta changes, and matches group_members."""
+    x_node, y_node = make_layer(**FAST), make_layer(**FAST)
+    x1 = await x_node.new_channel()
+    await x_node.group_add(GROUP, x1, presence=True)
+    ys, _ = await fill_room(y_node, 5)
+    await y_node.group_discard(GROUP, ys[0])
+    await y_node.group_add(GROUP, ys[1], presence=True, meta={"name": "renamed"})
+    await collect(
+        x_node,
+        x1,
+        lambda ms: view_of(ms) == {x1, *ys[1:]} and bool(diffs_of(ms)) and "renamed" in repr(ms),
+        timeout=5,
+    )
+    x2 = await x_node.new_channel()
+    await x_node.group_add(GROUP, x2, presence=True)
+    state = (await collect(x_node, x2, lambda ms: len(ms) >= 1, timeout=5))[0]
+    assert state["type"] == "presence.state"
+    members = await x_node.group_members(GROUP)
+    assert sorted(state["members"], key=lambda e: e["channel"]) == sorted(
+        (entry(m.channel, m.node_id, m.meta) for m in members), key=lambda e: e["channel"]
+    )
+    assert entry(ys[1], y_node.node_id, {"name": "renamed"}) in state["members"]
+
+
+@pytest.mark.parametrize("bad", [-0.1, "0.1", True, None])
+def test_presence_interval_is_validated(bad):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from channels_distrib.layers import DistributedChannelLayer
+
+    with pytest.raises(ImproperlyConfigured, match="presence_interval"):
+        DistributedChannelLayer(presence_interval=bad)
+    assert DistributedChannelLayer(presence_interval=0).config.presence_interval == 0.0

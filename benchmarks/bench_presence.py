@@ -1,0 +1,139 @@
+"""Presence fill: N presence members joining one room on one node, on a private Redis.
+
+For each N: the time until every ``group_add`` returned, the time until the node had sent and
+read every diff (settled), Redis output bytes (``INFO stats`` ``total_net_output_bytes``
+delta), the presence messages queued to the members, and a check that every member's view
+(its state plus the diffs after it) ends up as the full room.
+
+    python -m benchmarks.bench_presence --sizes 250 500 1000
+    python -m benchmarks.bench_presence --sizes 1000 --interval 0
+
+``--interval`` sets ``presence_interval`` (omit it for the layer's default; a layer that has
+no such option is run without it, so older code can be measured the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import time
+from typing import Any
+
+from benchmarks._common import private_redis, redis_info
+
+ROOM = "room"
+
+
+def output_bytes(url: str) -> int:
+    return int(redis_info(url, "stats")["total_net_output_bytes"])
+
+
+async def settle(layer: Any, url: str) -> None:
+    """Until the node has no diff waiting for its window and has read its whole inbox."""
+    import redis.asyncio as aioredis
+
+    node = layer._node
+    client = aioredis.from_url(url)
+    calm = 0
+    try:
+        # Calm twice in a row, 20 ms apart: a window's diff may be on its way to Redis.
+        while calm < 2:
+            presence = getattr(node, "presence", None)
+            waiting = bool(getattr(presence, "_windows", None))
+            newest = await client.xrevrange(node.keys.inbox(node.token), count=1)
+            if not waiting and (not newest or node.inbox.has_read(newest[0][0])):
+                calm += 1
+            else:
+                calm = 0
+            await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
+def views(layer: Any, channels: list[str]) -> tuple[int, int, int]:
+    """(members whose view is the full room, presence messages queued, their bytes)."""
+    node = layer._node
+    loads = layer.serializer.loads
+    everyone = set(channels)
+    complete = messages = size = 0
+    for name in channels:
+        view: set[str] = set()
+        for _expires, payload in node.channels[name].items:
+            message = loads(payload)
+            if not str(message.get("type", "")).startswith("presence."):
+                continue
+            messages += 1
+            size += len(payload)
+            if message["type"] == "presence.state":
+                view = {e["channel"] for e in message["members"]}
+            else:
+                view -= {e["channel"] for e in message["leaves"]}
+                view |= {e["channel"] for e in message["joins"]}
+        complete += view == everyone
+    return complete, messages, size
+
+
+async def run_one(url: str, n: int, interval: float | None) -> dict[str, Any]:
+    from channels_distrib.layers import DistributedChannelLayer
+
+    config: dict[str, Any] = {"hosts": [url], "prefix": f"bp{n}", "capacity": 4 * n + 100}
+    if interval is not None:
+        if "presence_interval" not in inspect.signature(DistributedChannelLayer).parameters:
+            raise SystemExit("this layer has no presence_interval option; omit --interval")
+        config["presence_interval"] = interval
+    layer = DistributedChannelLayer(**config)
+    try:
+        channels = [await layer.new_channel() for _ in range(n)]
+        await asyncio.sleep(0.2)
+        before = output_bytes(url)
+        start = time.perf_counter()
+        for i, channel in enumerate(channels):
+            await layer.group_add(ROOM, channel, presence=True, meta={"name": f"user-{i}"})
+        joined = time.perf_counter() - start
+        await settle(layer, url)
+        settled = time.perf_counter() - start
+        out = output_bytes(url) - before
+        complete, messages, size = views(layer, channels)
+        return {
+            "n": n,
+            "joined_s": joined,
+            "settled_s": settled,
+            "redis_out_mb": out / 1e6,
+            "messages": messages,
+            "queued_mb": size / 1e6,
+            "complete": complete,
+        }
+    finally:
+        await layer.flush()
+        await layer.close()
+
+
+async def main(sizes: list[int], interval: float | None) -> None:
+    with private_redis() as url:
+        print(
+            f"{'N':>6} {'joins s':>8} {'settled s':>9} {'Redis out MB':>12} "
+            f"{'messages':>9} {'queued MB':>9} {'full views':>10}"
+        )
+        for n in sizes:
+            r = await run_one(url, n, interval)
+            print(
+                f"{r['n']:>6} {r['joined_s']:>8.2f} {r['settled_s']:>9.2f} "
+                f"{r['redis_out_mb']:>12.2f} {r['messages']:>9} {r['queued_mb']:>9.1f} "
+                f"{r['complete']:>5}/{r['n']}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000])
+    parser.add_argument("--interval", type=float, default=None)
+    args = parser.parse_args()
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure()
+        django.setup()
+    asyncio.run(main(args.sizes, args.interval))
