@@ -194,9 +194,7 @@ class Presence:
         if record is not None:
             await self._record(group, [("l", channel, presence_entry(channel, record), False)])
 
-    async def announce(
-        self, joins: dict[str, list[Entry]], leaves: dict[str, list[Entry]]
-    ) -> None:
+    async def announce(self, joins: dict[str, list[Entry]], leaves: dict[str, list[Entry]]) -> None:
         """Presence changes of this node's channels reported by a membership sync (leaves of
         buried or expired channels, joins re-announced after pruning), one diff per group."""
         if self.interval <= 0:
@@ -238,7 +236,11 @@ class Presence:
         return members is not None and any(m.presence for m in members.values())
 
     def _drop_if_unused(self, group: str) -> None:
-        if group in self.replicas and group not in self._fills and not self._has_local_presence(group):
+        if (
+            group in self.replicas
+            and group not in self._fills
+            and not self._has_local_presence(group)
+        ):
             del self.replicas[group]
 
     def _begin_fill(self, group: str) -> _Fill:

@@ -317,7 +317,9 @@ async def test_joins_cost_redis_output_linear_in_members(own_redis, make_layer, 
     channels, took = await fill_room(node, n)
     got = await drain(node, channels, quiet=0.5)
     output = await output_bytes(own_redis.url) - before
-    print(f"\n{n} presence joins: {took:.2f} s, {output:,} B of Redis output ({output / n:.0f} B/member)")
+    print(
+        f"\n{n} presence joins: {took:.2f} s, {output:,} B of Redis output ({output / n:.0f} B/member)"
+    )
     # Quadratic (a state read per join) is ~90 B x n^2 / 2: 450 KB at 100, 7 MB at 400.
     assert output < 1200 * n, f"{output} B of Redis output for {n} joins"
     for channel, messages in got.items():
@@ -377,7 +379,9 @@ async def test_join_and_leave_inside_one_window_cancel_out(make_layer):
     watching, busy = make_layer(presence_interval=interval), make_layer(presence_interval=interval)
     watcher = await watching.new_channel()
     await watching.group_add(GROUP, watcher, presence=True)
-    assert [m["type"] for m in await receive_all(watching, watcher, quiet=0.3)] == ["presence.state"]
+    assert [m["type"] for m in await receive_all(watching, watcher, quiet=0.3)] == [
+        "presence.state"
+    ]
 
     gone, first, second = [await busy.new_channel() for _ in range(3)]
     await busy.group_add(GROUP, gone, presence=True)
