@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Entry = dict[str, Any]  # {"channel", "node_id", "meta"}
+#: The state version of a member whose join is on its way (it is given no diff meanwhile).
+JOINING = sys.maxsize
 #: One change in a window: (kind "j"/"l", channel, entry, whether the channel is a joiner that
 #: was given a presence.state, so must not be told of its own join).
 Change = tuple[str, str, Entry, bool]
@@ -56,18 +59,15 @@ class _Window:
 
 
 class Replica:
-    """One group's presence entries as this node knows them, with versions: ``since`` is
-    the version of each channel's last change (kept for a while after it left), ``seen``
-    the version of each local member's ``presence.state``. A diff that only repeats what a
-    member's state already held is not delivered to it (a member that joined just before a
-    batched diff arrived would otherwise be told again of joins its state listed)."""
+    """One group's presence entries as this node knows them, versioned: ``since`` is the
+    version of each entry's last change, so a diff of joins that a member's state already
+    listed need not reach it."""
 
-    __slots__ = ("entries", "since", "seen", "version")
+    __slots__ = ("entries", "since", "version")
 
     def __init__(self, state: Iterable[Entry] = ()) -> None:
         self.entries: dict[str, Entry] = {entry["channel"]: entry for entry in state}
         self.since: dict[str, int] = {}
-        self.seen: dict[str, int] = {}
         self.version = 0
 
     def put(self, channel: str, entry: Entry) -> int:
@@ -79,23 +79,11 @@ class Replica:
         self.since[channel] = self.version
         return self.version
 
-    def remove(self, channel: str) -> int:
-        """Hold no entry for ``channel``; returns the version since which it is absent."""
-        if channel not in self.entries:
-            return self.since.get(channel, 0)
-        self.version += 1
-        del self.entries[channel]
-        self.since[channel] = self.version
-        if len(self.since) > 2 * len(self.entries) + 64:
-            self._forget_old_leaves()
-        return self.version
-
-    def _forget_old_leaves(self) -> None:
-        # A leave every member's state postdates needs no version: absent since 0 means "no
-        # member's state listed it".
-        oldest = min(self.seen.values(), default=self.version)
-        for channel in [c for c, v in self.since.items() if v <= oldest and c not in self.entries]:
-            del self.since[channel]
+    def remove(self, channel: str) -> None:
+        """Hold no entry for ``channel``."""
+        if self.entries.pop(channel, None) is not None:
+            self.version += 1
+            self.since.pop(channel, None)
 
 
 @dataclass
@@ -131,6 +119,9 @@ class Presence:
         self.interval = node.config.presence_interval
         self.replicas: dict[str, Replica] = {}
         self._fills: dict[str, list[_Fill]] = {}
+        # Per group, the replica version of each local member's presence.state (JOINING
+        # while its join is on its way: its state will hold every diff read meanwhile).
+        self._seen: dict[str, dict[str, int]] = {}
         self._windows: dict[str, _Window] = {}
         self._wake = asyncio.Event()
         self.diffs_sent = 0
@@ -143,17 +134,19 @@ class Presence:
         ``presence.state`` queued before this returns. False when Redis refused it."""
         node = self.node
         fill = self._begin_fill(group) if presence and group not in self.replicas else None
+        seen = self._seen.setdefault(group, {})
+        before = seen.get(channel)
+        if presence:
+            seen[channel] = JOINING
         try:
             result = await node.memberships.join(
                 group, channel, meta, presence, read_state=fill is not None
             )
         except BaseException:
-            if fill is not None:
-                self._end_fill(group, fill, None)
+            self._unjoin(group, channel, before, fill)
             raise
         if result is None:
-            if fill is not None:
-                self._end_fill(group, fill, None)
+            self._unjoin(group, channel, before, fill)
             return False
         if fill is not None:
             self._end_fill(group, fill, result.state)
@@ -162,6 +155,18 @@ class Presence:
             await self._fill_now(group)
         await self._joined(group, channel, result, presence)
         return True
+
+    def _unjoin(self, group: str, channel: str, before: int | None, fill: _Fill | None) -> None:
+        """A join that did not happen: back to what the member's state was."""
+        seen = self._seen.get(group)
+        if seen is not None:
+            if before is None:
+                seen.pop(channel, None)
+            else:
+                seen[channel] = before
+        if fill is not None:
+            self._end_fill(group, fill, None)
+        self._drop_if_unused(group)
 
     async def _joined(self, group: str, channel: str, result: AddResult, presence: bool) -> None:
         changes: list[Change] = []
@@ -175,10 +180,11 @@ class Presence:
             replica = self.replicas.get(group)
             if replica is not None:
                 replica.put(channel, entry)
-                replica.seen[channel] = replica.version
+                self._seen.setdefault(group, {})[channel] = replica.version
                 members = list(replica.entries.values())
             else:
                 members = [entry]  # unreachable in practice: the replica was just filled
+                self._seen.get(group, {}).pop(channel, None)
             self._queue_state(group, channel, members)
         elif old is not None:
             changes.append(("l", channel, old, False))
@@ -215,7 +221,7 @@ class Presence:
         replica = self.replicas.get(group)
         if replica is not None and not self._holds_presence(group, channel):
             replica.remove(channel)
-            replica.seen.pop(channel, None)
+            self._seen.get(group, {}).pop(channel, None)
             self._drop_if_unused(group)
 
     def _queue_state(self, group: str, channel: str, members: list[Entry]) -> None:
@@ -236,12 +242,9 @@ class Presence:
         return members is not None and any(m.presence for m in members.values())
 
     def _drop_if_unused(self, group: str) -> None:
-        if (
-            group in self.replicas
-            and group not in self._fills
-            and not self._has_local_presence(group)
-        ):
-            del self.replicas[group]
+        if group not in self._fills and not self._has_local_presence(group):
+            self.replicas.pop(group, None)
+            self._seen.pop(group, None)
 
     def _begin_fill(self, group: str) -> _Fill:
         fill = _Fill()
@@ -257,7 +260,8 @@ class Presence:
             fills.remove(fill)
         if not fills:
             self._fills.pop(group, None)
-        if state is not None:
+        if state is not None and group not in self.replicas:
+            # (A replica another join filled meanwhile has read every diff since: kept.)
             replica = Replica(state)
             for joins, leaves in fill.diffs:
                 self._apply(group, replica, joins, leaves)
@@ -280,16 +284,16 @@ class Presence:
         member whose state is at least that recent learns nothing from it). For this node's
         own channels its memory is the truth: a diff changes them only where it agrees."""
         node = self.node
-        news = 0
         for entry in leaves:
             channel = entry.get("channel") if isinstance(entry, dict) else None
-            if not isinstance(channel, str):
-                continue
-            if node.owns(channel) and self._holds_presence(group, channel):
-                known = replica.since.get(channel, 0)
-            else:
-                known = replica.remove(channel)
-            news = max(news, known)
+            if isinstance(channel, str) and not (
+                node.owns(channel) and self._holds_presence(group, channel)
+            ):
+                replica.remove(channel)
+        # A leave is always delivered: a member may know of a channel this replica never
+        # held (its join was still waiting for its window when its node died, or the member's
+        # state came from elsewhere). Only a diff of joins every state already listed is held back.
+        news = replica.version + 1 if leaves else 0
         for entry in joins:
             channel = entry.get("channel") if isinstance(entry, dict) else None
             if not isinstance(channel, str):
@@ -310,8 +314,9 @@ class Presence:
         """
         replica = self.replicas.get(group)
         fills = self._fills.get(group)
+        seen = self._seen.get(group)
         if replica is None and not fills:
-            return None
+            return None if seen is None else (seen, 0)
         try:
             diff = self.node.registry.serializer.loads(payload)
         except SerializerError:
@@ -321,17 +326,17 @@ class Presence:
             return None
         for fill in fills or ():
             fill.diffs.append((joins, leaves))
-        if replica is None:
-            return None
-        news = self._apply(group, replica, joins, leaves)
-        self._drop_if_unused(group)
-        return replica.seen, news
+        news = 0 if replica is None else self._apply(group, replica, joins, leaves)
+        if replica is not None:
+            self._drop_if_unused(group)
+        return None if seen is None else (seen, news)
 
     def reset(self) -> None:
         """The node may have missed diffs (it was pruned, or Redis lost its data): drop every
         replica; the next join of each group fills it again."""
         self.replicas.clear()
         self._fills.clear()
+        self._seen.clear()
 
     def clear(self) -> None:
         """After a flush: no replica and nothing waiting to be announced."""
