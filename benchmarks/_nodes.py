@@ -96,6 +96,9 @@ async def close_layer(layer: Any) -> None:
 async def node_main(key: str, url: str, prefix: str, group: str, channels: int,
                     conn: Connection) -> None:
     layer = LAYERS[key].make(url, prefix)
+    scrape_every = float(os.environ.get("BENCH_METRICS_SCRAPE", "0") or 0)
+    if scrape_every > 0 and key == "distrib":
+        start_scraper(layer, scrape_every)
     names = [await layer.new_channel() for _ in range(channels)]
     for name in names:
         await layer.group_add(group, name)
@@ -123,6 +126,26 @@ async def node_main(key: str, url: str, prefix: str, group: str, channels: int,
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.wait_for(close_layer(layer), 10)
+
+
+def start_scraper(layer: Any, every: float) -> None:
+    """With BENCH_METRICS_SCRAPE=<seconds>: the metrics extra on, and this node's metrics
+    rendered (as a Prometheus scrape would) from a thread every <seconds>, to measure what
+    metrics cost a node."""
+    import threading
+
+    from prometheus_client import generate_latest
+
+    from channels_distrib import metrics
+
+    metrics.register(layer)
+
+    def scrape() -> None:
+        while True:
+            generate_latest(metrics.REGISTRY)
+            time.sleep(every)
+
+    threading.Thread(target=scrape, name="bench-metrics-scrape", daemon=True).start()
 
 
 def node_process(key: str, url: str, prefix: str, group: str, channels: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import ChannelFull, DistribError, MessageTooLarge, RedisUnavailable
-from .types import Member, NodeInfo
+from .types import Member, NodeInfo, NodeStats
 
 if TYPE_CHECKING:
     from .consumers import ClientError, DistributedConsumer, DistributedMixin
@@ -27,6 +27,7 @@ __all__ = [
     "Member",
     "MessageTooLarge",
     "NodeInfo",
+    "NodeStats",
     "RedisUnavailable",
 ]
 

@@ -32,9 +32,9 @@ from .registry import (
     token_of,
 )
 from .serializers import SerializerError, make_serializer
-from .stats import NodeStats, figures
+from .stats import figures
 from .transport import Transport
-from .types import Member, Message, Meta, NodeInfo
+from .types import Member, Message, Meta, NodeInfo, NodeStats
 
 logger = logging.getLogger(__name__)
 

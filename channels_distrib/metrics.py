@@ -29,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "pip install 'channels-distrib[metrics]'"
     ) from exc
 
-from .stats import DROP_REASONS, SENT_KINDS, figures
+from .stats import figures
+from .types import DROP_REASONS, SENT_KINDS
 
 if TYPE_CHECKING:
     from django.http import HttpRequest, HttpResponse

@@ -16,9 +16,9 @@ import msgpack
 from .config import LayerConfig
 from .keys import Keys
 from .serializers import Serializer
-from .stats import Counters, NodeStats
+from .stats import Counters
 from .transport import Transport
-from .types import Member, Meta, NodeInfo
+from .types import Member, Meta, NodeInfo, NodeStats
 
 logger = logging.getLogger(__name__)
 

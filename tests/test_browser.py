@@ -111,10 +111,24 @@ def _wait_message(page: Any, sender: str, text: str) -> None:
     )
 
 
+def _burst(page: Any, text: str, count: int) -> None:
+    page.evaluate(
+        """([text, count]) => { for (let i = 0; i < count; i++) {
+               document.getElementById('message').value = text + '.' + i;
+               document.getElementById('send').click(); } }""",
+        [text, count],
+    )
+
+
 def _members(page: Any) -> list[tuple[str, str]]:
     rows = page.query_selector_all("#members li")
     return sorted((r.query_selector(".member-name").inner_text(),
                    r.query_selector(".member-node").inner_text()) for r in rows)
+
+
+_BOTH_DELIVERING = """() => ['node-a', 'node-b'].every(id => {
+    const line = document.querySelector(`#chart-delivered polyline[data-node-id="${id}"]`);
+    return line && Number(line.dataset.last) > 0; })"""
 
 
 def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
@@ -161,7 +175,22 @@ def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
                      ).join() === '2,1'""")
         ids = sorted(dash.locator("#nodes .node-id").all_inner_texts())
         assert ids == ["node-a (this page)", "node-b"]
-        dash.screenshot(path=str(SHOTS / "dashboard.png"))
+        # Traffic: the charts draw each node's delivered messages/s from the figures the
+        # nodes publish with their heartbeats (node_stats()), so keep the chat busy for a
+        # few heartbeats and wait for both nodes' lines to show a rate above zero.
+        # In-page clicks, so the rate does not depend on how fast playwright drives the page
+        # (within the chat's rate limit: 20 frames in a burst, 5/s after).
+        for i in range(30):
+            _burst(alice, f"a{i}", 1 + i % 3)
+            _burst(bob, f"b{i}", 1 + (i // 4) % 2)
+            dash.wait_for_timeout(500)
+            if i >= 12 and dash.evaluate(_BOTH_DELIVERING):
+                break
+        dash.wait_for_function(_BOTH_DELIVERING, timeout=10_000)
+        dash.wait_for_selector('#chart-connections polyline[data-node-id="node-b"]', state="attached")
+        assert dash.locator("#legend").inner_text().split() == ["node-a", "node-b"]
+        assert dash.locator("#prunes").inner_text() == "(nodes pruned: 0)"
+        dash.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)
     finally:
         context.close()
     for shot in ("chat.png", "dashboard.png"):

@@ -17,6 +17,7 @@ EXPECTED = {
     "Member": "channels_distrib.types",
     "MessageTooLarge": "channels.exceptions",
     "NodeInfo": "channels_distrib.types",
+    "NodeStats": "channels_distrib.types",
     "RedisUnavailable": "channels_distrib.exceptions",
 }
 
