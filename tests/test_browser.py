@@ -189,7 +189,7 @@ def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
         dash.wait_for_function(_BOTH_DELIVERING, timeout=10_000)
         dash.wait_for_selector('#chart-connections polyline[data-node-id="node-b"]', state="attached")
         assert dash.locator("#legend").inner_text().split() == ["node-a", "node-b"]
-        assert dash.locator("#prunes").inner_text() == "(nodes pruned: 0)"
+        assert dash.locator("#now-prunes").inner_text() == "0"
         dash.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)
     finally:
         context.close()
@@ -218,6 +218,12 @@ def test_members_of_a_killed_node_vanish_from_the_page(
         alice.wait_for_function(
             "() => document.querySelectorAll('#members li').length === 1", timeout=12_000)
         assert _members(alice) == [("alice", "node-a")]
+        # The prune shows on the dashboard: node A or B pruned C (each node counts its own).
+        dash = context.new_page()
+        dash.goto(f"{a.http_url}/dashboard/")
+        dash.wait_for_function(
+            "() => document.getElementById('now-prunes').textContent === '1'", timeout=12_000)
+        assert not dash.locator('#nodes tr[data-node-id="node-c"]').count()
     finally:
         context.close()
         c.stop()
