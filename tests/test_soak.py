@@ -14,11 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(360)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library defects the soak finds on main 8e0a134: (1) key count after != before: each "
-    "SIGKILLed node leaves a '<prefix>:{n.<token>}:pruned' string with a 24 h TTL, owned by "
-    "nobody; (2) used_memory +40-55 %: inbox streams keep entries long past expiry (about "
-    "14,000 entries, 2.7 MB, after 2 x expiry of quiet, against 5,000 / 0.98 MB before)"))
 def test_soak_60_seconds() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.soak", "--seconds", "60"],
