@@ -12,7 +12,8 @@ import difflib
 import logging
 import secrets
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import msgpack
 from channels.exceptions import ChannelFull, MessageTooLarge
@@ -37,6 +38,8 @@ from .transport import Transport
 from .types import Member, Message, Meta, NodeInfo, NodeStats
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _OPTIONS = (
     "hosts",
@@ -292,6 +295,18 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 self._token = new_token()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @staticmethod
+    async def _on_node_loop(node: Node, change: Coroutine[Any, Any, T]) -> T:
+        """Run a change of the node's memberships on the node's own event loop.
+
+        ``async_to_sync`` callers (a sync view in the node's process) run on a loop of their
+        own; the node's state and its Redis connections belong to the node's loop, so the
+        change is handed over there and awaited (one owner, one loop, changes in order).
+        """
+        if asyncio.get_running_loop() is node.loop:
+            return await change
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(change, node.loop))
+
     @property
     def node_id(self) -> str:
         """This process's node id (the configured one, or the generated one)."""
@@ -387,7 +402,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 return
             # The membership owner writes it and keeps Redis in step if the write fails; the
             # node's presence owner queues the state and batches the diff.
-            if not await node.presence.join(group, channel, meta, presence):
+            if not await self._on_node_loop(node, node.presence.join(group, channel, meta, presence)):
                 logger.debug("group_add of %s to %s ignored: this node is not live", channel, group)
             return
         node_id = await self.registry.owner_id(transport, channel)
@@ -429,7 +444,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         transport = self._transport()
         if node is not None and node.owns(channel):
             # A failed write raises, and the membership owner retries it until Redis confirms.
-            await node.presence.leave(group, channel)
+            await self._on_node_loop(node, node.presence.leave(group, channel))
             return
         record = await self.registry.discard(transport, group, channel, notify=True)
         if record is not None:

@@ -950,6 +950,21 @@ async def test_layer_first_used_from_a_foreign_loop(make_layer, caplog):
     assert await recv(layer, local) == msg(3)
 
 
+async def test_own_channel_joined_and_left_from_a_sync_view_thread(make_layer):
+    """A sync view in the node's own process (async_to_sync: another thread, another loop)
+    adds and removes one of the node's channels: the change runs on the node's loop."""
+    layer = make_layer()
+    local = await layer.new_channel()
+    await asyncio.to_thread(async_to_sync(layer.group_add), "viewgroup", local)
+    assert await layer.group_channels("viewgroup") == {local}
+    await layer.group_send("viewgroup", msg(1))
+    assert await recv(layer, local) == msg(1)
+    await asyncio.to_thread(async_to_sync(layer.group_discard), "viewgroup", local)
+    assert await layer.group_size("viewgroup") == 0
+    await layer.group_send("viewgroup", msg(2))
+    assert await nothing_arrives(layer, local, 0.3)
+
+
 # ------------------------------------------------------------------ prefix isolation, flush
 
 
