@@ -26,8 +26,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from channels_distrib import metrics
 from channels_distrib.stats import figures
-from tests.helpers_layers import ROOT, eventually, proc_env, recv
-from tests.helpers_nodes import node_spawner
+from tests.helpers_layers import ROOT, eventually, own_layer, proc_env, recv, url_host_port
+from tests.helpers_nodes import RoundTripProxy, node_spawner
 from tests.test_testproject import Node, chat, start_node
 
 pytestmark = pytest.mark.timeout(60)
@@ -151,6 +151,21 @@ async def test_node_stats_across_two_node_processes(make_layer: Any, spawn_node:
     assert len((await sender.nodes())[0]) == 6
 
 
+async def test_node_stats_is_one_round_trip(make_layer: Any, redis_url: str, prefix: str) -> None:
+    node = make_layer()
+    await node.new_channel()
+    _host, port = url_host_port(redis_url)
+    async with (
+        RoundTripProxy(port) as proxy,
+        own_layer(hosts=[proxy.url], prefix=prefix, _flush=False) as reader,
+    ):
+        assert [s.node_id for s in await reader.node_stats()] == [node.node_id]  # warm-up
+        before = proxy.round_trips
+        for _ in range(5):
+            assert len(await reader.node_stats()) == 1
+        assert proxy.round_trips - before == 5
+
+
 async def test_prunes_and_nodes_alive(make_layer: Any, spawn_node: Any) -> None:
     options = {"heartbeat_interval": 0.3, "node_timeout": 1.2}
     layer = make_layer(**options)
@@ -173,8 +188,6 @@ async def test_prunes_and_nodes_alive(make_layer: Any, spawn_node: Any) -> None:
 
 
 async def test_reconnects_counted_when_redis_drops_us(own_redis: Any, prefix: str) -> None:
-    from tests.helpers_layers import own_layer
-
     async with own_layer(hosts=[own_redis.url], prefix=prefix) as layer:
         mine = await layer.new_channel()
         await layer.send(mine, {"type": "m"})
