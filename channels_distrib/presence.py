@@ -33,8 +33,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from .registry import AddResult, presence_entry
-from .serializers import SerializerError
+from .serializers import MsgPackSerializer, SerializerError
 from .tasks import cancellable
 from .transport import backoff
 from .types import Meta
@@ -63,12 +65,24 @@ class Replica:
     version of each entry's last change, so a diff of joins that a member's state already
     listed need not reach it."""
 
-    __slots__ = ("entries", "since", "version")
+    __slots__ = ("entries", "packed", "since", "version")
 
     def __init__(self, state: Iterable[Entry] = ()) -> None:
         self.entries: dict[str, Entry] = {entry["channel"]: entry for entry in state}
         self.since: dict[str, int] = {}
+        self.packed: dict[str, bytes] = {}  # msgpack of each entry, made once (see pack_state)
         self.version = 0
+
+    def packed_entries(self) -> list[bytes]:
+        """Every entry, msgpack-encoded (each encoded once while it is unchanged)."""
+        packed = self.packed
+        out = []
+        for channel, entry in self.entries.items():
+            blob = packed.get(channel)
+            if blob is None:
+                blob = packed[channel] = msgpack.packb(entry, use_bin_type=True)
+            out.append(blob)
+        return out
 
     def put(self, channel: str, entry: Entry) -> int:
         """Hold ``entry`` for ``channel``; returns the version since which it is held."""
@@ -77,6 +91,7 @@ class Replica:
         self.version += 1
         self.entries[channel] = entry
         self.since[channel] = self.version
+        self.packed.pop(channel, None)
         return self.version
 
     def remove(self, channel: str) -> None:
@@ -84,6 +99,7 @@ class Replica:
         if self.entries.pop(channel, None) is not None:
             self.version += 1
             self.since.pop(channel, None)
+            self.packed.pop(channel, None)
 
 
 @dataclass
@@ -91,6 +107,26 @@ class _Fill:
     """A replica being filled: the diffs read while the state read was on its way."""
 
     diffs: list[tuple[list[Entry], list[Entry]]] = field(default_factory=list)
+
+
+def msgpack_array_header(length: int) -> bytes:
+    """The msgpack header of an array of ``length`` items."""
+    if length < 16:
+        return bytes([0x90 | length])
+    if length < 0x10000:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
+
+
+def pack_state(group: str, packed_entries: list[bytes]) -> bytes:
+    """A ``presence.state`` in msgpack from entries encoded beforehand: the same bytes as
+    encoding the whole message, without encoding every entry again for every joiner (the
+    states of N joiners hold N²/2 entries)."""
+    head: bytes = msgpack.packb(
+        {"type": "presence.state", "group": group, "members": []}, use_bin_type=True
+    )
+    # "members" is the last key, so the message ends with its empty array (0x90).
+    return b"".join([head[:-1], msgpack_array_header(len(packed_entries)), *packed_entries])
 
 
 def net_changes(changes: Iterable[Change]) -> tuple[dict[str, Entry], dict[str, Entry]]:
@@ -181,11 +217,9 @@ class Presence:
             if replica is not None:
                 replica.put(channel, entry)
                 self._seen.setdefault(group, {})[channel] = replica.version
-                members = list(replica.entries.values())
-            else:
-                members = [entry]  # unreachable in practice: the replica was just filled
+            else:  # unreachable in practice: the replica was just filled
                 self._seen.get(group, {}).pop(channel, None)
-            self._queue_state(group, channel, members)
+            self._queue_state(group, channel, replica, entry)
         elif old is not None:
             changes.append(("l", channel, old, False))
             self._forget(group, channel)
@@ -224,11 +258,16 @@ class Presence:
             self._seen.get(group, {}).pop(channel, None)
             self._drop_if_unused(group)
 
-    def _queue_state(self, group: str, channel: str, members: list[Entry]) -> None:
+    def _queue_state(self, group: str, channel: str, replica: Replica | None, entry: Entry) -> None:
         node = self.node
-        payload = node.registry.serializer.dumps(
-            {"type": "presence.state", "group": group, "members": members}
-        )
+        serializer = node.registry.serializer
+        if replica is not None and type(serializer) is MsgPackSerializer:
+            payload = pack_state(group, replica.packed_entries())
+        else:
+            members = list(replica.entries.values()) if replica is not None else [entry]
+            payload = serializer.dumps(
+                {"type": "presence.state", "group": group, "members": members}
+            )
         node.local_channel(channel).put(payload, time.monotonic() + node.config.expiry)
 
     # -- the replica -------------------------------------------------------------------------
@@ -474,4 +513,4 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-__all__ = ["Presence", "Replica", "net_changes"]
+__all__ = ["Presence", "Replica", "net_changes", "pack_state"]

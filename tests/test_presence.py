@@ -465,3 +465,19 @@ def test_presence_interval_is_validated(bad):
     with pytest.raises(ImproperlyConfigured, match="presence_interval"):
         DistributedChannelLayer(presence_interval=bad)
     assert DistributedChannelLayer(presence_interval=0).config.presence_interval == 0.0
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 300, 5000, 70_000])
+def test_a_state_packed_from_encoded_entries_is_the_message_encoded(size):
+    """The replica's pre-encoded states are byte for byte what the msgpack serializer makes."""
+    from channels_distrib.presence import Replica, pack_state
+    from channels_distrib.serializers import MsgPackSerializer
+
+    replica = Replica(
+        entry(f"specific.t!{i}", "node-a", {"name": f"n{i}", "b": b"\x00"} if i % 2 else None)
+        for i in range(size)
+    )
+    expected = {"type": "presence.state", "group": GROUP, "members": list(replica.entries.values())}
+    packed = pack_state(GROUP, replica.packed_entries())
+    assert packed == MsgPackSerializer().dumps(expected)
+    assert MsgPackSerializer().loads(packed) == expected
