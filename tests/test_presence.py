@@ -455,6 +455,14 @@ async def test_replica_follows_other_nodes(make_layer):
     )
     assert entry(ys[1], y_node.node_id, {"name": "renamed"}) in state["members"]
 
+    # A change after a state was made from the replica reaches the next joiner's state too.
+    await x_node.group_add(GROUP, x2, presence=True, meta={"name": "again"})
+    x3 = await x_node.new_channel()
+    await x_node.group_add(GROUP, x3, presence=True)
+    state = (await collect(x_node, x3, lambda ms: len(ms) >= 1, timeout=5))[0]
+    assert entry(x2, x_node.node_id, {"name": "again"}) in state["members"]
+    assert entry(x2, x_node.node_id, None) not in state["members"]
+
 
 @pytest.mark.parametrize("bad", [-0.1, "0.1", True, None])
 def test_presence_interval_is_validated(bad):
