@@ -7,6 +7,7 @@ delta), the presence messages queued to the members, and a check that every memb
 
     python -m benchmarks.bench_presence --sizes 250 500 1000
     python -m benchmarks.bench_presence --sizes 1000 --interval 0
+    python -m benchmarks.bench_presence --nodes 4 --sizes 2500 5000 10000
 
 ``--interval`` sets ``presence_interval`` (omit it for the layer's default; a layer that has
 no such option is run without it, so older code can be measured the same way).
@@ -109,6 +110,100 @@ async def run_one(url: str, n: int, interval: float | None) -> dict[str, Any]:
         await layer.close()
 
 
+async def worker(url: str, prefix: str, n: int, total: int, start_at: float) -> None:
+    """One node process of a multi-node fill: ``n`` of the ``total`` members; prints one JSON
+    line. Members' queues are emptied as they fill (standing in for consumers), counted."""
+    import json
+
+    from channels_distrib.layers import DistributedChannelLayer
+
+    layer = DistributedChannelLayer(hosts=[url], prefix=prefix, capacity=1_000_000)
+    channels = [await layer.new_channel() for _ in range(n)]
+    node = layer._node
+    counted = {"messages": 0, "bytes": 0}
+
+    def take() -> None:
+        for name in channels:
+            items = node.channels[name].items
+            counted["messages"] += len(items)
+            counted["bytes"] += sum(len(payload) for _e, payload in items)
+            items.clear()
+
+    print(json.dumps({"event": "ready"}), flush=True)
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    start = time.perf_counter()
+    for i, channel in enumerate(channels):
+        await layer.group_add(ROOM, channel, presence=True, meta={"name": f"{prefix}-{i}"})
+        if i % 100 == 99:
+            take()
+    joined = time.perf_counter() - start
+    while True:
+        take()
+        replica = node.presence.replicas.get(ROOM)
+        if replica is not None and len(replica.entries) == total:
+            break
+        await asyncio.sleep(0.02)
+    await settle(layer, url)
+    take()
+    settled = time.perf_counter() - start
+    result = {"event": "done", "joined_s": joined, "settled_s": settled, **counted}
+    print(json.dumps(result), flush=True)
+    await layer.close()
+
+
+async def multi(sizes: list[int], nodes: int) -> None:
+    import json
+    import subprocess
+    import sys
+
+    with private_redis() as url:
+        print(f"{nodes} node processes, members joining one room at once:")
+        print(
+            f"{'N':>6} {'joins s':>8} {'settled s':>9} {'Redis out MB':>12} {'messages':>9} {'queued MB':>9}"
+        )
+        for n in sizes:
+            prefix = f"bm{n}"
+            start_at = time.time() + 3.0 + n / 2000
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.bench_presence",
+                        "--worker",
+                        url,
+                        prefix,
+                        str(n // nodes),
+                        str(n),
+                        str(start_at),
+                    ],
+                    stdout=subprocess.PIPE,
+                )
+                for _ in range(nodes)
+            ]
+            before = None
+            results = []
+            try:
+                for proc in procs:
+                    assert proc.stdout is not None
+                    json.loads(proc.stdout.readline())  # ready
+                before = output_bytes(url)
+                for proc in procs:
+                    assert proc.stdout is not None
+                    results.append(json.loads(proc.stdout.readline()))
+                out = output_bytes(url) - before
+            finally:
+                for proc in procs:
+                    proc.wait(120)
+            print(
+                f"{n:>6} {max(r['joined_s'] for r in results):>8.2f} "
+                f"{max(r['settled_s'] for r in results):>9.2f} {out / 1e6:>12.2f} "
+                f"{sum(r['messages'] for r in results):>9} "
+                f"{sum(r['bytes'] for r in results) / 1e6:>9.1f}",
+                flush=True,
+            )
+
+
 async def main(sizes: list[int], interval: float | None) -> None:
     with private_redis() as url:
         print(
@@ -129,6 +224,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000])
     parser.add_argument("--interval", type=float, default=None)
+    parser.add_argument("--nodes", type=int, default=1, help="node processes (default 1)")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import django
     from django.conf import settings
@@ -136,4 +233,10 @@ if __name__ == "__main__":
     if not settings.configured:
         settings.configure()
         django.setup()
-    asyncio.run(main(args.sizes, args.interval))
+    if args.worker:
+        url, prefix, n, total, start_at = args.worker
+        asyncio.run(worker(url, prefix, int(n), int(total), float(start_at)))
+    elif args.nodes > 1:
+        asyncio.run(multi(args.sizes, args.nodes))
+    else:
+        asyncio.run(main(args.sizes, args.interval))

@@ -65,33 +65,40 @@ class Replica:
     version of each entry's last change, so a diff of joins that a member's state already
     listed need not reach it."""
 
-    __slots__ = ("entries", "packed", "since", "version")
+    __slots__ = ("_body", "_stale", "entries", "packed", "since", "version")
 
     def __init__(self, state: Iterable[Entry] = ()) -> None:
         self.entries: dict[str, Entry] = {entry["channel"]: entry for entry in state}
         self.since: dict[str, int] = {}
-        self.packed: dict[str, bytes] = {}  # msgpack of each entry, made once (see pack_state)
+        # Each entry msgpack-encoded once, in the same order as ``entries``, and all of them
+        # end to end (``_body``): a state is that body behind a header (see pack_state).
+        self.packed: dict[str, bytes] = {
+            channel: _pack(entry) for channel, entry in self.entries.items()
+        }
+        self._body = bytearray(b"".join(self.packed.values()))
+        self._stale = False
         self.version = 0
 
-    def packed_entries(self) -> list[bytes]:
-        """Every entry, msgpack-encoded (each encoded once while it is unchanged)."""
-        packed = self.packed
-        out = []
-        for channel, entry in self.entries.items():
-            blob = packed.get(channel)
-            if blob is None:
-                blob = packed[channel] = msgpack.packb(entry, use_bin_type=True)
-            out.append(blob)
-        return out
+    def packed_members(self) -> tuple[int, bytes]:
+        """(how many entries, all of them msgpack-encoded end to end)."""
+        if self._stale:
+            self._body = bytearray(b"".join(self.packed.values()))
+            self._stale = False
+        return len(self.packed), bytes(self._body)
 
     def put(self, channel: str, entry: Entry) -> int:
         """Hold ``entry`` for ``channel``; returns the version since which it is held."""
         if self.entries.get(channel) == entry:
             return self.since.get(channel, 0)
         self.version += 1
+        blob = _pack(entry)
+        if channel in self.entries:
+            self._stale = True  # changed in place: the body is rebuilt when next needed
+        elif not self._stale:
+            self._body += blob  # a new entry goes last, in the dicts as in the body
         self.entries[channel] = entry
+        self.packed[channel] = blob
         self.since[channel] = self.version
-        self.packed.pop(channel, None)
         return self.version
 
     def remove(self, channel: str) -> None:
@@ -99,7 +106,13 @@ class Replica:
         if self.entries.pop(channel, None) is not None:
             self.version += 1
             self.since.pop(channel, None)
-            self.packed.pop(channel, None)
+            del self.packed[channel]
+            self._stale = True
+
+
+def _pack(entry: Entry) -> bytes:
+    packed: bytes = msgpack.packb(entry, use_bin_type=True)
+    return packed
 
 
 @dataclass
@@ -118,15 +131,15 @@ def msgpack_array_header(length: int) -> bytes:
     return b"\xdd" + length.to_bytes(4, "big")
 
 
-def pack_state(group: str, packed_entries: list[bytes]) -> bytes:
-    """A ``presence.state`` in msgpack from entries encoded beforehand: the same bytes as
-    encoding the whole message, without encoding every entry again for every joiner (the
-    states of N joiners hold N²/2 entries)."""
+def pack_state(group: str, count: int, body: bytes) -> bytes:
+    """A ``presence.state`` in msgpack from its ``count`` entries already encoded end to end
+    (``body``): the same bytes as encoding the whole message, without encoding every entry
+    again for every joiner (the states of N joiners hold N²/2 entries)."""
     head: bytes = msgpack.packb(
         {"type": "presence.state", "group": group, "members": []}, use_bin_type=True
     )
     # "members" is the last key, so the message ends with its empty array (0x90).
-    return b"".join([head[:-1], msgpack_array_header(len(packed_entries)), *packed_entries])
+    return b"".join((head[:-1], msgpack_array_header(count), body))
 
 
 def net_changes(changes: Iterable[Change]) -> tuple[dict[str, Entry], dict[str, Entry]]:
@@ -262,7 +275,7 @@ class Presence:
         node = self.node
         serializer = node.registry.serializer
         if replica is not None and type(serializer) is MsgPackSerializer:
-            payload = pack_state(group, replica.packed_entries())
+            payload = pack_state(group, *replica.packed_members())
         else:
             members = list(replica.entries.values()) if replica is not None else [entry]
             payload = serializer.dumps(

@@ -485,7 +485,22 @@ def test_a_state_packed_from_encoded_entries_is_the_message_encoded(size):
         entry(f"specific.t!{i}", "node-a", {"name": f"n{i}", "b": b"\x00"} if i % 2 else None)
         for i in range(size)
     )
-    expected = {"type": "presence.state", "group": GROUP, "members": list(replica.entries.values())}
-    packed = pack_state(GROUP, replica.packed_entries())
-    assert packed == MsgPackSerializer().dumps(expected)
-    assert MsgPackSerializer().loads(packed) == expected
+
+    def check() -> None:
+        members = list(replica.entries.values())
+        expected = {"type": "presence.state", "group": GROUP, "members": members}
+        packed = pack_state(GROUP, *replica.packed_members())
+        assert packed == MsgPackSerializer().dumps(expected)
+        assert MsgPackSerializer().loads(packed) == expected
+
+    check()
+    # Joins, leaves and changes in place, in every order: the packed body follows them.
+    replica.put("specific.t!new", entry("specific.t!new", "node-b", None))
+    check()
+    if size:
+        replica.remove("specific.t!0")
+        replica.put("specific.t!new2", entry("specific.t!new2", "node-b", {"x": 1}))
+        check()
+        replica.put("specific.t!new", entry("specific.t!new", "node-b", {"renamed": True}))
+        replica.put("specific.t!new3", entry("specific.t!new3", "node-c", None))
+        check()
