@@ -79,12 +79,13 @@ class Replica:
         self._stale = False
         self.version = 0
 
-    def packed_members(self) -> tuple[int, bytes]:
-        """(how many entries, all of them msgpack-encoded end to end)."""
+    def packed_members(self) -> tuple[int, bytearray]:
+        """(how many entries, all of them msgpack-encoded end to end). The body is the
+        replica's own buffer: copy it (as :func:`pack_state` does) before the next change."""
         if self._stale:
             self._body = bytearray(b"".join(self.packed.values()))
             self._stale = False
-        return len(self.packed), bytes(self._body)
+        return len(self.packed), self._body
 
     def put(self, channel: str, entry: Entry) -> int:
         """Hold ``entry`` for ``channel``; returns the version since which it is held."""
@@ -131,7 +132,7 @@ def msgpack_array_header(length: int) -> bytes:
     return b"\xdd" + length.to_bytes(4, "big")
 
 
-def pack_state(group: str, count: int, body: bytes) -> bytes:
+def pack_state(group: str, count: int, body: bytes | bytearray) -> bytes:
     """A ``presence.state`` in msgpack from its ``count`` entries already encoded end to end
     (``body``): the same bytes as encoding the whole message, without encoding every entry
     again for every joiner (the states of N joiners hold N²/2 entries)."""
