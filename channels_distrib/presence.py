@@ -184,36 +184,45 @@ class Presence:
         ``presence.state`` queued before this returns. False when Redis refused it."""
         node = self.node
         fill = self._begin_fill(group) if presence and group not in self.replicas else None
-        seen = self._seen.setdefault(group, {})
-        before = seen.get(channel)
+        before = None
         if presence:
+            seen = self._seen.setdefault(group, {})
+            before = seen.get(channel)
             seen[channel] = JOINING
         try:
             result = await node.memberships.join(
                 group, channel, meta, presence, read_state=fill is not None
             )
         except BaseException:
-            self._unjoin(group, channel, before, fill)
+            self._unjoin(group, channel, presence, before, fill)
             raise
         if result is None:
-            self._unjoin(group, channel, before, fill)
+            self._unjoin(group, channel, presence, before, fill)
             return False
         if fill is not None:
             self._end_fill(group, fill, result.state)
         elif presence and group not in self.replicas:
             # The replica was dropped while the write was on its way: read the state now.
-            await self._fill_now(group)
+            try:
+                await self._fill_now(group)
+            except BaseException:
+                self._seen.get(group, {}).pop(channel, None)  # no state: every diff reaches it
+                raise
         await self._joined(group, channel, result, presence)
         return True
 
-    def _unjoin(self, group: str, channel: str, before: int | None, fill: _Fill | None) -> None:
+    def _unjoin(
+        self, group: str, channel: str, presence: bool, before: int | None, fill: _Fill | None
+    ) -> None:
         """A join that did not happen: back to what the member's state was."""
         seen = self._seen.get(group)
-        if seen is not None:
+        if presence and seen is not None:
             if before is None:
                 seen.pop(channel, None)
             else:
                 seen[channel] = before
+            if not seen and group not in self.replicas:
+                del self._seen[group]
         if fill is not None:
             self._end_fill(group, fill, None)
         self._drop_if_unused(group)
