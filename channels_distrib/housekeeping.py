@@ -110,8 +110,10 @@ class Housekeeper:
                 pipe.xrevrange(inbox_key, count=1)
                 return await pipe.execute()
 
+        node.memberships.start_reconcile()  # what changes from here on is not judged
         index, newest = await node.transport.run(snapshot)
         if newest and not node.inbox.has_read(newest[0][0]):
+            node.memberships.reconcile_abandoned()
             return 0  # the reader is behind: next time
         stored = {
             (k.decode() if isinstance(k, bytes) else k): set(

@@ -69,6 +69,8 @@ class Memberships:
         self._dirty: dict[Key, None] = {}
         self._writing: Counter[Key] = Counter()
         self._sync_lock = asyncio.Lock()
+        # Keys changed or written since a reconciliation snapshot was started (None: none is).
+        self._touched: set[Key] | None = None
 
     # -- reading --------------------------------------------------------------------------
 
@@ -94,6 +96,8 @@ class Memberships:
     # -- memory (no await: each change is whole when the next one starts) -------------------
 
     def _bump(self, key: Key) -> int:
+        if self._touched is not None:
+            self._touched.add(key)
         self._next_gen += 1
         self._gens[key] = self._next_gen
         return self._next_gen
@@ -131,6 +135,8 @@ class Memberships:
         return self._gens[key]
 
     def _end(self, key: Key, gen: int, confirmed: bool) -> None:
+        if self._touched is not None:
+            self._touched.add(key)  # written while a reconciliation snapshot was taken
         self._writing[key] -= 1
         if not self._writing[key]:
             del self._writing[key]
@@ -293,14 +299,22 @@ class Memberships:
 
     # -- reconciliation ---------------------------------------------------------------------
 
+    def start_reconcile(self) -> None:
+        """A snapshot of Redis's index is about to be read: note what changes meanwhile."""
+        self._touched = set()
+
+    def reconcile_abandoned(self) -> None:
+        self._touched = None
+
     def reconcile(self, stored: dict[str, set[str]]) -> int:
         """Compare Redis's index of this node's channels (channel -> groups) with memory and
         mark what differs dirty; returns how many differed. Keys being written are skipped."""
+        touched, self._touched = self._touched or set(), None
         differ = 0
         for channel, groups in stored.items():
             for group in groups:
                 key = (group, channel)
-                if key in self._writing or key in self._dirty:
+                if key in self._writing or key in self._dirty or key in touched:
                     continue
                 if self.held(group, channel) is None:
                     self.release(key)
@@ -308,7 +322,7 @@ class Memberships:
         for group, members in self.groups.items():
             for channel in members:
                 key = (group, channel)
-                if key in self._writing or key in self._dirty:
+                if key in self._writing or key in self._dirty or key in touched:
                     continue
                 if group not in stored.get(channel, ()):
                     self._dirty[key] = None
