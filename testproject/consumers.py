@@ -52,10 +52,13 @@ class ChatConsumer(DistributedConsumer):
 
     Inbound frames are rate limited per connection: a burst of 20, then 5 per second; a
     frame over the limit gets a ``rate_limited`` error, and 10 of those within 10 s close
-    the connection with 1008.
+    the connection with 1008. A signed-in user holds at most 5 connections over the whole
+    cluster (anonymous ones are not counted); the next is closed with 4008.
     """
 
     rate_limit = (5.0, 20)
+    # A signed-in user keeps at most 5 tabs across all nodes; the 6th is closed with 4008.
+    user_connection_limit = 5
     room: str | None = None
     chosen_name: str | None = None
 

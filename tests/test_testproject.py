@@ -8,6 +8,7 @@ dashboard feed, and presence after a node is SIGKILLed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.cookiejar
 import json
 import os
@@ -317,6 +318,28 @@ async def test_logged_in_user_is_named_by_username_on_any_node(
         assert (await dora.join("auth-room", name="not-dora"))["name"] == USER
         await dora.send({"type": "sendMessage", "message": "signed"})
         assert (await eve.next("message"))["from"] == USER
+
+
+async def test_a_signed_in_user_keeps_at_most_five_chats_across_nodes(
+    cluster: tuple[Node, Node],
+) -> None:
+    a, b = cluster
+    session = await asyncio.to_thread(log_in, b)
+    async with contextlib.AsyncExitStack() as stack:
+        tabs = [await stack.enter_async_context(chat((a, b)[i % 2], session=session))
+                for i in range(5)]
+        for i, tab in enumerate(tabs):  # five are fine, on either node
+            await tab.join(f"capped-{i}")
+        for node in (a, b):
+            async with chat(node, session=session) as sixth:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(sixth.ws.recv(), 10)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 4008
+        # Anonymous chats are not counted, and the five stay open.
+        async with chat(a, "anon-6") as anon:
+            await anon.join("capped-anon")
+        for i, tab in enumerate(tabs):
+            await tab.join(f"capped-again-{i}")
 
 
 async def test_invalid_json_gets_error_frame_and_stays_open(cluster: tuple[Node, Node]) -> None:
