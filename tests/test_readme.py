@@ -16,6 +16,7 @@ from django.test import RequestFactory, override_settings
 from channels_distrib.layers import DistributedChannelLayer
 from tests.helpers_layers import msg, recv
 from tests.redis_server import free_port
+from tests.test_redis_security import ACL_COMMANDS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"<!-- readme-test: ([\w-]+) -->\n```python\n(.*?)```", re.S)
@@ -102,3 +103,12 @@ def test_configuration_table_has_one_line_per_option() -> None:
     assert missing == [], f"options without a line in the README's table: {missing}"
     assert sorted(documented) == sorted(set(documented)), "an option has two lines"
     assert all(len(line.split("|")) == 5 for line in table.splitlines()), "name|default|meaning"
+
+
+def test_acl_rule_in_the_readme_is_the_one_the_security_test_runs() -> None:
+    text = README.read_text()
+    start = text.index("ACL SETUSER channels")
+    rule = " ".join(text[start:text.index("```", start)].split())
+    granted = [word[1:] for word in rule.split() if word.startswith("+")]
+    assert granted == list(ACL_COMMANDS)
+    assert " ~asgi:* resetchannels -@all " in rule

@@ -134,8 +134,9 @@ async def test_acl_user_with_the_minimal_commands_works_end_to_end(prefix, caplo
     caplog.set_level(logging.WARNING)
     async with _server() as server:
         admin = await _admin(server)
-        rules = ["on", f">{PASSWORD}", "resetkeys", f"~{prefix}*", "resetchannels", "-@all",
-                 *(f"+{c}" for c in ACL_COMMANDS)]
+        # One key pattern per prefix used below, as the README writes it: ~<prefix>:*
+        rules = ["on", f">{PASSWORD}", "resetkeys", f"~{prefix}r:*", f"~{prefix}d:*", f"~{prefix}b:*",
+                 "resetchannels", "-@all", *(f"+{c}" for c in ACL_COMMANDS)]
         await admin.execute_command("ACL", "SETUSER", user, "reset", *rules)
         url = f"redis://{user}:{PASSWORD}@127.0.0.1:{server.port}/0"
         # The user really is restricted: other keys and other commands are refused.
@@ -147,6 +148,8 @@ async def test_acl_user_with_the_minimal_commands_works_end_to_end(prefix, caplo
         await limited.aclose()
 
         await _round_trip(prefix + "r", hosts=[url])
+        await _round_trip(prefix + "d", hosts=[{"host": "127.0.0.1", "port": server.port,
+                                                "username": user, "password": PASSWORD}])
         fast = {"hosts": [url], "heartbeat_interval": 0.2, "node_timeout": 1.0}
         async with own_layer(prefix=prefix + "b", **fast) as node, \
                 own_layer(prefix=prefix + "b", **fast) as watcher:
