@@ -44,6 +44,9 @@ T = TypeVar("T")
 #: Idle time after which a command first lets the event loop notice closed connections (s).
 IDLE_CHECK = 0.001
 
+#: The longest wait between two attempts to open a connection while Redis is unreachable (s).
+RECONNECT_CAP = 0.25
+
 #: How long a blocking read (XREAD/BLPOP) waits server-side before coming back empty.
 BLOCK_SECONDS = 2.0
 
@@ -200,7 +203,10 @@ class Transport:
                 if waited >= self.retry_timeout:
                     raise RedisUnavailable(self.host.address, waited, exc) from exc
                 attempt += 1
-                await asyncio.sleep(min(backoff(attempt), max(0.0, self.retry_timeout - waited)))
+                # Short, jittered waits: a refused connect costs nothing, and a caller (a
+                # heartbeat above all) should get through soon after Redis answers again.
+                pause = backoff(attempt, RECONNECT_CAP)
+                await asyncio.sleep(min(pause, max(0.0, self.retry_timeout - waited)))
 
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one of :mod:`channels_distrib.scripts` by name (EVALSHA, loading it if needed)."""
