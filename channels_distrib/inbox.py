@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from .local import LocalChannel
 from .tasks import cancellable
+from .throttle import Throttle
 from .transport import BLOCK_SECONDS, backoff
 
 if TYPE_CHECKING:
@@ -45,12 +46,12 @@ class InboxReader:
         self.last_id = b"0-0"
         self.dropped = 0
         self.dropped_by: dict[str, int] = {}  # reason (channels_distrib.stats) -> count
-        self._last_drop_log = 0.0
+        self._drop_log = Throttle()
         self.marked_full: set[str] = set()
         self._to_mark: set[str] = set()
         self._attempt = 0
         self.skipped = 0
-        self._last_skip_log = 0.0
+        self._skip_log = Throttle()
         self._refill_wanted: set[str] = set()
         self._refill_wake = asyncio.Event()
 
@@ -115,9 +116,7 @@ class InboxReader:
     def _log_skip(self, entry_id: bytes) -> None:
         """Log a skipped entry, at most once a second (a flood of corrupt entries is one line)."""
         self.skipped += 1
-        now = time.monotonic()
-        if now - self._last_skip_log >= 1.0:
-            self._last_skip_log = now
+        if self._skip_log.ready():
             logger.error(
                 "Skipping inbox entry %r of node %s (%d skipped so far)",
                 entry_id,
@@ -312,9 +311,7 @@ class InboxReader:
     def _count_drop(self, channel: str, reason: str, kind: str) -> None:
         self.dropped += 1
         self.dropped_by[kind] = self.dropped_by.get(kind, 0) + 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= 1.0:
-            self._last_drop_log = now
+        if self._drop_log.ready():
             logger.warning(
                 "Node %s dropped a message for %s (%s); %d dropped so far",
                 self.node.node_id,

@@ -34,6 +34,7 @@ from .registry import (
 )
 from .serializers import SerializerError, make_serializer
 from .stats import figures
+from .throttle import Throttle
 from .transport import Transport
 from .types import Member, Message, Meta, NodeInfo, NodeStats
 
@@ -160,8 +161,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self._node: Node | None = None
         self._node_starting: asyncio.Future[Node] | None = None
-        self._last_drop_log = 0.0
-        self._last_corrupt_log = 0.0
+        self._drop_log = Throttle()
+        self._corrupt_log = Throttle()
 
     # -- connections per event loop -------------------------------------------------------
 
@@ -224,9 +225,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         except SerializerError as exc:
             # Counted always, logged at most once a second: a flood is one line, not a storm.
             self.counters.corrupt += 1
-            now = time.monotonic()
-            if now - self._last_corrupt_log >= 1.0:
-                self._last_corrupt_log = now
+            if self._corrupt_log.ready():
                 logger.error(
                     "Skipping a corrupt or foreign payload for %s: %s (%d skipped so far)",
                     channel,
@@ -463,9 +462,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         counters.sent_group += written + queued
         if dropped:
             counters.group_dropped += int(dropped)
-            now = time.monotonic()
-            if now - self._last_drop_log >= 1.0:
-                self._last_drop_log = now
+            if self._drop_log.ready():
                 logger.warning(
                     "group_send to %s dropped %d message(s) for full channels (%d in all)",
                     group,
