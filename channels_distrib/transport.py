@@ -185,12 +185,14 @@ class Transport:
         """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``."""
         started = time.monotonic()
         attempt = 0
-        # After a quiet spell, one pass of the event loop first, so a close the server sent
+        # After a quiet spell, two passes of the event loop first, so a close the server sent
         # meanwhile (a restart, a CLIENT KILL) is seen before a pooled connection is reused:
         # that reconnects without ever writing, instead of failing a command that cannot be
-        # retried. A busy loop passes through its selector all the time anyway.
+        # retried. Two, because in the pass where the selector reports the close this task
+        # resumes before the socket's reader callback has fed the EOF to the stream.
         now = time.monotonic()
         if now - self._last_used > IDLE_CHECK:
+            await asyncio.sleep(0)
             await asyncio.sleep(0)
         self._last_used = now
         while True:
