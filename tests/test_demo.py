@@ -20,6 +20,26 @@ from websockets.sync.client import connect
 
 from tests.redis_server import free_port, server_binary
 
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports that are free right now (the demo
+    with an explicit --port needs them all)."""
+    for _ in range(50):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        taken = False
+        for port in range(first, first + count):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    taken = True
+                    break
+        if not taken:
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,7 +64,7 @@ def test_demo_starts_embedded_valkey_and_three_nodes_then_stops_them(tmp_path: P
     env.update(REDIS_URL=f"redis://127.0.0.1:{closed}/0",
                DEMO_DATABASE=str(tmp_path / "db.sqlite3"))
     proc = subprocess.Popen(
-        [sys.executable, "demo.py", "--no-install", "--port", str(free_port()),
+        [sys.executable, "demo.py", "--no-install", "--port", str(free_ports(3)),
          "--log-dir", str(tmp_path / "logs")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
