@@ -24,6 +24,7 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -55,6 +56,17 @@ class NotConnected(RedisConnectionError):
     """The connection could not be opened: the command was never written, so a retry is safe."""
 
 
+class CredentialsRejected(RedisConnectionError):
+    """Redis refused the password or ACL user while connecting: retrying cannot help, so the
+    command fails at once instead of after ``retry_timeout``; it was never written."""
+
+
+def _connect_failure(exc: Exception) -> RedisConnectionError:
+    if isinstance(exc, AuthenticationError):
+        return CredentialsRejected(str(exc))
+    return NotConnected(str(exc))
+
+
 class _MarksConnectFailures:
     """Mixin for redis-py connection classes: failures while connecting raise NotConnected.
 
@@ -68,18 +80,20 @@ class _MarksConnectFailures:
             await super().connect(*args, **kwargs)  # type: ignore[misc]
         except asyncio.CancelledError:
             raise
-        except NotConnected:
+        except (NotConnected, CredentialsRejected):
             raise
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise NotConnected(str(exc)) from exc
+            raise _connect_failure(exc) from exc
 
     async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
         try:
             await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
         except asyncio.CancelledError:
             raise
+        except (NotConnected, CredentialsRejected):
+            raise
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise NotConnected(str(exc)) from exc
+            raise _connect_failure(exc) from exc
 
 
 class _TcpConnection(_MarksConnectFailures, Connection):
@@ -198,6 +212,10 @@ class Transport:
         while True:
             try:
                 return await operation(self.client)
+            except CredentialsRejected as exc:
+                raise RedisUnavailable(
+                    self.host.address, time.monotonic() - started, exc
+                ) from exc
             except NotConnected as exc:
                 if attempt == 0:
                     self.counters.reconnects += 1

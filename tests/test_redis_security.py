@@ -111,9 +111,13 @@ async def test_wrong_password_fails_clearly_without_the_password(prefix, caplog,
         host: Any = (f"redis://:{wrong}@127.0.0.1:{server.port}/0" if form == "url"
                      else {"host": "127.0.0.1", "port": server.port, "password": wrong})
         caplog.set_level(logging.DEBUG)
-        async with own_layer(hosts=[host], prefix=prefix, retry_timeout=1, _flush=False) as layer:
+        # A rejected password is not retried for retry_timeout (it cannot get better): the
+        # send fails at once, well inside the 20 s it would otherwise keep trying.
+        async with own_layer(hosts=[host], prefix=prefix, retry_timeout=20, _flush=False) as layer:
+            started = time.monotonic()
             with pytest.raises(RedisUnavailable) as info:
                 await asyncio.wait_for(layer.send("sec.named", msg(1)), 30)
+            assert time.monotonic() - started < 3.0
         text = str(info.value)
         assert "password" in text.lower(), text  # says what is wrong...
         seen = [text, repr(info.value), caplog.text]
