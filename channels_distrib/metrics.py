@@ -73,6 +73,17 @@ def _total(rows: list[dict[str, Any]], *path: str) -> float:
     return total
 
 
+def _by_label(
+    rows: list[dict[str, Any]], name: str, doc: str, field: tuple[str, str, Iterable[str]]
+) -> CounterMetricFamily:
+    """A counter with one label: ``field`` is (figure name, label name, label values)."""
+    figure, label, values = field
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value in values:
+        family.add_metric([value], _total(rows, figure, value))
+    return family
+
+
 class LayerCollector(Collector):
     """Reads the exported layers' figures (or those ``source`` returns) when Prometheus scrapes."""
 
@@ -81,32 +92,28 @@ class LayerCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         rows = [figures(layer) for layer in self.source()]
-        sent = CounterMetricFamily(
+        yield _by_label(
+            rows,
             "channels_distrib_messages_sent",
             "Messages this process sent, by kind: direct (to a process-local channel), "
             "group (copies group_send wrote: one per node with members, one per normal-channel "
             "member) and named (to a normal channel).",
-            labels=["kind"],
+            ("sent", "kind", SENT_KINDS),
         )
-        for kind in SENT_KINDS:
-            sent.add_metric([kind], _total(rows, "sent", kind))
-        yield sent
         yield CounterMetricFamily(
             "channels_distrib_messages_delivered",
             "Messages receive() handed to a consumer in this process.",
             value=_total(rows, "delivered"),
         )
-        dropped = CounterMetricFamily(
+        yield _by_label(
+            rows,
             "channels_distrib_messages_dropped",
             "Messages dropped in this process, by reason: capacity (a consumer past its "
             "budget, a full normal channel), expired (unread past expiry), corrupt "
             "(undecodable), no_channel (for a channel this node no longer has), trimmed "
             "(gone from the inbox stream before the consumer had room).",
-            labels=["reason"],
+            ("dropped", "reason", DROP_REASONS),
         )
-        for reason in DROP_REASONS:
-            dropped.add_metric([reason], _total(rows, "dropped", reason))
-        yield dropped
         yield CounterMetricFamily(
             "channels_distrib_group_sends",
             "group_send() calls in this process.",
