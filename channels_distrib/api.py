@@ -40,6 +40,7 @@ from channels import DEFAULT_CHANNEL_LAYER
 from channels.exceptions import InvalidChannelLayerError
 from channels.layers import get_channel_layer
 
+from channels_distrib.history import OFFSET_KEY, check_room_message
 from channels_distrib.types import Message
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ __all__ = [
     "is_close_code",
     "make_disconnect",
     "make_envelope",
+    "room_history",
     "send_to_client",
     "send_to_room",
     "send_to_user",
@@ -156,14 +158,57 @@ async def send_to_room(
     *,
     exclude: str | None = None,
     alias: str = DEFAULT_CHANNEL_LAYER,
-) -> None:
+) -> str | None:
     """Send ``message`` to every connection in ``room``, on every node.
 
     ``exclude`` is a client id (channel name) that should not receive it. An empty or
-    unknown room is not an error. Raises ``TypeError`` for a non-dict or non-JSON
-    message or an invalid room name.
+    unknown room is not an error. In a room with history the message is kept and every
+    frame carries an ``"offset"``; returns it (None in a room without history). Raises
+    ``TypeError`` for a non-dict or non-JSON message or an invalid room name, and
+    ``ValueError`` when the message already has an ``"offset"`` key.
     """
-    await _layer(alias).group_send(room, make_envelope(message, exclude=exclude))
+    return await send_room_envelope(_layer(alias), room, message, exclude)
+
+
+async def send_room_envelope(
+    layer: Any, room: str, message: Message, exclude: str | None
+) -> str | None:
+    """A room send through the layer's ``room_send`` (history), or ``group_send`` for a
+    layer without the ``history`` extension."""
+    check_room_message(message)
+    envelope = make_envelope(message, exclude=exclude)
+    if "history" in (getattr(layer, "extensions", None) or ()):
+        offset: str | None = await layer.room_send(room, envelope, exclude=exclude)
+        return offset
+    await layer.group_send(room, envelope)
+    return None
+
+
+async def room_history(
+    room: str,
+    since: str | None = None,
+    limit: int = 100,
+    *,
+    alias: str = DEFAULT_CHANNEL_LAYER,
+) -> list[Message] | None:
+    """The room's kept messages after offset ``since`` (its newest when None), oldest first.
+
+    Each is the message as clients received it (a dict with its ``"offset"``), at most
+    ``limit``. Returns None when ``since`` cannot be continued (unknown, malformed,
+    another room's, from a lost history, or older than what is kept); an empty list when
+    nothing came after it (or the room keeps no history).
+    """
+    layer = _layer(alias)
+    read = await layer.room_history(room, since=since, limit=limit)
+    if not read.known:
+        return None
+    messages: list[Message] = []
+    for entry in read.entries:
+        message = layer.serializer.loads(entry.payload)
+        if message.get("type") == ENVELOPE_TYPE and isinstance(message.get("text"), str):
+            message = json.loads(message["text"])
+        messages.append({**message, OFFSET_KEY: entry.offset})
+    return messages
 
 
 async def send_to_user(

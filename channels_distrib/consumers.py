@@ -35,7 +35,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import BaseChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 
-from channels_distrib import api
+from channels_distrib import api, history
 from channels_distrib.exceptions import DistribError
 from channels_distrib.types import Member, Message, Meta
 
@@ -204,6 +204,20 @@ def _is_client_id(value: object) -> bool:
     )
 
 
+def _check_history(cls: type[DistributedMixin]) -> None:
+    for name, minimum in (("history", 0), ("history_max_bytes", 1)):
+        value = getattr(cls, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ImproperlyConfigured(
+                f"{cls.__qualname__}.{name} must be an int >= {minimum}, not {value!r}"
+            )
+    ttl = cls.history_ttl
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
+        raise ImproperlyConfigured(
+            f"{cls.__qualname__}.history_ttl must be a positive number of seconds, not {ttl!r}"
+        )
+
+
 async def _run_all(coros: Sequence[Coroutine[Any, Any, Any]]) -> list[BaseException]:
     """Run coroutines concurrently, wait for all, and return the exceptions they raised."""
     results = await asyncio.gather(*coros, return_exceptions=True)
@@ -245,6 +259,11 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         and ``disconnect`` never run); of simultaneous connects the newest are refused.
         Costs an authenticated connect about 2 ms (a 1.5 ms wait and one Redis round
         trip); two more round trips when over.
+    :param history: how many recent messages each room joined by a connection of this
+        class keeps (default 0: none); room sends are then numbered, their frames carry
+        an ``"offset"``, and ``join_room(room, since=offset)`` replays what was missed.
+    :param history_ttl: how long a room keeps a message, seconds (default 300).
+    :param history_max_bytes: most encoded bytes a room's history keeps (default 1 MiB).
     """
 
     rooms: ClassVar[Sequence[str]] = ()
@@ -258,6 +277,9 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     max_message_size: ClassVar[int | None] = 64 * 1024
     allow_anonymous: ClassVar[bool] = True
     user_connection_limit: ClassVar[int | None] = None
+    history: ClassVar[int] = 0
+    history_ttl: ClassVar[float] = 300.0
+    history_max_bytes: ClassVar[int] = 1024 * 1024
 
     if TYPE_CHECKING:
         channel_layer: Any
@@ -287,6 +309,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
                 f"{cls.__qualname__}.user_connection_limit must be a positive int or None, "
                 f"not {limit!r}"
             )
+        _check_history(cls)
         if isinstance(cls.rooms, str):
             raise ImproperlyConfigured(f"{cls.__qualname__}.rooms must be a list, not a string")
         for room in cls.rooms:
@@ -311,6 +334,8 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         self._bucket: TokenBucket | None = None
         self._user_bucket_key: str | None = None
         self._rejections: deque[float] = deque(maxlen=max(1, self.rate_limit_max_rejections))
+        # Room history epoch -> newest (ms, seq) a join's replay sent (history.replayed_already).
+        self._history_floors: dict[str, tuple[int, int]] = {}
 
     # -- identity --------------------------------------------------------------------
 
@@ -530,19 +555,57 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         if problem is not None:
             raise InvalidRoom(room, problem)
 
-    async def join_room(self, room: str, meta: Meta | None = None) -> None:
+    async def join_room(
+        self,
+        room: str,
+        meta: Meta | None = None,
+        *,
+        since: str | None = None,
+        previous_client_id: str | None = None,
+    ) -> bool:
         """Join ``room`` (a group of the same name), cluster-wide.
 
         ``meta`` defaults to :meth:`get_presence_meta`. Raises :class:`InvalidRoom` or
         :class:`RoomForbidden` (``can_join_room`` said no); both become error frames when
         raised inside a ``handle_<type>`` method. Does nothing if already in the room.
+
+        With ``since`` (an ``"offset"`` this client saw), every room frame after it still in
+        the room's history is sent to the client first, in order, once (skipping those
+        ``previous_client_id`` sent with ``exclude_self``), then live frames, with no gap or
+        duplicate between them; returns True. Returns False, replaying nothing, when
+        ``since`` cannot be continued (unknown, malformed, another room's, from a lost
+        history, older than what is kept), when none was given, or when already in the room.
+        :meth:`room_joined` runs between the join and the replay.
         """
         self._validate_room(room)
         if room in self._rooms:
-            return
+            return False
         if not await self.can_join_room(room):
             raise RoomForbidden(room)
+        layer = self.channel_layer
+        if self.history > 0:
+            # Before the membership: every room send that reaches it is kept too.
+            await layer.history_configure(
+                room, count=self.history, ttl=self.history_ttl, max_bytes=self.history_max_bytes
+            )
         await self._join(room, meta)
+        read = None
+        if since is not None:
+            # Read after the membership is written: whatever the read misses arrives live.
+            read = await layer.room_history(room, since=since, limit=0)
+        recovered = read is not None and read.known
+        await self.room_joined(room, recovered)
+        if read is not None and recovered:
+            previous = previous_client_id if _is_client_id(previous_client_id) else None
+            await history.replay(self, room, read, previous)
+        return recovered
+
+    async def room_joined(self, room: str, recovered: bool) -> None:
+        """Called by :meth:`join_room` once joined, before any replayed frame; default nothing.
+
+        Override to tell the client (``recovered`` says whether the replay that follows
+        holds everything it missed).
+        """
 
     async def _join(self, room: str, meta: Meta | None) -> None:
         if meta is None:
@@ -590,7 +653,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         """
         self._validate_room(room)
         exclude = self.channel_name if exclude_self else None
-        await self.channel_layer.group_send(room, api.make_envelope(message, exclude=exclude))
+        await api.send_room_envelope(self.channel_layer, room, message, exclude)
 
     async def send_to_client(self, client_id: str, message: Message) -> None:
         """Send ``message`` to the connection whose :attr:`client_id` is given, on any node.
@@ -655,6 +718,11 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
                 "dropping malformed %s envelope for %s", api.ENVELOPE_TYPE, self.channel_name
             )
             return
+        offset = message.get(history.OFFSET_KEY)
+        if isinstance(offset, str):  # a room with history: the frame carries its offset
+            if self._history_floors and history.replayed_already(self._history_floors, offset):
+                return
+            text = history.text_with_offset(text, offset)
         await self.send(text_data=text)
 
     async def distrib_disconnect(self, message: Message) -> None:

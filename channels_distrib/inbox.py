@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from .history import payload_with_offset
 from .local import LocalChannel
 from .tasks import cancellable
 from .throttle import Throttle
@@ -151,6 +152,8 @@ class InboxReader:
         payload = fields.get(b"m")
         if payload is None:
             raise ValueError("inbox entry without payload")
+        if b"h" in fields:  # a room send with history: its offset joins the message
+            payload = payload_with_offset(node.registry.serializer, payload, fields[b"h"])
         sent_ms = int(entry_id.split(b"-", 1)[0])
         now = time.monotonic()
         expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
@@ -294,10 +297,17 @@ class InboxReader:
                 return  # cleared meanwhile (a flush)
             channel.deferred.popleft()
             entries = found.get(entry_id)
-            payload = entries[0][1].get(b"m") if entries else None
+            fields = entries[0][1] if entries else {}
+            payload = fields.get(b"m")
             if payload is None:
                 self._count_drop(name, "trimmed from the inbox", "trimmed")
                 continue
+            if b"h" in fields:
+                try:
+                    payload = payload_with_offset(node.registry.serializer, payload, fields[b"h"])
+                except ValueError:
+                    self._count_drop(name, "corrupt payload", "corrupt")
+                    continue
             sent_ms = int(entry_id.split(b"-", 1)[0])
             expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
             if expires <= now:

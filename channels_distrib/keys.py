@@ -15,6 +15,8 @@ Under prefix ``P``::
     P:{g.<group>}:pm      hash    channel -> member record, presence members only
     P:{g.<group>}:q       zset    normal-channel members -> joined ms (for group_expiry)
     P:{g.<group>}:qc      hash    normal-channel member -> its capacity (read by GROUP_SEND)
+    P:{g.<group>}:h       stream  room history: the room's last messages (history.py)
+    P:{g.<group>}:hc      hash    room history settings, epoch and bookkeeping
     P:{c.<channel>}:q     list    a normal channel's queue; items b"<expire ms>:<payload>"
     P:{c.<channel>}:i.<run>  list a receiver's in-flight items of that queue (has a TTL)
     P:{c.<channel>}:g     set     groups a normal channel is in
@@ -77,6 +79,14 @@ class Keys:
 
     def group_queue_capacity(self, group: str) -> str:
         return self._group(group, "qc")
+
+    def history(self, group: str) -> str:
+        """A room's history stream (same hash tag as the group: ROOM_SEND touches both)."""
+        return self._group(group, "h")
+
+    def history_config(self, group: str) -> str:
+        """A room's history settings, epoch and bookkeeping."""
+        return self._group(group, "hc")
 
     def group_keys(self, group: str) -> list[str]:
         """The six keys of one group, in the order the membership scripts take them."""

@@ -22,6 +22,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .config import MIB, LayerConfig, build_config
 from .heartbeat import TokenTaken
+from .history import HistoryInfo, HistoryRead, RoomHistory, check_room_message
 from .keys import Keys
 from .node import Node, default_node_id, new_token
 from .queues import NamedQueue
@@ -91,7 +92,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     See the README for each option's meaning and default.
     """
 
-    extensions = ["groups", "flush", "registry", "presence", "ratelimit"]
+    extensions = ["groups", "flush", "registry", "presence", "ratelimit", "history"]
 
     def __init__(
         self,
@@ -155,6 +156,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         )
         self.keys = Keys(self.config.prefix)
         self.registry = Registry(self.config, self.keys, self.serializer)
+        self.history = RoomHistory(
+            self.keys, self.serializer, int(self.config.group_expiry * 1000)
+        )
         # Plain-int counters (see channels_distrib.stats); read by the heartbeat and metrics.
         self.counters = self.registry.counters
         self._token = new_token()
@@ -457,6 +461,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = self._encode(message)
         keys, args = self.registry.group_send_args("g", group, payload)
         written, queued, dropped = await self._transport().script("group_send", keys, args)
+        self._count_group_send(group, written, queued, dropped)
+
+    def _count_group_send(self, group: str, written: int, queued: int, dropped: int) -> None:
         counters = self.counters
         counters.group_sends += 1
         counters.sent_group += written + queued
@@ -469,6 +476,60 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     dropped,
                     counters.group_dropped,
                 )
+
+    # -- rooms with history ---------------------------------------------------------------
+
+    async def room_send(
+        self, room: str, message: Message, *, exclude: str | None = None
+    ) -> str | None:
+        """``group_send`` for a room: kept in the room's history when it has one.
+
+        In the same round trip, a room with history stores the message and numbers it; every
+        member then receives it with a top-level ``"offset"`` key (returned here; None when
+        the room keeps no history). ``exclude`` names a channel that does not receive it.
+        Raises ``ValueError`` when the message already has an ``"offset"`` key and
+        ``MessageTooLarge`` past ``max_message_size`` (nothing is stored then).
+        """
+        self.require_valid_group_name(room)
+        if exclude is not None:
+            self.require_valid_channel_name(exclude)
+        check_room_message(message)
+        payload = self._encode(message)
+        keys, args = self.registry.group_send_args("g", room, payload, exclude or "")
+        keys += self.history.keys_of(room)
+        written, queued, dropped, offset = await self._transport().script("room_send", keys, args)
+        self._count_group_send(room, written, queued, dropped)
+        if not offset:
+            return None
+        return offset.decode() if isinstance(offset, bytes) else str(offset)
+
+    async def history_configure(
+        self, room: str, *, count: int, ttl: float = 300.0, max_bytes: int = MIB
+    ) -> str:
+        """Make ``room`` keep its last ``count`` messages for ``ttl`` seconds, at most
+        ``max_bytes`` (each only grows: the larger setting wins); returns its epoch."""
+        self.require_valid_group_name(room)
+        for name, value in (("count", count), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"history {name} must be a positive int, not {value!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
+            raise ValueError(f"history ttl must be a positive number of seconds, not {ttl!r}")
+        return await self.history.configure(self._transport(), room, count, ttl, max_bytes)
+
+    async def room_history(
+        self, room: str, since: object = None, limit: int = 100
+    ) -> HistoryRead:
+        """The room's kept messages after offset ``since`` (or its newest, when None), at
+        most ``limit`` (0: all). An unknown ``since`` gives ``known=False``, never an error."""
+        self.require_valid_group_name(room)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, not {limit!r}")
+        return await self.history.read(self._transport(), room, since, limit)
+
+    async def room_history_info(self, room: str) -> HistoryInfo | None:
+        """Entries, bytes and Redis memory of the room's history (None when it keeps none)."""
+        self.require_valid_group_name(room)
+        return await self.history.info(self._transport(), room)
 
     # -- registry queries -----------------------------------------------------------------
 

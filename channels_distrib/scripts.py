@@ -163,6 +163,53 @@ if not id then return 2 end
 return 1
 """
 
+# The fan-out of GROUP_SEND and ROOM_SEND: one inbox entry per node with members of the
+# group (the node fans out locally), one list item per normal-channel member. `k` is the
+# group's keys {nodes (n, or p for presence-only sends), q, m, qc, pm}; `a` the arguments
+# {prefix, kind, group, payload, exclude, inbox max length, expiry ms, group_expiry ms,
+# default capacity}; `offset` is the room history offset (ROOM_SEND) or nil: it travels as
+# the inbox entry's 'h' field, and the receiving node adds it to the message.
+_FANOUT = """
+local function fan_out(k, a, offset)
+  local prefix, kind, group, payload, exclude = a[1], a[2], a[3], a[4], a[5]
+  local entry = {kind, group, 'm', payload}
+  if exclude ~= '' then table.insert(entry, 'x'); table.insert(entry, exclude) end
+  if offset then table.insert(entry, 'h'); table.insert(entry, offset) end
+  local written = 0
+  for _, token in ipairs(redis.call('HKEYS', k[1])) do
+    -- NOMKSTREAM: a pruned node's inbox stays gone (its heartbeat re-creates it on return).
+    local inbox = nkey(prefix, token, 'in')
+    if redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', a[6], '*', unpack(entry)) then
+      written = written + 1
+    end
+  end
+  local queued, dropped = 0, 0
+  if kind == 'g' and redis.call('EXISTS', k[2]) == 1 then
+    local now = now_ms()
+    local expiry = tonumber(a[7])
+    local g = {k[3], '', '', k[5], k[2], k[4]}
+    for _, channel in ipairs(redis.call('ZRANGEBYSCORE', k[2], '-inf', now - tonumber(a[8]))) do
+      remove_member(g, ckey(prefix, channel, 'g'), group, channel, '')
+    end
+    for _, channel in ipairs(redis.call('ZRANGE', k[2], 0, -1)) do
+      if channel ~= exclude then
+        local capacity = tonumber(redis.call('HGET', k[4], channel) or a[9])
+        local queue = ckey(prefix, channel, 'q')
+        drop_expired(queue, now)
+        if redis.call('LLEN', queue) >= capacity then
+          dropped = dropped + 1
+        else
+          redis.call('RPUSH', queue, (now + expiry) .. ':' .. payload)
+          redis.call('PEXPIRE', queue, expiry + 1000)
+          queued = queued + 1
+        end
+      end
+    end
+  end
+  return written, queued, dropped
+end
+"""
+
 # GROUP_SEND: one message to every node with members of a group (one inbox entry per node;
 # the node fans out locally), and to every normal-channel member's queue.
 # KEYS[1] P:{g.<group>}:n (or :p for presence-only sends), KEYS[2] :q, KEYS[3] :m,
@@ -174,45 +221,171 @@ return 1
 GROUP_SEND = (
     _PRELUDE
     + _MEMBERSHIP
+    + _FANOUT
     + """
-local prefix, kind, group, payload, exclude = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local tokens = redis.call('HKEYS', KEYS[1])
-local written = 0
-for _, token in ipairs(tokens) do
-  local inbox = nkey(prefix, token, 'in')
-  -- NOMKSTREAM: a pruned node's inbox stays gone (its heartbeat re-creates it on return).
-  local id
-  if exclude == '' then
-    id = redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[6], '*', kind, group, 'm', payload)
-  else
-    id = redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[6], '*', kind, group, 'm', payload, 'x', exclude)
-  end
-  if id then written = written + 1 end
-end
-local queued, dropped = 0, 0
-if kind == 'g' and redis.call('EXISTS', KEYS[2]) == 1 then
-  local now = now_ms()
-  local expiry = tonumber(ARGV[7])
-  local g = {KEYS[3], '', '', KEYS[5], KEYS[2], KEYS[4]}
-  for _, channel in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[8]))) do
-    remove_member(g, ckey(prefix, channel, 'g'), group, channel, '')
-  end
-  for _, channel in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    if channel ~= exclude then
-      local capacity = tonumber(redis.call('HGET', KEYS[4], channel) or ARGV[9])
-      local queue = ckey(prefix, channel, 'q')
-      drop_expired(queue, now)
-      if redis.call('LLEN', queue) >= capacity then
-        dropped = dropped + 1
-      else
-        redis.call('RPUSH', queue, (now + expiry) .. ':' .. payload)
-        redis.call('PEXPIRE', queue, expiry + 1000)
-        queued = queued + 1
-      end
-    end
-  end
-end
+local written, queued, dropped = fan_out(KEYS, ARGV, nil)
 return {written, queued, dropped}
+"""
+)
+
+# Room history (history.py): a stream per room, P:{g.<room>}:h, entries 'm' payload and
+# 'x' the excluded channel ('' for none), ids assigned by XADD '*' (so trimming by age is by
+# id); and its settings and bookkeeping, the hash P:{g.<room>}:hc: n (most entries kept),
+# ttl (ms), b (most bytes kept), e (epoch: drawn when the hash is made, so a history lost
+# with its hash is told from a live one), l (id of the newest entry ever added),
+# t (id of the newest entry removed), sz (bytes kept: the sum of 'm' and 'x' lengths).
+# An offset is '<epoch>:<ms>-<seq, 6 digits>': it grows within one epoch.
+_HISTORY = """
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function id_before(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+local function offset_of(epoch, id)
+  local ms, seq = id_parts(id)
+  return epoch .. ':' .. string.match(id, '^(%d+)') .. '-' .. string.format('%06d', seq)
+end
+local function hist_resync(h, hc)
+  -- The stream expired on its own (quiet for ttl): everything up to l is gone.
+  if redis.call('EXISTS', h) == 0 then
+    local last = redis.call('HGET', hc, 'l')
+    if last then redis.call('HSET', hc, 't', last) end
+    redis.call('HSET', hc, 'sz', 0)
+  end
+end
+local function hist_trim(h, hc, n, min_ms, max_bytes)
+  -- Oldest first, while over the count, the bytes, or older than the ttl; t records the
+  -- newest removed id, so a since at or after it is known to be complete.
+  for _ = 1, 100000 do
+    local first = redis.call('XRANGE', h, '-', '+', 'COUNT', 1)[1]
+    if not first then return end
+    local size = tonumber(redis.call('HGET', hc, 'sz') or '0')
+    local ms = id_parts(first[1])
+    if redis.call('XLEN', h) <= n and size <= max_bytes and ms >= min_ms then return end
+    redis.call('XDEL', h, first[1])
+    local removed = 0
+    for i = 2, #first[2], 2 do removed = removed + #first[2][i] end
+    redis.call('HINCRBY', hc, 'sz', -removed)
+    redis.call('HSET', hc, 't', first[1])
+  end
+end
+local function hist_append(h, hc, payload, exclude, gexp)
+  -- Returns the new entry's offset, or nil when the room keeps no history.
+  local conf = redis.call('HMGET', hc, 'n', 'ttl', 'b', 'e')
+  if not conf[4] then return nil end
+  hist_resync(h, hc)
+  local ttl = tonumber(conf[2])
+  local id = redis.call('XADD', h, '*', 'm', payload, 'x', exclude)
+  redis.call('HINCRBY', hc, 'sz', #payload + #exclude)
+  redis.call('HSET', hc, 'l', id)
+  hist_trim(h, hc, tonumber(conf[1]), id_parts(id) - ttl, tonumber(conf[3]))
+  redis.call('PEXPIRE', h, ttl)
+  extend(hc, gexp)
+  return offset_of(conf[4], id)
+end
+"""
+
+# ROOM_SEND: GROUP_SEND for a room send (broadcast_to_room, api.send_to_room): when the
+# room keeps history, the message is first appended to it, and its offset travels with
+# every inbox entry; so one script gives the room one order, and the offset a client sees
+# is the one stored.
+# KEYS[1..5] as GROUP_SEND (kind 'g'); KEYS[6] P:{g.<room>}:h, KEYS[7] P:{g.<room>}:hc
+# ARGV[1..9] as GROUP_SEND
+# Returns {nodes written, queues written, queue messages dropped, offset or false}.
+ROOM_SEND = (
+    _PRELUDE
+    + _MEMBERSHIP
+    + _FANOUT
+    + _HISTORY
+    + """
+local offset = hist_append(KEYS[6], KEYS[7], ARGV[4], ARGV[5], tonumber(ARGV[8]))
+local written, queued, dropped = fan_out(KEYS, ARGV, offset)
+return {written, queued, dropped, offset or false}
+"""
+)
+
+# HISTORY_CONFIGURE: make a room keep history (a connection of a class with history joins
+# it). Each setting only grows (the larger value wins); the epoch is drawn once, when the
+# settings hash is created.
+# KEYS[1] P:{g.<room>}:hc
+# ARGV[1] most entries, ARGV[2] ttl ms, ARGV[3] most bytes, ARGV[4] a fresh epoch (used
+# only when the room has none), ARGV[5] how long the settings outlive the last join or
+# send, ms (group_expiry)
+# Returns the room's epoch.
+HISTORY_CONFIGURE = (
+    _PRELUDE
+    + """
+redis.call('HSETNX', KEYS[1], 'e', ARGV[4])
+local names = {'n', 'ttl', 'b'}
+for i = 1, 3 do
+  local current = tonumber(redis.call('HGET', KEYS[1], names[i]) or '0')
+  if current < tonumber(ARGV[i]) then redis.call('HSET', KEYS[1], names[i], ARGV[i]) end
+end
+extend(KEYS[1], tonumber(ARGV[5]))
+return redis.call('HGET', KEYS[1], 'e')
+"""
+)
+
+# HISTORY_READ: what a room's history holds after an offset (or its newest entries).
+# KEYS[1] P:{g.<room>}:h, KEYS[2] P:{g.<room>}:hc
+# ARGV[1] the epoch of the offset ('' for the newest entries), ARGV[2] its stream id,
+# ARGV[3] most entries to return (0: as many as the room keeps)
+# Returns {1, epoch, newest offset or false, flat offset/payload/excluded triples} when the
+# history is complete after the offset (or no offset was given); {0} when it is not: no
+# history, another epoch (lost, or another room's), entries after it already removed, or
+# an offset newer than any given.
+HISTORY_READ = (
+    _PRELUDE
+    + _HISTORY
+    + """
+local conf = redis.call('HMGET', KEYS[2], 'n', 'ttl', 'b', 'e', 'l')
+local epoch, last = conf[4], conf[5]
+if not epoch then return {0} end
+if ARGV[1] ~= '' and ARGV[1] ~= epoch then return {0} end
+hist_resync(KEYS[1], KEYS[2])
+hist_trim(KEYS[1], KEYS[2], tonumber(conf[1]), now_ms() - tonumber(conf[2]), tonumber(conf[3]))
+local limit = tonumber(ARGV[3])
+if limit <= 0 then limit = tonumber(conf[1]) end
+local entries
+if ARGV[1] == '' then
+  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
+  local n = #entries
+  for i = 1, math.floor(n / 2) do entries[i], entries[n + 1 - i] = entries[n + 1 - i], entries[i] end
+else
+  local since = ARGV[2]
+  if not last or id_before(last, since) then return {0} end
+  local removed = redis.call('HGET', KEYS[2], 't')
+  if removed and id_before(since, removed) then return {0} end
+  entries = redis.call('XRANGE', KEYS[1], '(' .. since, '+', 'COUNT', limit)
+end
+local flat = {}
+for _, e in ipairs(entries) do
+  local f = {}
+  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+  table.insert(flat, offset_of(epoch, e[1])); table.insert(flat, f['m'] or ''); table.insert(flat, f['x'] or '')
+end
+return {1, epoch, last and offset_of(epoch, last) or false, flat}
+"""
+)
+
+# HISTORY_INFO: how much a room's history holds (memory per room).
+# KEYS[1] P:{g.<room>}:h, KEYS[2] P:{g.<room>}:hc
+# Returns {entries, bytes kept (payloads), MEMORY USAGE of the stream or 0, settings n,
+# ttl ms, b, epoch} or {} when the room keeps no history.
+HISTORY_INFO = (
+    _PRELUDE
+    + _HISTORY
+    + """
+local conf = redis.call('HMGET', KEYS[2], 'n', 'ttl', 'b', 'e')
+if not conf[4] then return {} end
+hist_resync(KEYS[1], KEYS[2])
+local memory = redis.call('MEMORY', 'USAGE', KEYS[1]) or 0
+return {redis.call('XLEN', KEYS[1]), tonumber(redis.call('HGET', KEYS[2], 'sz') or '0'), memory,
+        tonumber(conf[1]), tonumber(conf[2]), tonumber(conf[3]), conf[4]}
 """
 )
 
@@ -509,6 +682,10 @@ ALL = {
     "send_queue": SEND_QUEUE,
     "send_inbox": SEND_INBOX,
     "group_send": GROUP_SEND,
+    "room_send": ROOM_SEND,
+    "history_configure": HISTORY_CONFIGURE,
+    "history_read": HISTORY_READ,
+    "history_info": HISTORY_INFO,
     "group_add": GROUP_ADD,
     "group_discard": GROUP_DISCARD,
     "sync": SYNC,

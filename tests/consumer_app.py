@@ -153,6 +153,26 @@ class CappedConsumer(ProbeConsumer):
     user_connection_limit = 2
 
 
+class HistoryConsumer(ProbeConsumer):
+    """Rooms keep their last 50 messages; ``hjoin`` joins with ``since``/``previous``.
+
+    ``room_joined`` sends ``{"type": "joined", "room", "recovered"}`` before any replayed
+    frame, so tests can check the order; ``reply.hjoin`` follows the replay.
+    """
+
+    history = 50
+    history_ttl = 60.0
+
+    async def room_joined(self, room: str, recovered: bool) -> None:
+        await self.send_json({"type": "joined", "room": room, "recovered": recovered})
+
+    async def handle_hjoin(self, content: dict[str, Any]) -> None:
+        recovered = await self.join_room(
+            content["room"], since=content.get("since"), previous_client_id=content.get("previous")
+        )
+        await self.send_json({"type": "reply.hjoin", "room": content["room"], "recovered": recovered})
+
+
 class PlainConsumer(DistributedMixin, AsyncWebsocketConsumer):  # type: ignore[misc]
     """The mixin on the non-JSON base consumer."""
 
@@ -202,5 +222,6 @@ def websocket_routes() -> Any:
             path("ws/limited/", LimitedConsumer.as_asgi()),
             path("ws/capped/", CappedConsumer.as_asgi()),
             path("ws/plain/", PlainConsumer.as_asgi()),
+            path("ws/history/", HistoryConsumer.as_asgi()),
         ]
     )
