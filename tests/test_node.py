@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import time
 import uuid
 from urllib.parse import urlparse
@@ -680,7 +681,10 @@ async def test_daphne_stopped_by_signal_removes_node_at_once(
 
         daphne.proc.send_signal(signum)
         signalled = time.monotonic()
-        code = await asyncio.to_thread(daphne.proc.wait, 15)
+        try:
+            code = await asyncio.to_thread(daphne.proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"daphne still running 15 s after {signum.name}:\n{daphne.log_tail()}")
         exited = time.monotonic() - signalled
         print(f"\ndaphne exited {exited:.2f} s after {signum.name} (code {code})")
         # At once: as soon as the process is gone, with node_timeout 6 s nobody pruned it.
