@@ -34,6 +34,7 @@ class LayerSpec:
     key: str
     label: str
     path: str
+    url: str | None = None  # a fixed server (the cluster column), else the run's Redis
 
     def load(self) -> Any:
         module, _, name = self.path.rpartition(".")
@@ -48,8 +49,13 @@ class LayerSpec:
         return None
 
     def make(self, url: str, prefix: str, **extra: Any) -> Any:
-        """A layer instance on ``url`` and ``prefix``, with the layer's defaults otherwise."""
-        return self.load()(hosts=[url], prefix=prefix, **extra)
+        """A layer instance on ``url`` (or this spec's own server) and ``prefix``, with the
+        layer's defaults otherwise."""
+        return self.load()(hosts=[self.url or url], prefix=prefix, **extra)
+
+    def server(self, url: str) -> str:
+        """The server this layer runs on when the run's Redis is ``url``."""
+        return self.url or url
 
 
 LAYERS = {
@@ -80,6 +86,21 @@ def add_extra_layers(spec: str) -> None:
 
 
 add_extra_layers(os.environ.get("BENCH_EXTRA_LAYERS", ""))
+
+CLUSTER_KEY = "cluster"
+
+
+def add_cluster_layer(url: str, path: str = "channels_distrib.layers.DistributedChannelLayer") -> None:
+    """Register ``cluster``: this library's layer with ``hosts=[url]`` (a Redis Cluster node),
+    whatever Redis the rest of the run uses. Put in ``BENCH_CLUSTER_URL`` so spawned node
+    processes see it too. The layer reads the cluster from its own ``hosts`` entry, so this
+    hook only decides which URL it gets."""
+    LAYERS[CLUSTER_KEY] = LayerSpec(CLUSTER_KEY, "channels_distrib on Redis Cluster", path, url)
+    os.environ["BENCH_CLUSTER_URL"] = url
+
+
+if os.environ.get("BENCH_CLUSTER_URL"):
+    add_cluster_layer(os.environ["BENCH_CLUSTER_URL"])
 
 
 def run_prefix(key: str) -> str:
@@ -166,6 +187,28 @@ def redis_info(url: str, section: str) -> dict[str, Any]:
 def redis_cpu_seconds(url: str) -> float:
     info = redis_info(url, "cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (Linux), 0.0 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_bytes(pid: int) -> int:
+    """Resident set size of one process (Linux ``VmRSS``), 0 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def delete_prefix(url: str, prefix: str) -> int:

@@ -93,15 +93,21 @@ async def close_layer(layer: Any) -> None:
         return
 
 
+def member_group(group: str, rooms: int, index: int, channels: int, i: int) -> str:
+    """The group of channel ``i`` on node ``index``: ``group`` itself, or with ``rooms`` > 0
+    room ``(index * channels + i) % rooms``, so every room has members on several nodes."""
+    return f"{group}{(index * channels + i) % rooms}" if rooms else group
+
+
 async def node_main(key: str, url: str, prefix: str, group: str, channels: int,
-                    conn: Connection) -> None:
+                    conn: Connection, rooms: int = 0, index: int = 0) -> None:
     layer = LAYERS[key].make(url, prefix)
     scrape_every = float(os.environ.get("BENCH_METRICS_SCRAPE", "0") or 0)
     if scrape_every > 0 and key == "distrib":
         start_scraper(layer, scrape_every)
     names = [await layer.new_channel() for _ in range(channels)]
-    for name in names:
-        await layer.group_add(group, name)
+    for i, name in enumerate(names):
+        await layer.group_add(member_group(group, rooms, index, channels, i), name)
     stats = NodeStats()
     tasks = [asyncio.create_task(receive_loop(layer, name, stats)) for name in names]
     stop = asyncio.Event()
@@ -149,10 +155,10 @@ def start_scraper(layer: Any, every: float) -> None:
 
 
 def node_process(key: str, url: str, prefix: str, group: str, channels: int,
-                 conn: Connection) -> None:
+                 conn: Connection, rooms: int = 0, index: int = 0) -> None:
     """Entry point of a node process (spawned, so it starts with a clean interpreter)."""
     try:
-        asyncio.run(node_main(key, url, prefix, group, channels, conn))
+        asyncio.run(node_main(key, url, prefix, group, channels, conn, rooms, index))
     except Exception as exc:
         # Tell the orchestrator instead of leaving it waiting for "ready".
         try:

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -42,6 +43,7 @@ if not __package__:  # run as a script: make `benchmarks` importable
 from benchmarks._common import (
     LAYERS,
     LayerSpec,
+    add_cluster_layer,
     add_extra_layers,
     delete_prefix,
     machine_busy_seconds,
@@ -87,16 +89,18 @@ class Node:
 def start_nodes(spec: LayerSpec, url: str, prefix: str, args: argparse.Namespace) -> list[Node]:
     ctx = mp.get_context("spawn")
     nodes: list[Node] = []
-    for _ in range(args.nodes):
+    rooms = getattr(args, "rooms", 0)  # > 0: the many-rooms scenario (bench_groups)
+    for index in range(args.nodes):
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=node_process, daemon=True,
-                           args=(spec.key, url, prefix, GROUP, args.channels, child))
+                           args=(spec.key, url, prefix, GROUP, args.channels, child,
+                                 rooms, index))
         proc.start()
         child.close()
         nodes.append(Node(proc, parent))
     for node in nodes:
-        if not node.conn.poll(60):
-            raise TimeoutError(f"node {node.proc.pid} not ready within 60 s")
+        if not node.conn.poll(args.ready_timeout if "ready_timeout" in args else 60):
+            raise TimeoutError(f"node {node.proc.pid} not ready in time")
         reply = node.conn.recv()
         if reply[0] != "ready":
             raise RuntimeError(f"node {node.proc.pid} failed to start: {reply[1]}")
@@ -161,12 +165,19 @@ def cores_used(before: dict[str, float], after: dict[str, float], wall: float) -
     return {k: round(v, 2) for k, v in used.items()}
 
 
-async def send_one(layer: Any, phase: int, i: int, result: PhaseResult) -> None:
+# Send number -> (group, its member count); the default is (GROUP, every member).
+Pick = Callable[[int], tuple[str, int]]
+
+
+async def send_one(layer: Any, phase: int, i: int, result: PhaseResult,
+                   group: str = GROUP, members: int = 0) -> None:
+    """One timed group_send; ``members`` (the deliveries it should make) adds to expected."""
     message = {"type": "bench.message", "p": phase, "i": i, "t": time.time(), "body": BODY}
     started = time.perf_counter()
     try:
-        await layer.group_send(GROUP, message)
+        await layer.group_send(group, message)
         result.sent += 1
+        result.expected += members
         result.call_times.append(time.perf_counter() - started)
     except Exception:
         result.send_errors += 1
@@ -183,7 +194,8 @@ async def warm_up(layer: Any, nodes: list[Node], members: int) -> None:
 
 
 async def paced_phase(layer: Any, nodes: list[Node], url: str, members: int,
-                      args: argparse.Namespace) -> PhaseResult:
+                      args: argparse.Namespace, pick: Pick | None = None) -> PhaseResult:
+    """``rate`` sends/s for ``paced_seconds``; ``members`` is the deliveries one send makes."""
     result = PhaseResult()
     total = int(args.rate * args.paced_seconds)
     before = cpu_sample(nodes, url)
@@ -193,9 +205,8 @@ async def paced_phase(layer: Any, nodes: list[Node], url: str, members: int,
         delay = start + i / args.rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        await send_one(layer, PACED, i, result)
+        await send_one(layer, PACED, i, result, *(pick(i) if pick else (GROUP, members)))
     result.send_seconds = time.monotonic() - start
-    result.expected = result.sent * members
     result.received, result.dups, last, _ = await wait_drained(
         nodes, PACED, result.expected, idle=args.idle, cap=args.drain_cap)
     result.elapsed = max(last - t0, result.send_seconds)
@@ -215,7 +226,8 @@ async def paced_phase(layer: Any, nodes: list[Node], url: str, members: int,
 
 
 async def max_phase(layer: Any, nodes: list[Node], url: str, members: int,
-                    args: argparse.Namespace, profilers: list[subprocess.Popen[bytes]]) -> PhaseResult:
+                    args: argparse.Namespace, profilers: list[subprocess.Popen[bytes]],
+                    pick: Pick | None = None) -> PhaseResult:
     result = PhaseResult()
     before = cpu_sample(nodes, url)
     start_profilers(args, nodes, profilers)
@@ -224,9 +236,8 @@ async def max_phase(layer: Any, nodes: list[Node], url: str, members: int,
     for i in range(args.max_count):
         if time.monotonic() - start > args.max_seconds:
             break
-        await send_one(layer, MAX, i, result)
+        await send_one(layer, MAX, i, result, *(pick(i) if pick else (GROUP, members)))
     result.send_seconds = time.monotonic() - start
-    result.expected = result.sent * members
     result.received, result.dups, last, _ = await wait_drained(
         nodes, MAX, result.expected, idle=args.idle, cap=args.drain_cap)
     result.elapsed = (last - t0) if last else result.send_seconds
@@ -291,6 +302,7 @@ def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> LayerResul
     if reason:
         out.skipped = reason
         return out
+    url = spec.server(url)
     prefix = run_prefix(spec.key)
     args.current = spec.key
     nodes: list[Node] = []
@@ -317,6 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", default="core,pubsub,distrib",
                         help="comma-separated subset of: " + ", ".join(LAYERS))
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
+    parser.add_argument("--cluster-url", help="also offer channels_distrib on this Redis "
+                        "Cluster node as the layer 'cluster' (add it to --layers)")
     parser.add_argument("--extra-layer", action="append", default=[], metavar="KEY=PATH",
                         help="also offer this layer class as KEY for --layers (e.g. a "
                         "subclass under trial; its module must be importable)")
@@ -342,6 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for extra in args.extra_layer:
         add_extra_layers(extra)
+    if args.cluster_url:
+        add_cluster_layer(args.cluster_url)
     keys = args.layers.split(",")
     unknown = set(keys) - set(LAYERS)
     if unknown:
@@ -363,6 +379,22 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(url: str, args: argparse.Namespace, started: float) -> int:
     machine = machine_description(url)
     keys = args.layers.split(",")
+    rounds = run_rounds(url, args)
+    results = [summarise(rounds[key]) for key in keys]
+    text = report(results, machine, args)
+    print(text)
+    print(f"\n(run took {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine, "args": vars(args),
+                       "rounds": {k: [asdict(r) for r in v] for k, v in rounds.items()}},
+                      fh, indent=1)
+    return 0 if all(not r.skipped for r in results) else 1
+
+
+def run_rounds(url: str, args: argparse.Namespace) -> dict[str, list[LayerResult]]:
+    """Every layer of ``--layers``, ``--rounds`` times, interleaved; one result per round."""
+    keys = args.layers.split(",")
     rounds: dict[str, list[LayerResult]] = {key: [] for key in keys}
     for number in range(args.rounds):
         for key in keys:  # interleaved, so a burst of outside load hits every layer alike
@@ -377,16 +409,9 @@ def run_all(url: str, args: argparse.Namespace, started: float) -> int:
                       f"{fmt_ms(result.paced.latencies_ms['p50'])}/"
                       f"{fmt_ms(result.paced.latencies_ms['p99'])} ms, lost "
                       f"{result.paced.lost_pct:.2f}%", file=sys.stderr, flush=True)
-    results = [summarise(rounds[key]) for key in keys]
-    text = report(results, machine, args)
-    print(text)
-    print(f"\n(run took {time.monotonic() - started:.0f} s)", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": machine, "args": vars(args),
-                       "rounds": {k: [asdict(r) for r in v] for k, v in rounds.items()}},
-                      fh, indent=1)
-    return 0 if all(not r.skipped for r in results) else 1
+            elif result.skipped:
+                print(f"    {result.skipped}", file=sys.stderr, flush=True)
+    return rounds
 
 
 if __name__ == "__main__":
