@@ -1,15 +1,16 @@
-"""End-to-end benchmark: daphne nodes, real WebSocket clients, one layer at a time.
+"""End-to-end benchmark: ASGI server nodes, real WebSocket clients, one layer at a time.
 
-Per layer: ``--nodes`` daphne processes (3) serve ``benchmarks.e2e_app`` (a plain Channels
-consumer: ``/ws/<room>`` joins the group ``<room>``); ``--clients`` WebSocket clients (150)
-in one client process connect round-robin over the nodes and ``--rooms`` rooms (5), so
-every room has members on every node. This process then ``group_send``s ``--rate``
-messages per second per room (20) for ``--seconds`` (5) through the layer, each carrying
-its send time; the clients measure latency to the WebSocket frame and count loss
-(expected = sends x clients in the room).
+Per layer, server (``--servers``: daphne, uvicorn) and stage (``--stages``, ``CLIENTSxRATE``,
+default ``150x20,300x60``): ``--nodes`` server processes (3) serve ``benchmarks.e2e_app`` (a
+plain Channels consumer: ``/ws/<room>`` joins the group ``<room>``); CLIENTS WebSocket
+clients (``websockets``) in one client process connect round-robin over the nodes and
+``--rooms`` rooms (5), so every room has members on every node. This process then
+``group_send``s RATE messages per second per room for ``--seconds`` (5) through the layer,
+each carrying its send time; the clients measure latency to the WebSocket frame and count
+loss (expected = sends x clients in the room).
 
     python -m benchmarks.bench_e2e
-    python -m benchmarks.bench_e2e --clients 300 --rate 60
+    python -m benchmarks.bench_e2e --servers uvicorn --stages 300x60
 """
 
 from __future__ import annotations
@@ -33,29 +34,27 @@ from benchmarks._common import (
     LAYERS,
     ROOT,
     LayerSpec,
+    add_cluster_layer,
     delete_prefix,
     free_port,
     machine_description,
     ping_tcp,
     private_redis,
+    proc_cpu_seconds,
     run_prefix,
 )
 from benchmarks._nodes import close_layer
 
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (Linux), 0.0 if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+SERVERS = ("daphne", "uvicorn")
 
 
 @dataclass
 class E2EResult:
     label: str
+    key: str = ""
+    server: str = "daphne"
+    clients: int = 0
+    rate: float = 0.0
     sent: int = 0
     expected: int = 0
     received: int = 0
@@ -108,7 +107,7 @@ async def clients_main(urls: list[tuple[str, str]], conn: Connection) -> None:
         tasks.append(asyncio.create_task(client(url, room, stats, ready)))
         await asyncio.sleep(0.002)  # a gentle connect ramp
     try:
-        await asyncio.wait_for(ready.wait(), 60)
+        await asyncio.wait_for(ready.wait(), max(60.0, len(urls) / 50))
     except asyncio.TimeoutError:
         pass
     conn.send({"connected": stats["connected"], "failures": stats["failures"],
@@ -139,24 +138,70 @@ def clients_process(urls: list[tuple[str, str]], conn: Connection) -> None:
 # -- orchestration -------------------------------------------------------------------------
 
 
-def start_daphnes(spec: LayerSpec, url: str, prefix: str, count: int) -> list[tuple[int, subprocess.Popen[bytes]]]:
+def server_command(server: str, port: int) -> list[str]:
+    """The command line serving ``benchmarks.e2e_app`` with ``server`` on ``port``."""
+    app = "benchmarks.e2e_app:application"
+    if server == "daphne":
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+    if server == "uvicorn":  # the bare consumer speaks no lifespan protocol
+        return [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port",
+                str(port), "--lifespan", "off", "--log-level", "warning", "--no-access-log"]
+    raise ValueError(f"unknown server {server!r}; one of {', '.join(SERVERS)}")
+
+
+def start_servers(spec: LayerSpec, url: str, prefix: str, count: int,
+                  server: str = "daphne") -> list[tuple[int, subprocess.Popen[bytes]]]:
+    """``count`` server processes on free ports, every one serving the layer ``spec``."""
     env = dict(os.environ, BENCH_BACKEND=spec.path, BENCH_REDIS=url, BENCH_PREFIX=prefix,
                PYTHONPATH=ROOT)
     nodes = []
     for _ in range(count):
         port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
-             "benchmarks.e2e_app:application"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(server_command(server, port), cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         nodes.append((port, proc))
     deadline = time.monotonic() + 30
     for port, proc in nodes:
         while not ping_tcp("127.0.0.1", port):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daphne on port {port} did not start")
+                raise RuntimeError(f"{server} on port {port} did not start")
             time.sleep(0.1)
     return nodes
+
+
+def start_clients(urls: list[tuple[str, str]]) -> tuple[mp.Process, Connection, dict[str, Any]]:
+    """The client process with every WebSocket connected; returns it, its pipe and hello."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=clients_process, args=(urls, child), daemon=True)
+    proc.start()
+    child.close()
+    if not parent.poll(max(90.0, len(urls) / 40)):
+        raise TimeoutError(f"{len(urls)} clients did not connect in time")
+    return proc, parent, parent.recv()
+
+
+def stop_clients(proc: mp.Process | None, conn: Connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.send("stop")
+        except OSError:
+            pass
+    if proc is not None:
+        proc.join(30)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+
+
+def client_urls(ports: list[int], clients: int, rooms: int) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """Client k joins room k % rooms on node k % nodes: every room has members on every node."""
+    urls, per_room = [], {f"room{r}": 0 for r in range(rooms)}
+    for k in range(clients):
+        room = f"room{k % rooms}"
+        per_room[room] += 1
+        urls.append((f"ws://127.0.0.1:{ports[k % len(ports)]}/ws/{room}", room))
+    return urls, per_room
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -218,31 +263,24 @@ async def drive(spec: LayerSpec, url: str, prefix: str, conn: Connection, per_ro
         await close_layer(layer)
 
 
-def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> E2EResult:
-    out = E2EResult(spec.label)
+def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace, server: str = "daphne",
+              clients: int = 150, rate: float = 20.0) -> E2EResult:
+    """One layer, server and stage: a fresh set of servers and clients, stopped at the end."""
+    out = E2EResult(spec.label, spec.key, server, clients, rate)
     reason = spec.available()
     if reason:
         out.notes.append(f"skipped: {reason}")
         return out
+    url = spec.server(url)
     prefix = run_prefix(spec.key)
     daphnes: list[tuple[int, subprocess.Popen[bytes]]] = []
     proc = None
     parent = None
+    args = argparse.Namespace(**{**vars(args), "rate": rate})
     try:
-        daphnes = start_daphnes(spec, url, prefix, args.nodes)
-        urls, per_room = [], {f"room{r}": 0 for r in range(args.rooms)}
-        for k in range(args.clients):
-            room = f"room{k % args.rooms}"
-            per_room[room] += 1
-            urls.append((f"ws://127.0.0.1:{daphnes[k % len(daphnes)][0]}/ws/{room}", room))
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=clients_process, args=(urls, child), daemon=True)
-        proc.start()
-        child.close()
-        if not parent.poll(90):
-            raise TimeoutError("clients did not connect within 90 s")
-        hello = parent.recv()
+        daphnes = start_servers(spec, url, prefix, args.nodes, server)
+        urls, per_room = client_urls([port for port, _ in daphnes], clients, args.rooms)
+        proc, parent, hello = start_clients(urls)
         out.connect_failures = hello["failures"]
         if hello["failures"]:
             out.notes.append(f"{hello['failures']} clients failed: {hello['error']}")
@@ -258,16 +296,7 @@ def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> E2EResult:
     except Exception as exc:
         out.notes.append(f"failed: {type(exc).__name__}: {exc}")
     finally:
-        if parent is not None:
-            try:
-                parent.send("stop")
-            except OSError:
-                pass
-        if proc is not None:
-            proc.join(15)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+        stop_clients(proc, parent)
         for _port, daphne in daphnes:
             stop_process(daphne)
         if spec.key != "pubsub":
@@ -287,37 +316,79 @@ async def flush(spec: LayerSpec, url: str, prefix: str) -> None:
 def report(results: list[E2EResult], machine: str, args: argparse.Namespace) -> str:
     lines = [
         f"Machine: {machine}",
-        f"Scenario: {args.nodes} daphne nodes, {args.clients} WebSocket clients in {args.rooms} "
-        f"rooms, {args.rate:g} msg/s per room for {args.seconds:g} s.",
+        f"Scenario: {args.nodes} server nodes, WebSocket clients in {args.rooms} rooms, "
+        f"msg/s per room for {args.seconds:g} s per stage.",
         "",
-        "| layer | p50 / p99 (ms) | lost | delivered / expected | daphne CPU µs / frame "
-        "| client CPU µs / frame | notes |",
-        "|---|---|---|---|---|---|---|",
+        *report_rows(results),
     ]
-    for r in results:
-        per = 1e6 / r.received if r.received else 0.0
-        lines.append(f"| {r.label} | {r.p50_ms:,.1f} / {r.p99_ms:,.1f} | {r.lost_pct:.2f}% "
-                     f"| {r.received:,} / {r.expected:,} | {r.daphne_cpu * per:,.0f} "
-                     f"| {r.client_cpu * per:,.0f} | {'; '.join(r.notes)} |")
     return "\n".join(lines)
 
 
+def report_rows(results: list[E2EResult]) -> list[str]:
+    lines = [
+        "| layer | server | clients | msg/s per room | p50 / p99 (ms) | lost "
+        "| delivered / expected | server CPU µs / frame | client CPU µs / frame | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        per = 1e6 / r.received if r.received else 0.0
+        lines.append(f"| {r.label} | {r.server} | {r.clients} | {r.rate:g} "
+                     f"| {r.p50_ms:,.1f} / {r.p99_ms:,.1f} | {r.lost_pct:.2f}% "
+                     f"| {r.received:,} / {r.expected:,} | {r.daphne_cpu * per:,.0f} "
+                     f"| {r.client_cpu * per:,.0f} | {'; '.join(r.notes)} |")
+    return lines
+
+
+def parse_stages(text: str) -> list[tuple[int, float]]:
+    """``"150x20,300x60"`` -> [(150, 20.0), (300, 60.0)]: clients x msg/s per room."""
+    stages = []
+    for item in filter(None, text.split(",")):
+        clients, sep, rate = item.partition("x")
+        if not sep:
+            raise ValueError(f"stage {item!r} is not CLIENTSxRATE, e.g. 150x20")
+        stages.append((int(clients), float(rate)))
+    return stages
+
+
+def run_all(url: str, keys: list[str], args: argparse.Namespace) -> list[E2EResult]:
+    """Every stage, server and layer (layers innermost, so they alternate)."""
+    results = []
+    for clients, rate in parse_stages(args.stages):
+        for server in args.servers.split(","):
+            for key in keys:
+                print(f"... end to end: {key} under {server}, {clients} clients at {rate:g} "
+                      "msg/s per room", file=sys.stderr, flush=True)
+                r = run_layer(LAYERS[key], url, args, server, clients, rate)
+                print(f"    p50/p99 {r.p50_ms:,.1f}/{r.p99_ms:,.1f} ms, lost {r.lost_pct:.2f}%"
+                      + (f" ({'; '.join(r.notes)})" if r.notes else ""),
+                      file=sys.stderr, flush=True)
+                results.append(r)
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--servers", default="daphne,uvicorn",
+                        help="comma-separated: " + ", ".join(SERVERS))
+    parser.add_argument("--stages", default="150x20,300x60",
+                        help="comma-separated CLIENTSxRATE (msg/s per room) stages")
+    parser.add_argument("--rooms", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds of sending per stage")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="daphne + WebSocket end-to-end benchmark")
+    parser = argparse.ArgumentParser(description="ASGI server + WebSocket end-to-end benchmark")
     parser.add_argument("--layers", default="core,pubsub,distrib")
     parser.add_argument("--redis-url")
+    parser.add_argument("--cluster-url", help="also offer the layer 'cluster' on this node")
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=150)
-    parser.add_argument("--rooms", type=int, default=5)
-    parser.add_argument("--rate", type=float, default=20.0, help="messages per second per room")
-    parser.add_argument("--seconds", type=float, default=5.0)
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.cluster_url:
+        add_cluster_layer(args.cluster_url)
+    parse_stages(args.stages)
 
     def run(url: str) -> int:
-        results = []
-        for key in args.layers.split(","):
-            print(f"... {key}", file=sys.stderr, flush=True)
-            results.append(run_layer(LAYERS[key], url, args))
+        results = run_all(url, args.layers.split(","), args)
         print(report(results, machine_description(url), args))
         return 0 if all(not r.notes for r in results) else 1
 
