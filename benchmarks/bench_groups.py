@@ -84,6 +84,7 @@ class RoomsResult:
     members: int = 0
     paced: PhaseResult | None = None
     max: PhaseResult | None = None
+    warm_up: str = ""  # delivered / expected of one send to every room
     skipped: str = ""
 
 
@@ -143,10 +144,14 @@ async def rooms_drive(spec: LayerSpec, url: str, prefix: str, nodes: list[Node],
     layer = spec.make(url, prefix)
     try:
         warm = PhaseResult()
-        for i, name in enumerate(names):  # warm-up: one send to every room
+        for i, name in enumerate(names):  # warm-up: one send to every room, 2 ms apart
             await send_one(layer, WARMUP, i, warm, name, sizes[name])
+            await asyncio.sleep(0.002)
         count, _, _, _ = await wait_drained(nodes, WARMUP, warm.expected, idle=5, cap=60)
-        if count < warm.expected:
+        out.warm_up = f"{count:,} / {warm.expected:,}"
+        # Every room must work; a layer that loses a few messages (channels_redis core under
+        # load) still gets measured, its warm-up figure is in the table.
+        if count < 0.95 * warm.expected:
             raise RuntimeError(f"warm-up delivered {count:,} of {warm.expected:,}")
         await asyncio.sleep(0.5)
         out.paced = await paced_phase(layer, nodes, url, 0, nargs, pick)

@@ -48,6 +48,7 @@ class MemoryResult:
     key_bytes: int = 0
     seconds: float = 0.0
     skipped: str = ""
+    key: str = ""
 
 
 def key_usage(url: str, prefix: str) -> tuple[int, int]:
@@ -106,11 +107,12 @@ async def populate(spec: LayerSpec, url: str, prefix: str, memberships: int, gro
 
 
 def measure(spec: LayerSpec, url: str, memberships: int, groups: int) -> MemoryResult:
-    out = MemoryResult(spec.label, memberships, groups)
+    out = MemoryResult(spec.label, memberships, groups, key=spec.key)
     reason = spec.available()
     if reason:
         out.skipped = reason
         return out
+    url = spec.server(url)
     prefix = run_prefix(spec.key)
     try:
         asyncio.run(asyncio.wait_for(populate(spec, url, prefix, memberships, groups, out), 120))
@@ -152,14 +154,18 @@ def report(results: list[MemoryResult], machine: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Redis memory per group membership")
     parser.add_argument("--layers", default="core,pubsub,distrib")
     parser.add_argument("--redis-url")
     parser.add_argument("--memberships", type=int, default=10_000)
     parser.add_argument("--groups", default="1,100",
                         help="comma-separated group counts to spread the memberships over")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     group_counts = [int(g) for g in args.groups.split(",")]
 
     def run(url: str) -> int:

@@ -151,57 +151,78 @@ async def worker(url: str, prefix: str, n: int, total: int, start_at: float) -> 
     await layer.close()
 
 
-async def multi(sizes: list[int], nodes: int) -> None:
+def fill(url: str, sizes: list[int], nodes: int) -> list[dict[str, Any]]:
+    """For each N: ``nodes`` worker processes with N / nodes presence members each, joining
+    one room at once. Per N: joins and settled seconds (the slowest node), Redis output MB,
+    presence messages queued to the members and their MB."""
     import json
+    import os
     import subprocess
     import sys
 
+    from benchmarks._common import ROOT
+
+    rows = []
+    for n in sizes:
+        print(f"... presence fill: {n:,} members over {nodes} nodes", file=sys.stderr, flush=True)
+        prefix = f"bm{n}-{os.getpid()}"
+        start_at = time.time() + 3.0 + n / 2000
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.bench_presence", "--worker", url, prefix,
+                 str(n // nodes), str(n), str(start_at)],
+                stdout=subprocess.PIPE, cwd=ROOT, env=env,
+            )
+            for _ in range(nodes)
+        ]
+        results = []
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                json.loads(proc.stdout.readline())  # ready
+            before = output_bytes(url)
+            for proc in procs:
+                assert proc.stdout is not None
+                results.append(json.loads(proc.stdout.readline()))
+            out = output_bytes(url) - before
+        finally:
+            for proc in procs:
+                try:
+                    proc.wait(300)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        row = {
+            "n": n, "nodes": nodes,
+            "joined_s": max(r["joined_s"] for r in results),
+            "settled_s": max(r["settled_s"] for r in results),
+            "redis_out_mb": out / 1e6,
+            "messages": sum(r["messages"] for r in results),
+            "queued_mb": sum(r["bytes"] for r in results) / 1e6,
+        }
+        print(f"    settled in {row['settled_s']:.2f} s, Redis output {row['redis_out_mb']:.1f} MB",
+              file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def report_fill(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| members | nodes | all joins returned (s) | settled (s) | Redis output (MB) "
+        "| presence messages queued | their size (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['n']:,} | {r['nodes']} | {r['joined_s']:.2f} | {r['settled_s']:.2f} "
+                     f"| {r['redis_out_mb']:.1f} | {r['messages']:,} | {r['queued_mb']:.1f} |")
+    return lines
+
+
+async def multi(sizes: list[int], nodes: int) -> None:
     with private_redis() as url:
         print(f"{nodes} node processes, members joining one room at once:")
-        print(
-            f"{'N':>6} {'joins s':>8} {'settled s':>9} {'Redis out MB':>12} {'messages':>9} {'queued MB':>9}"
-        )
-        for n in sizes:
-            prefix = f"bm{n}"
-            start_at = time.time() + 3.0 + n / 2000
-            procs = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "benchmarks.bench_presence",
-                        "--worker",
-                        url,
-                        prefix,
-                        str(n // nodes),
-                        str(n),
-                        str(start_at),
-                    ],
-                    stdout=subprocess.PIPE,
-                )
-                for _ in range(nodes)
-            ]
-            before = None
-            results = []
-            try:
-                for proc in procs:
-                    assert proc.stdout is not None
-                    json.loads(proc.stdout.readline())  # ready
-                before = output_bytes(url)
-                for proc in procs:
-                    assert proc.stdout is not None
-                    results.append(json.loads(proc.stdout.readline()))
-                out = output_bytes(url) - before
-            finally:
-                for proc in procs:
-                    proc.wait(120)
-            print(
-                f"{n:>6} {max(r['joined_s'] for r in results):>8.2f} "
-                f"{max(r['settled_s'] for r in results):>9.2f} {out / 1e6:>12.2f} "
-                f"{sum(r['messages'] for r in results):>9} "
-                f"{sum(r['bytes'] for r in results) / 1e6:>9.1f}",
-                flush=True,
-            )
+        print("\n".join(report_fill(fill(url, sizes, nodes))))
 
 
 async def main(sizes: list[int], interval: float | None) -> None:

@@ -1,0 +1,85 @@
+"""The benchmark suite's harness does not rot: ``python -m benchmarks --size smoke`` as a real
+run (node processes, a private redis-server, the report and the chart), at sizes that take
+seconds. These check that every message was counted and every file written, never a timing:
+benchmarks are not timed tests.
+
+The layer-level scenario runs in the default selection (~6 s); every scenario together
+(servers, WebSocket clients, presence workers: ~30 s) is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_suite(out: Path, *options: str, timeout: float = 100) -> dict[str, Any]:
+    """Run the suite as a user would, from the checkout; its JSON results."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--size", "smoke", "--layers", "distrib",
+         "--out", str(out), *options],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 0, f"suite failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    for name in ("results.json", "results.md", "chart.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The report on stdout is the one written to results.md, with the progress on stderr.
+    assert proc.stdout.strip() == (out / "results.md").read_text().strip()
+    assert "..." in proc.stderr
+    data: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return data
+
+
+def all_delivered(phase: dict[str, Any]) -> None:
+    assert phase["sent"] > 0 and phase["send_errors"] == 0
+    assert phase["received"] == phase["expected"] > 0
+    assert phase["dups"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_layers_scenario_counts_every_delivery(tmp_path: Path) -> None:
+    data = run_suite(tmp_path, "--scenarios", "layers")
+    (result,) = data["results"]["layers"]["rounds"]["distrib"]
+    assert not result["skipped"]
+    for phase in (result["paced"], result["max"]):
+        all_delivered(phase)
+        assert phase["expected"] == phase["sent"] * 10  # 1 node x 10 members
+    assert result["paced"]["latencies_ms"]["p99"] is not None
+    assert result["keys_left"] <= 1  # the flush epoch key, by design
+    table = (tmp_path / "results.md").read_text()
+    assert "| channels_distrib `DistributedChannelLayer` |" in table
+    assert "0.00% / 0.00%" in table  # the loss column of the fan-out table
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_every_scenario_runs(tmp_path: Path) -> None:
+    data = run_suite(tmp_path, timeout=220)
+    results = data["results"]
+    assert set(results) == {"layers", "memory", "big", "rooms", "e2e", "connections", "presence"}
+    (big,) = results["big"]["results"]
+    assert not big["skipped"] and big["received"] == big["expected"] == 2 * 100
+    assert len(big["last_ms"]) == 2
+    (rooms,) = results["rooms"]["results"]
+    assert not rooms["skipped"]
+    all_delivered(rooms["paced"])
+    all_delivered(rooms["max"])
+    (memory,) = results["memory"]
+    assert not memory["skipped"] and memory["used_delta"] > 0
+    (e2e,) = results["e2e"]["results"]
+    assert not e2e["notes"] and e2e["received"] == e2e["expected"] > 0
+    (conn,) = results["connections"]["results"]
+    assert not conn["notes"] and conn["connected"] == 20
+    assert conn["received"] == conn["expected"] == 20 and len(conn["reach_ms"]) == 1
+    (fill,) = results["presence"]
+    assert fill["n"] == 40 and fill["messages"] > 0
