@@ -35,6 +35,9 @@ class HostConfig:
     sentinels: tuple[tuple[str, int], ...] = ()
     master_name: str | None = None
     sentinel_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: A Redis Cluster startup node (``{"address": ..., "cluster": True}``): the client
+    #: discovers the other masters from it.
+    cluster: bool = False
 
     @property
     def address(self) -> str:
@@ -198,12 +201,27 @@ def decode_host(host: Any) -> HostConfig:
             if not isinstance(sentinel_kwargs, Mapping):
                 raise _fail("'sentinel_kwargs' must be a dict of connection options")
             options.pop("address", None)
+            if options.pop("cluster", False):
+                raise _fail(
+                    "a host has both 'sentinels' and 'cluster'; Redis Cluster needs no "
+                    "Sentinel: write {'address': 'redis://10.0.0.1:7000', 'cluster': True}"
+                )
             return HostConfig(
                 sentinels=tuple(pairs),
                 master_name=master_name,
                 sentinel_kwargs=dict(sentinel_kwargs),
                 kwargs=_check_options(host, options),
             )
+        cluster = options.get("cluster", False)
+        if not isinstance(cluster, bool):
+            raise _fail(f"'cluster' must be True or False; got {cluster!r}")
+        if cluster and "address" not in options and "sentinels" not in options:
+            raise _fail(
+                "a cluster host needs an 'address' of any cluster node; write "
+                "{'address': 'redis://10.0.0.1:7000', 'cluster': True}"
+            )
+        if not cluster:
+            options.pop("cluster", None)
         if "address" not in options:
             # channels_redis passes such a dict to ConnectionPool(**dict): host, port, db, ...
             host_name = options.pop("host", "localhost")
@@ -227,8 +245,33 @@ def decode_host(host: Any) -> HostConfig:
                 url=f"redis://{host_name}:{port}/{db}", kwargs=_check_options(host, options)
             )
         url = _decode_address(options.pop("address"))
+        if options.pop("cluster", False):
+            return _cluster_host(host, url, options)
         return HostConfig(url=url, kwargs=_check_options(host, options))
     return HostConfig(url=_decode_address(host))
+
+
+def _cluster_host(host: Any, url: str, options: dict[str, Any]) -> HostConfig:
+    """A Redis Cluster startup node: redis:// or rediss:// (a password may be in the URL or
+    the dict), database 0 only, since a cluster has no other."""
+    parsed = urlparse(url)
+    shown = mask_url(url)
+    if parsed.scheme not in {"redis", "rediss"}:
+        raise _fail(
+            f"cluster host {shown!r} must be a redis:// or rediss:// URL of any cluster node; "
+            "write e.g. {'address': 'redis://10.0.0.1:7000', 'cluster': True}"
+        )
+    if parsed.path.strip("/") not in {"", "0"}:
+        raise _fail(
+            f"cluster host {shown!r} names database {parsed.path.strip('/')!r}; Redis Cluster "
+            "has only database 0, write e.g. {'address': 'redis://10.0.0.1:7000', 'cluster': True}"
+        )
+    if "max_connections" in options:
+        raise _fail(
+            "a cluster host takes no 'max_connections' (redis-py keeps a pool per master); "
+            "remove it"
+        )
+    return HostConfig(url=url, kwargs=_check_options(host, options), cluster=True)
 
 
 def decode_hosts(hosts: Any) -> HostConfig:

@@ -65,12 +65,13 @@ class InboxReader:
         let go of can be ended by closing that connection (see :func:`cancellable`).
         """
         node = self.node
-        conn = node.transport.own_connection()
+        inbox = node.keys.inbox(node.token)
+        conn = await node.transport.connection_for(inbox)
         try:
             while not node.stopped:
                 if not await self._read_once(conn):
                     await conn.aclose()
-                    conn = node.transport.own_connection()  # see Transport.own_connection
+                    conn = await node.transport.connection_for(inbox)  # see own_connection
         finally:
             await conn.aclose()
 

@@ -76,7 +76,7 @@ class NamedQueue:
         inflight = self.keys.inflight(self.channel, secrets.token_hex(4))
         if previous:
             await asyncio.wait(previous)
-        conn: Redis = self.transport.own_connection()
+        conn: Redis = await self.transport.connection_for(self.key)
         delivered: bytes | None = None  # in the buffer, not yet removed from the in-flight list
         client_id: int | None = None
         attempt = 0
@@ -126,7 +126,7 @@ class NamedQueue:
                         await asyncio.sleep(backoff(attempt))
                     delivered, client_id = None, None
                     await conn.aclose()
-                    conn = self.transport.own_connection()  # see Transport.own_connection
+                    conn = await self.transport.connection_for(self.key)  # see Transport.own_connection
                     await asyncio.sleep(backoff(attempt))
             clean = True  # every item moved was delivered and acknowledged
         finally:

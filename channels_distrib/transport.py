@@ -14,7 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
+from django.core.exceptions import ImproperlyConfigured
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
@@ -26,6 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import HostConfig
@@ -41,6 +43,12 @@ except ImportError:  # pragma: no cover - older redis-py has no maintenance noti
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: A standalone/Sentinel client or a Redis Cluster client.
+Client = Redis | RedisCluster
+
+#: Replies a standalone server never gives: the host entry names a cluster node.
+CLUSTER_REPLIES = ("MOVED ", "ASK ", "CROSSSLOT", "CLUSTERDOWN")
 
 #: Idle time after which a command first lets the event loop notice closed connections (s).
 IDLE_CHECK = 0.001
@@ -116,9 +124,25 @@ def _connection_class(url: str) -> type[AbstractConnection]:
     return _TcpConnection
 
 
+def _make_cluster(host: HostConfig, options: dict[str, Any]) -> RedisCluster:
+    """A RedisCluster from any startup node, its connections marking connect failures.
+
+    redis-py's RedisCluster hard-wires its connection class; its nodes read it from the
+    client's ``connection_kwargs`` (shared with the nodes manager) when they open a
+    connection, so replacing it there before the first command covers every master found.
+    """
+    url = host.url or ""
+    client = RedisCluster.from_url(url, **options)
+    cls = _SslConnection if url.startswith("rediss://") else _TcpConnection
+    client.connection_kwargs["connection_class"] = cls
+    for node in client.startup_nodes:
+        node.connection_class = cls
+    return client
+
+
 def make_client(
     host: HostConfig, *, client_name: str, socket_timeout: float | None
-) -> tuple[Redis, list[Redis]]:
+) -> tuple[Client, list[Redis]]:
     """A redis.asyncio client for ``host`` (redis-py retries off, our connect marker on).
 
     Also returns the clients of the sentinels behind it, which the owner must close too.
@@ -138,6 +162,8 @@ def make_client(
     if host.url is not None and host.url.startswith("unix://"):
         del options["socket_keepalive"]  # TCP only
     options.update(host.kwargs)
+    if host.cluster:
+        return _make_cluster(host, options), []
     if host.sentinels:
         from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 
@@ -180,6 +206,9 @@ class Transport:
             host, client_name=client_name, socket_timeout=BLOCK_SECONDS + 5.0
         )
         self._others = sentinels + more
+        self.cluster = host.cluster
+        self._checked = host.cluster  # whether the server's kind was checked (see _check_kind)
+        self._stale_slots = False
         self._last_used = 0.0
         self.clock_offset = 0.0
         self.clock_synced = False
@@ -193,9 +222,44 @@ class Transport:
         able to close it under a stuck call). Replace it after a connection error: redis-py
         reconnects a held connection to the address it had, so behind Sentinel it would keep
         dialling the old master after a failover, where a new one asks the sentinels."""
+        assert isinstance(self.blocking, Redis), "on a cluster, use connection_for(key)"
         return Redis(connection_pool=self.blocking.connection_pool, single_connection_client=True)
 
-    async def run(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
+    async def connection_for(self, key: str) -> Redis:
+        """:meth:`own_connection`, on a cluster to the master that owns ``key``'s slot now.
+
+        A cluster reader asks again after each connection error (a failover or resharding
+        moves the slot); the lookup refreshes the slot map when it has to (a refused connect
+        is retried like any command, see :meth:`run`).
+        """
+        if not isinstance(self.blocking, RedisCluster):
+            return self.own_connection()
+        cluster = self.blocking
+
+        async def locate(_client: Client) -> tuple[str, int]:
+            if self._stale_slots:
+                await cluster.nodes_manager.initialize()
+            else:
+                await cluster.initialize()
+            node = cluster.get_node_from_key(key)
+            if node is None:
+                raise NotConnected(f"no master serves the slot of {key!r} yet")
+            return str(node.host), int(node.port)
+
+        host, port = await self.run(locate)
+        self._stale_slots = True  # the next ask comes after an error: refresh the map first
+        options = {
+            k: v
+            for k, v in cluster.connection_kwargs.items()
+            if k not in {"response_callbacks", "himport_registry", "max_connections"}
+        }
+        options["connection_class"] = _connection_class(self.host.url or "")
+        pool = ConnectionPool(host=host, port=port, **options)
+        conn = Redis(connection_pool=pool, single_connection_client=True)
+        conn.auto_close_connection_pool = True  # the pool is this connection's alone
+        return conn
+
+    async def run(self, operation: Callable[[Client], Awaitable[T]]) -> T:
         """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``."""
         started = time.monotonic()
         attempt = 0
@@ -211,7 +275,7 @@ class Transport:
         self._last_used = now
         while True:
             try:
-                return await operation(self.client)
+                return await self._once(operation)
             except CredentialsRejected as exc:
                 raise RedisUnavailable(
                     self.host.address, time.monotonic() - started, exc
@@ -228,6 +292,56 @@ class Transport:
                 pause = backoff(attempt, RECONNECT_CAP)
                 await asyncio.sleep(min(pause, max(0.0, self.retry_timeout - waited)))
 
+    async def _once(self, operation: Callable[[Client], Awaitable[T]]) -> T:
+        """One attempt of :meth:`run`, its errors translated: a config mismatch (a cluster
+        node named as a standalone server or the reverse) raises ImproperlyConfigured, a
+        cluster no startup node of which answers raises NotConnected (retried)."""
+        try:
+            if not self._checked:
+                await self._check_kind()
+            return await operation(self.client)
+        except RedisClusterException as exc:
+            raise self._not_a_cluster(exc) from exc
+        except ResponseError as exc:
+            if not self.cluster and str(exc).startswith(CLUSTER_REPLIES):
+                raise self._a_cluster() from exc
+            raise
+
+    async def _check_kind(self) -> None:
+        """Once per transport, before the first command: a standalone host entry must not
+        name a cluster node (whose keys would answer MOVED at random). A user without INFO
+        skips this check; a MOVED reply later raises the same error."""
+        try:
+            info = await self.client.info("cluster")
+        except ResponseError:  # NOPERM: a least-privilege ACL user
+            info = {}
+        self._checked = True
+        if int(info.get("cluster_enabled", 0)) == 1:
+            raise self._a_cluster()
+
+    def _a_cluster(self) -> ImproperlyConfigured:
+        return ImproperlyConfigured(
+            f"channels_distrib: {self.host.address} is a Redis Cluster node, but its host "
+            "entry is for a standalone server; write "
+            f"{{'address': '{self.host.address}', 'cluster': True}}"
+        )
+
+    def _not_a_cluster(self, exc: RedisClusterException) -> Exception:
+        """A cluster client's failure: not a cluster (a config error), or none reachable."""
+        text = str(exc)
+        cause = exc.__cause__
+        if "Cluster mode is not enabled" in text:
+            return ImproperlyConfigured(
+                f"channels_distrib: {self.host.address} is not a Redis Cluster node (cluster mode "
+                "is disabled there, or the user may not run CLUSTER SLOTS); for a standalone "
+                f"server drop 'cluster': write {{'address': '{self.host.address}'}}"
+            )
+        if isinstance(cause, CredentialsRejected):
+            return cause
+        if isinstance(cause, NotConnected) or "at least one reachable node" in text:
+            return NotConnected(text)
+        return exc
+
     async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one of :mod:`channels_distrib.scripts` by name (EVALSHA, loading it if needed)."""
         script = self.scripts[name]
@@ -243,4 +357,5 @@ class Transport:
         """Close both pools; safe to call twice."""
         for client in (self.client, self.blocking, *self._others):
             await client.aclose()
-            await client.connection_pool.disconnect()
+            if isinstance(client, Redis):
+                await client.connection_pool.disconnect()

@@ -96,3 +96,19 @@ async def layer(make_layer: Callable[..., Any]) -> Any:
 def redis_host_port(url: str) -> tuple[str, int]:
     parsed = urlparse(url)
     return parsed.hostname or "127.0.0.1", parsed.port or 6379
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A 3-master Redis Cluster of our own for the whole run (tests marked ``cluster``);
+    skipped, saying why, when redis-server here cannot run one."""
+    from tests.helpers_cluster import cluster_support, start_cluster
+
+    reason = cluster_support()
+    if reason is not None:
+        pytest.skip(f"Redis Cluster tests need cluster support: {reason}")
+    cluster = start_cluster(masters=3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
