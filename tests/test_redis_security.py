@@ -218,17 +218,20 @@ def _make_certs(directory: Path) -> None:
                  "-CAcreateserial", "-days", "1", "-out", f"{name}.crt", *ext, cwd=directory)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
-async def test_rediss_with_client_certificates(tmp_path, prefix):
+@contextlib.asynccontextmanager
+async def _tls_server(directory: Path, *, client_auth: bool) -> AsyncIterator[str]:
+    """A redis-server on a TLS-only port with the certificates of :func:`_make_certs`;
+    yields its ``rediss://`` address. Skips when this redis-server was built without TLS."""
     binary = server_binary()
     assert binary, "no redis-server"
-    await asyncio.to_thread(_make_certs, tmp_path)
-    d = str(tmp_path)
+    await asyncio.to_thread(_make_certs, directory)
+    d = str(directory)
     port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
          "--tls-cert-file", f"{d}/server.crt", "--tls-key-file", f"{d}/server.key",
-         "--tls-ca-cert-file", f"{d}/ca.crt", "--tls-auth-clients", "yes",
+         "--tls-ca-cert-file", f"{d}/ca.crt",
+         "--tls-auth-clients", "yes" if client_auth else "no",
          "--save", "", "--appendonly", "no", "--dir", d],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -243,7 +246,28 @@ async def test_rediss_with_client_certificates(tmp_path, prefix):
             except OSError:
                 assert time.monotonic() < deadline, "TLS server did not start"
                 await asyncio.sleep(0.05)
-        address = f"rediss://127.0.0.1:{port}/0"
+        yield f"rediss://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(proc.wait, 10)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
+async def test_rediss_verifying_the_server_certificate(tmp_path, prefix):
+    async with _tls_server(tmp_path, client_auth=False) as address:
+        ca = f"{tmp_path}/ca.crt"
+        await _round_trip(prefix + "u", hosts=[f"{address}?ssl_ca_certs={ca}"])
+        await _round_trip(prefix + "d", hosts=[{"address": address, "ssl_ca_certs": ca}])
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
+async def test_rediss_with_client_certificates(tmp_path, prefix):
+    async with _tls_server(tmp_path, client_auth=True) as address:
+        d = str(tmp_path)
         await _round_trip(prefix + "d", hosts=[{
             "address": address, "ssl_ca_certs": f"{d}/ca.crt",
             "ssl_certfile": f"{d}/client.crt", "ssl_keyfile": f"{d}/client.key"}])
@@ -256,13 +280,6 @@ async def test_rediss_with_client_certificates(tmp_path, prefix):
             # TLS 1.3: the refusal comes as an alert on the first read, after the request went.
             with pytest.raises((RedisUnavailable, RedisConnectionError)):
                 await asyncio.wait_for(layer.send("sec.named", msg(1)), 30)
-    finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            await asyncio.to_thread(proc.wait, 10)
 
 
 # ------------------------------------------------------------------ encryption at rest

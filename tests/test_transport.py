@@ -11,7 +11,6 @@ import collections
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from typing import Any
@@ -528,71 +527,6 @@ async def test_database_number_in_url_is_used(redis_url, prefix):
             assert await raw5.exists(Keys(prefix).queue("db.named"))
             assert not await raw0.exists(Keys(prefix).queue("db.named"))
         assert await recv(layer, "db.named") == msg(1)
-
-
-def _self_signed(directory: Any) -> tuple[str, str]:
-    """A throwaway certificate for 127.0.0.1 (cryptography is a test dependency)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
-
-
-async def test_rediss_tls_host(tmp_path, prefix):
-    binary = server_binary()
-    assert binary, "no redis-server"
-    cert, key = _self_signed(tmp_path)
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert,
-         "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            if proc.poll() is not None:
-                pytest.skip(f"{binary} cannot serve TLS here (exit {proc.returncode})")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "TLS server did not start"
-                await asyncio.sleep(0.05)
-        await _round_trip({"hosts": [f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"]},
-                          prefix + "u")
-        await _round_trip({"hosts": [{"address": f"rediss://127.0.0.1:{port}/0",
-                                      "ssl_ca_certs": cert}]}, prefix + "d")
-    finally:
-        proc.terminate()
-        try:
-            await asyncio.to_thread(proc.wait, 10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            await asyncio.to_thread(proc.wait, 10)
 
 
 @pytest.mark.parametrize("kind", ["named", "local", "group"])
