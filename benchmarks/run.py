@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_all(url: str, args: argparse.Namespace, started: float) -> int:
-    machine = machine_description(url)
+    machine, at = machine_description(url), commit()  # the code measured, before any edit
     results = run_scenarios(url, args)
-    header = {"machine": machine, "commit": commit(), "size": args.size,
+    header = {"machine": machine, "commit": at, "size": args.size,
               "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
               "seconds": round(time.monotonic() - started)}
     data = plain({"header": header, "results": results})
