@@ -100,6 +100,7 @@ def layers_summary(rounds: dict[str, list[Row]]) -> dict[str, Row]:
             "lost_paced": max(lost_pct(r["paced"]) for r in done),
             "lost_max": max(lost_pct(r["max"]) for r in done),
             "dups": sum(r["paced"]["dups"] + r["max"]["dups"] for r in done),
+            "others": [r["max"]["cpu"].get("others", 0.0) for r in done],
         }
     return out
 
@@ -112,16 +113,17 @@ def layers_table(section: Row) -> list[str]:
         f"Fan-out and paced: {args['nodes']} node processes x {args['channels']} members in one "
         f"group; fan-out = group_sends back to back (up to {args['max_count']:,} or "
         f"{args['max_seconds']:g} s), paced = {args['rate']:g} group_sends/s for "
-        f"{args['paced_seconds']:g} s; median (range) of {args['rounds']} alternating rounds.",
+        f"{args['paced_seconds']:g} s; median (range) of {args['rounds']} alternating rounds. "
+        "Other load: cores used by processes outside the run during fan-out (2 cores in all).",
         "",
         "| layer | fan-out deliveries/s | vs core | vs pub/sub | paced p50 / p99 (ms) "
         "| p99 vs pub/sub | group_send call p50 (ms) | node CPU µs / delivery "
-        "| vs pub/sub | lost paced / fan-out | dups |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs pub/sub | lost paced / fan-out | dups | other load, cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary.values():
         if "skipped" in s:
-            lines.append(f"| {s['label']} | skipped: {s['skipped']} |" + " |" * 9)
+            lines.append(f"| {s['label']} | skipped: {s['skipped']} |" + " |" * 10)
             continue
         fan, p99, cpu = med(s["fanout"]), med(s["p99"]), med(s["node_us"])
         lines.append(
@@ -132,7 +134,8 @@ def layers_table(section: Row) -> list[str]:
             f"| {ratio(p99, med(pubsub.get('p99', [])))} | {spread(s['call_p50'], lambda v: f'{v:.2f}')} "
             f"| {spread(s['node_us'], lambda v: f'{v:.1f}')} "
             f"| {ratio(cpu, med(pubsub.get('node_us', [])))} "
-            f"| {s['lost_paced']:.2f}% / {s['lost_max']:.2f}% | {s['dups']} |")
+            f"| {s['lost_paced']:.2f}% / {s['lost_max']:.2f}% | {s['dups']} "
+            f"| {spread(s['others'], lambda v: f'{v:.2f}')} |")
     return lines
 
 

@@ -47,6 +47,7 @@ from benchmarks._common import (
     add_cluster_layer,
     machine_description,
     private_redis,
+    wait_quiet,
 )
 from benchmarks._report import render
 
@@ -108,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chart", help="also write the chart (PNG) here, e.g. "
                         "docs/benchmarks.png")
     parser.add_argument("--presence-nodes", type=int, default=4)
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="before each scenario (and each layer of the layers scenario), "
+                        "wait up to this long for the machine to be idle (< 0.3 busy cores)")
     args = parser.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
@@ -148,9 +152,18 @@ def run_scenarios(url: str, args: argparse.Namespace) -> dict[str, Any]:
     keys = args.layers.split(",")
     chosen = args.scenarios.split(",")
     out: dict[str, Any] = {}
+
+    def quiet(name: str) -> None:
+        if args.quiet_wait > 0 and name in chosen:
+            busy = wait_quiet(args.quiet_wait)
+            print(f"... {name}: other load before start {busy:.2f} cores", file=sys.stderr,
+                  flush=True)
+
     if "layers" in chosen:
-        largs = bench_layers.parse_args(["--layers", ",".join(keys), *size["layers"]])
+        largs = bench_layers.parse_args(["--layers", ",".join(keys), *size["layers"],
+                                         "--quiet-wait", str(args.quiet_wait)])
         out["layers"] = {"args": vars(largs), "rounds": bench_layers.run_rounds(url, largs)}
+    quiet("memory")
     if "memory" in chosen:
         rows = []
         mem = bench_memory.parse_args(size["memory"])
@@ -161,17 +174,22 @@ def run_scenarios(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(bench_memory.measure(LAYERS[key], url, mem.memberships, groups))
         out["memory"] = rows
     gargs = sub_args(bench_groups.add_arguments, size["groups"])
+    quiet("big")
     if "big" in chosen:
         out["big"] = {"args": vars(gargs), "results": bench_groups.run_big(url, keys, gargs)}
+    quiet("rooms")
     if "rooms" in chosen:
         out["rooms"] = {"args": vars(gargs), "results": bench_groups.run_rooms(url, keys, gargs)}
+    quiet("e2e")
     if "e2e" in chosen:
         eargs = sub_args(bench_e2e.add_arguments, size["e2e"], nodes=3)
         out["e2e"] = {"args": vars(eargs), "results": bench_e2e.run_all(url, keys, eargs)}
+    quiet("connections")
     if "connections" in chosen:
         cargs = sub_args(bench_connections.add_arguments, size["connections"], nodes=3, idle=5.0)
         out["connections"] = {"args": vars(cargs),
                               "results": bench_connections.run_all(url, keys, cargs)}
+    quiet("presence")
     if "presence" in chosen:
         from benchmarks import bench_presence
 
