@@ -301,6 +301,8 @@ def render(data: Row) -> str:
     ]
     for name, section in data["results"].items():
         lines += ["", *TABLES[name](section)]
+    for name, error in data.get("errors", {}).items():
+        lines += ["", f"Scenario {name} failed: {error}"]
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
@@ -146,25 +147,18 @@ def plain(value: Any) -> Any:
     return value
 
 
-def run_scenarios(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Every scenario of ``--scenarios``; one entry of results per scenario."""
+def scenario_runners(url: str, args: argparse.Namespace) -> dict[str, Callable[[], Any]]:
+    """Scenario name -> a function running it with the options of ``--size``."""
     size = SIZES[args.size]
     keys = args.layers.split(",")
-    chosen = args.scenarios.split(",")
-    out: dict[str, Any] = {}
+    gargs = sub_args(bench_groups.add_arguments, size["groups"])
 
-    def quiet(name: str) -> None:
-        if args.quiet_wait > 0 and name in chosen:
-            busy = wait_quiet(args.quiet_wait)
-            print(f"... {name}: other load before start {busy:.2f} cores", file=sys.stderr,
-                  flush=True)
-
-    if "layers" in chosen:
+    def layers() -> Any:
         largs = bench_layers.parse_args(["--layers", ",".join(keys), *size["layers"],
                                          "--quiet-wait", str(args.quiet_wait)])
-        out["layers"] = {"args": vars(largs), "rounds": bench_layers.run_rounds(url, largs)}
-    quiet("memory")
-    if "memory" in chosen:
+        return {"args": vars(largs), "rounds": bench_layers.run_rounds(url, largs)}
+
+    def memory() -> Any:
         rows = []
         mem = bench_memory.parse_args(size["memory"])
         for groups in [int(g) for g in mem.groups.split(",")]:
@@ -172,31 +166,50 @@ def run_scenarios(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 print(f"... memory: {key}, {mem.memberships:,} memberships in {groups} groups",
                       file=sys.stderr, flush=True)
                 rows.append(bench_memory.measure(LAYERS[key], url, mem.memberships, groups))
-        out["memory"] = rows
-    gargs = sub_args(bench_groups.add_arguments, size["groups"])
-    quiet("big")
-    if "big" in chosen:
-        out["big"] = {"args": vars(gargs), "results": bench_groups.run_big(url, keys, gargs)}
-    quiet("rooms")
-    if "rooms" in chosen:
-        out["rooms"] = {"args": vars(gargs), "results": bench_groups.run_rooms(url, keys, gargs)}
-    quiet("e2e")
-    if "e2e" in chosen:
+        return rows
+
+    def e2e() -> Any:
         eargs = sub_args(bench_e2e.add_arguments, size["e2e"], nodes=3)
-        out["e2e"] = {"args": vars(eargs), "results": bench_e2e.run_all(url, keys, eargs)}
-    quiet("connections")
-    if "connections" in chosen:
+        return {"args": vars(eargs), "results": bench_e2e.run_all(url, keys, eargs)}
+
+    def connections() -> Any:
         cargs = sub_args(bench_connections.add_arguments, size["connections"], nodes=3, idle=5.0)
-        out["connections"] = {"args": vars(cargs),
-                              "results": bench_connections.run_all(url, keys, cargs)}
-    quiet("presence")
-    if "presence" in chosen:
+        return {"args": vars(cargs), "results": bench_connections.run_all(url, keys, cargs)}
+
+    def presence() -> Any:
         from benchmarks import bench_presence
 
         nodes = args.presence_nodes if args.size == "full" else 2
-        sizes = [int(n) for n in size["presence"]]
-        out["presence"] = bench_presence.fill(url, sizes, nodes)
-    return out
+        return bench_presence.fill(url, [int(n) for n in size["presence"]], nodes)
+
+    return {
+        "layers": layers, "memory": memory,
+        "big": lambda: {"args": vars(gargs), "results": bench_groups.run_big(url, keys, gargs)},
+        "rooms": lambda: {"args": vars(gargs),
+                          "results": bench_groups.run_rooms(url, keys, gargs)},
+        "e2e": e2e, "connections": connections, "presence": presence,
+    }
+
+
+def run_scenarios(url: str, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every scenario of ``--scenarios``, in the suite's order: (results, errors). A scenario
+    that raises is reported as an error; the others still run."""
+    chosen = args.scenarios.split(",")
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name, runner in scenario_runners(url, args).items():
+        if name not in chosen:
+            continue
+        if args.quiet_wait > 0 and name != "layers":  # layers waits before every layer
+            busy = wait_quiet(args.quiet_wait)
+            print(f"... {name}: other load before start {busy:.2f} cores", file=sys.stderr,
+                  flush=True)
+        try:
+            results[name] = runner()
+        except Exception as exc:  # one broken scenario must not lose the others' figures
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            print(f"... {name} failed: {errors[name]}", file=sys.stderr, flush=True)
+    return results, errors
 
 
 def commit() -> str:
@@ -225,11 +238,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(url: str, args: argparse.Namespace, started: float) -> int:
     machine, at = machine_description(url), commit()  # the code measured, before any edit
-    results = run_scenarios(url, args)
+    results, errors = run_scenarios(url, args)
     header = {"machine": machine, "commit": at, "size": args.size,
               "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
               "seconds": round(time.monotonic() - started)}
-    data = plain({"header": header, "results": results})
+    data = plain({"header": header, "results": results, "errors": errors})
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(data, fh, indent=1)
@@ -249,7 +262,7 @@ def run_all(url: str, args: argparse.Namespace, started: float) -> int:
 
 def failures(data: dict[str, Any]) -> list[str]:
     """Every row that was skipped or failed, so the exit status says the run was incomplete."""
-    found = []
+    found = [f"{name}: {error}" for name, error in data.get("errors", {}).items()]
     for name, value in data["results"].items():
         rows = value.get("results", value.get("rounds", value)) if isinstance(value, dict) else value
         if isinstance(rows, dict):  # layers: key -> rounds
