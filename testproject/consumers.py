@@ -4,8 +4,13 @@
 
 - client ``{"type": "joinRoom", "room": "room1"}`` joins (a second one moves the
   connection); an optional ``"name"`` sets the display name first. The server
-  answers ``{"type": "joined", "room", "name", "node"}`` and then the room's
-  ``presence.state``; ``presence.diff`` frames follow as people come and go.
+  answers ``{"type": "joined", "room", "name", "node", "client_id", "recovered"}`` and
+  then the room's ``presence.state``; ``presence.diff`` frames follow as people come and
+  go. Rooms keep their last 100 messages for 5 minutes: every ``message`` frame carries an
+  ``"offset"``, and a client that reconnects (to any node) sends
+  ``{"type": "joinRoom", "room", "since": <last offset it saw>, "previous": <its old
+  client_id>}``; when ``joined`` says ``"recovered": true`` the messages it missed follow
+  at once, in order, before live ones (its own earlier messages are not sent back).
 - client ``{"type": "sendMessage", "message": "..."}``; every other member of the
   room, on any node, gets ``{"type": "message", "room", "from", "message"}``.
 - client ``{"type": "leaveRoom"}`` leaves the current room (answer ``{"type": "left"}``).
@@ -57,6 +62,8 @@ class ChatConsumer(DistributedConsumer):
     """
 
     rate_limit = (5.0, 20)
+    # Rooms keep their last 100 messages (5 minutes): a reconnecting page gets what it missed.
+    history = 100
     # A signed-in user keeps at most 5 tabs across all nodes; the 6th is closed with 4008.
     user_connection_limit = 5
     room: str | None = None
@@ -101,11 +108,22 @@ class ChatConsumer(DistributedConsumer):
             if self.room is not None:
                 await self.leave_room(self.room)
                 self.room = None
-            await self.join_room(room)
+            # "joined" is sent by room_joined, before the missed messages are replayed.
+            await self.join_room(
+                room, since=content.get("since"), previous_client_id=content.get("previous")
+            )
             self.room = room
             await rooms.remember(room)
+        else:
+            await self._send_joined(room, recovered=False)
+
+    async def room_joined(self, room: str, recovered: bool) -> None:
+        await self._send_joined(room, recovered)
+
+    async def _send_joined(self, room: str, recovered: bool) -> None:
         await self.send_json(
-            {"type": "joined", "room": room, "name": self.display_name, "node": self.node_id}
+            {"type": "joined", "room": room, "name": self.display_name, "node": self.node_id,
+             "client_id": self.client_id, "recovered": recovered}
         )
 
     async def handle_leaveRoom(self, content: dict[str, Any]) -> None:  # noqa: N802

@@ -19,5 +19,6 @@ urlpatterns = [
     path("", views.chat, name="chat"),
     path("dashboard/", views.dashboard, name="dashboard"),
     path("healthz/", views.health, name="health"),
+    path("nodes/", views.nodes, name="nodes"),
     path("admin/", admin.site.urls),
 ]

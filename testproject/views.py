@@ -9,15 +9,33 @@ from channels.layers import get_channel_layer
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
+from testproject import node_urls
+
 
 def _node_id() -> str:
     layer = get_channel_layer()
     return str(getattr(layer, "node_id", "") or "")
 
 
-def chat(request: HttpRequest) -> HttpResponse:
-    username = request.user.get_username() if request.user.is_authenticated else ""
+def _base_url(request: HttpRequest) -> str:
+    return f"{request.scheme}://{request.get_host()}/"
+
+
+async def chat(request: HttpRequest) -> HttpResponse:
+    user = await request.auser()
+    username = user.get_username() if user.is_authenticated else ""
+    await node_urls.advertise(_node_id(), _base_url(request))
     return render(request, "chat.html", {"node_id": _node_id(), "username": username})
+
+
+async def nodes(request: HttpRequest) -> JsonResponse:
+    """The live nodes' URLs, for the chat page's failover (testproject/node_urls.py)."""
+    layer = get_channel_layer()
+    await node_urls.advertise(_node_id(), _base_url(request))
+    rows = await node_urls.live_urls(layer) if layer is not None else []
+    response = JsonResponse({"nodes": rows})
+    response["Access-Control-Allow-Origin"] = "*"  # pages of other nodes may ask too
+    return response
 
 
 def dashboard(request: HttpRequest) -> HttpResponse:
@@ -41,5 +59,6 @@ async def health(request: HttpRequest) -> JsonResponse:
         if layer is not None:
             await layer.new_channel()
         _became_node = True
+    await node_urls.advertise(_node_id(), _base_url(request))
     return JsonResponse({"ok": True, "node_id": _node_id(), "host": socket.gethostname(),
                          "pid": os.getpid()})

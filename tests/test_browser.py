@@ -8,6 +8,7 @@ Screenshots go to docs/screenshots/ (the README shows them), or to $SCREENSHOT_D
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +213,9 @@ def test_members_of_a_killed_node_vanish_from_the_page(
         _join(carol, f"{c.http_url}/", "carol", "vanish")
         alice.wait_for_function("() => document.querySelectorAll('#members li').length === 2")
         assert _members(alice) == [("alice", "node-a"), ("carol", "node-c")]
+        # Carol's page would move to another node (tested below); here it stays away, so
+        # only the pruning of node C can remove her.
+        carol.evaluate("() => { window.WebSocket = function () { throw new Error('offline'); }; }")
         c.kill()
         # Node C's heartbeats stop; a live node prunes it (node_timeout 6 s by default)
         # and alice's page gets the presence leave.
@@ -224,6 +228,76 @@ def test_members_of_a_killed_node_vanish_from_the_page(
         dash.wait_for_function(
             "() => document.getElementById('now-prunes').textContent === '1'", timeout=12_000)
         assert not dash.locator('#nodes tr[data-node-id="node-c"]').count()
+    finally:
+        context.close()
+        c.stop()
+
+
+_BOB_LINES = """() => Array.from(document.querySelectorAll('#messages li')).filter(
+    li => li.querySelector('.from') && li.querySelector('.from').textContent === 'bob'
+).map(li => li.textContent.slice('bob'.length))"""
+
+
+def _report(request: pytest.FixtureRequest, text: str) -> None:
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            print(text, flush=True)
+    else:
+        print(text, flush=True)
+
+
+def test_a_page_whose_node_is_killed_moves_to_another_node_and_misses_nothing(
+    browser: Any, nodes: tuple[Node, Node], redis_url: str, request: pytest.FixtureRequest
+) -> None:
+    """SIGKILL the node a chat page is on while messages flow: the page reconnects to a live
+    node, rejoins with the last offset it saw and shows every message once, in order."""
+    a, b = nodes
+    prefix = a.daphne.env["DISTRIB_PREFIX"]
+    c = start_node(redis_url, prefix, "node-c")
+    total = 40
+    context = browser.new_context(viewport={"width": 1100, "height": 640})
+    context.set_default_timeout(15_000)
+    try:
+        alice = context.new_page()
+        bob = context.new_page()
+        _join(alice, f"{c.http_url}/", "alice", "failover")
+        _join(bob, f"{b.http_url}/", "bob", "failover")
+        alice.wait_for_function("() => document.querySelectorAll('#members li').length === 2")
+        alice.wait_for_function(
+            "() => ['node-a', 'node-b', 'node-c'].every(id => window.chatState().nodes.includes(id))")
+        # Bob sends m.0 ... m.39 at 4 a second (the chat's rate limit is 5/s), from the page.
+        bob.evaluate(
+            """count => { let i = 0; const t = setInterval(() => {
+                   document.getElementById('message').value = 'm.' + i;
+                   document.getElementById('send').click();
+                   if (++i >= count) clearInterval(t); }, 250); }""",
+            total,
+        )
+        alice.wait_for_function(f"() => ({_BOB_LINES})().includes('m.9')")
+        killed_at = time.time()
+        c.kill()  # SIGKILL: no clean shutdown, no close frame from the server
+        alice.wait_for_function(
+            f"() => ({_BOB_LINES})().includes('m.{total - 1}')", timeout=30_000)
+        lines = alice.evaluate(_BOB_LINES)
+        assert lines == [f"m.{i}" for i in range(total)], lines
+        state = alice.evaluate("() => window.chatState()")
+        assert state["node"] in ("node-a", "node-b")
+        assert alice.locator("#members li").count() >= 1
+        log = alice.evaluate("() => window.chatLog")
+        after = [e for e in log if e["t"] >= killed_at * 1000 and e["node"] != "node-c"]
+        joined = next(e for e in after if e["kind"] == "joined")
+        first = next(e for e in after if e["kind"] == "message")
+        # Messages numbered before the rejoin's "joined" came from the history replay.
+        joined_ms = joined["t"]
+        replayed = [e for e in after if e["kind"] == "message"
+                    and int(e["offset"].split(":")[1].split("-")[0]) < joined_ms]
+        _report(request, (
+            f"\nfailover: SIGKILL -> joined on {state['node']} "
+            f"{joined['t'] / 1000 - killed_at:.3f} s, -> first message "
+            f"{first['t'] / 1000 - killed_at:.3f} s; recovered from history "
+            f"{len(replayed)}; received {len(lines)}/{total}, none twice, in order"))
+        alice.screenshot(path=str(SHOTS / "failover.png"))
     finally:
         context.close()
         c.stop()

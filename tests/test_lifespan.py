@@ -19,6 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from channels_distrib.history import parse_offset
 from channels_distrib.lifespan import LayerLifespan
 from tests.helpers_servers import SERVERS, start_server
 
@@ -154,6 +155,7 @@ async def test_demo_chats_across_uvicorn_and_hypercorn_nodes(
             assert [j["node"] for j in joined] == ["demo-uvicorn", "demo-hypercorn"]
             await uma.send(json.dumps({"type": "sendMessage", "message": "from uvicorn"}))
             got = await read_until(hal, "message")
+            assert parse_offset(got.pop("offset")) is not None  # the chat keeps history
             assert got == {"type": "message", "room": "both", "from": "uma",
                            "message": "from uvicorn"}
             assert {m.node_id for m in await observer.group_members("both")} == {

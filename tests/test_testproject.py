@@ -31,6 +31,7 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from channels_distrib.history import parse_offset
 from tests.helpers_daphne import DaphneProcess, start_daphne
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,9 +276,51 @@ async def test_message_reaches_other_node_not_other_room_not_sender(
         assert (await alice.join("room1"))["node"] == "node-a"
         await alice.send({"type": "sendMessage", "message": "hello from A"})
         got = await bob.next("message")
+        assert parse_offset(got.pop("offset")) is not None  # the chat keeps history
         assert got == {"type": "message", "room": "room1", "from": "alice",
                        "message": "hello from A"}
         await asyncio.gather(carol.nothing("message"), alice.nothing("message"))
+
+
+async def test_rejoin_with_since_on_the_other_node_recovers_missed_messages(
+    cluster: tuple[Node, Node],
+) -> None:
+    """joinRoom with since/previous: joined (client_id, recovered) first, then the missed
+    messages in order, without the previous connection's own ones, then live ones."""
+    a, b = cluster
+    async with chat(b, "bob") as bob:
+        await bob.join("recover")
+        async with chat(a, "alice") as alice:
+            first = await alice.join("recover")
+            assert first["recovered"] is False and first["client_id"].startswith("specific.")
+            await bob.send({"type": "sendMessage", "message": "one"})
+            since = (await alice.next("message"))["offset"]
+            await alice.send({"type": "sendMessage", "message": "alice's own"})
+            assert (await bob.next("message"))["message"] == "alice's own"
+        for text in ("two", "three"):
+            await bob.send({"type": "sendMessage", "message": text})
+        async with chat(b, "alice") as again:  # the other node
+            await again.send({"type": "joinRoom", "room": "recover", "since": since,
+                              "previous": first["client_id"]})
+            joined = await again.next("joined")
+            assert joined["recovered"] is True and joined["node"] == "node-b"
+            assert [f["type"] for f in again.unread if f["type"] == "message"] == []
+            replayed = [await again.next("message") for _ in range(2)]
+            assert [f["message"] for f in replayed] == ["two", "three"]
+            assert replayed[0]["offset"] < replayed[1]["offset"]
+            await again.nothing("message", within=0.5)
+        async with chat(a, "carol") as carol:
+            lost = await carol.join("recover", since="not-an-offset")
+            assert lost["recovered"] is False
+            await carol.nothing("message", within=0.3)
+
+
+def test_nodes_endpoint_lists_the_live_nodes_urls(cluster: tuple[Node, Node]) -> None:
+    a, b = cluster
+    with urllib.request.urlopen(f"{a.http_url}/nodes/", timeout=5) as resp:
+        rows = json.load(resp)["nodes"]
+    assert rows == [{"node_id": "node-a", "url": f"{a.http_url}/"},
+                    {"node_id": "node-b", "url": f"{b.http_url}/"}]
 
 
 async def test_display_name_from_join_else_short_client_id(cluster: tuple[Node, Node]) -> None:
@@ -431,6 +474,7 @@ async def test_plain_nodejs_client_without_origin_chats(cluster: tuple[Node, Nod
             await bob.join("from-node")
             await bob.send({"type": "sendMessage", "message": "hello node"})
             got = await node_frame("message")
+            assert parse_offset(got.pop("offset")) is not None
             assert got == {"type": "message", "room": "from-node", "from": "bob",
                            "message": "hello node"}
             reply = await bob.next("message", timeout=10)
