@@ -12,12 +12,13 @@ import functools
 import itertools
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
 from .history import payload_with_offset
-from .local import LocalChannel
+from .local import Item, LocalChannel, flat
 from .tasks import cancellable
 from .throttle import Throttle
 from .transport import BLOCK_SECONDS, backoff
@@ -172,7 +173,12 @@ class InboxReader:
         members = node.memberships.members(group)
         if not members:
             return
+        # One item for every local member: decoded here once, when more than one will take it.
+        item: Item = (expires, payload, self._decode_once(payload) if len(members) > 1 else None)
         exclude = fields.get(b"x", b"").decode()
+        if not exclude and not presence_only:
+            self._fan_out(members, item, entry_id)
+            return
         # A batched presence diff names its window's joiners (space-separated): each gets
         # its own diff from its node (presence.py).
         excluded = set(exclude.split(" ")) if " " in exclude else None
@@ -187,9 +193,29 @@ class InboxReader:
                 continue
             local = channels.get(channel)
             if local is not None and not local.deferred and len(local.items) < local.capacity:
-                local.put(payload, expires)  # the fast path
+                local.put_item(item)  # the fast path
             else:
                 self._deliver(channel, entry_id, payload, expires)
+
+    def _fan_out(self, members: Iterable[str], item: Item, entry_id: bytes) -> None:
+        """Queue one group message for every local member (no exclusions): the hot loop."""
+        channels = self.node.channels
+        for channel in list(members):
+            local = channels.get(channel)
+            if local is not None and not local.deferred and len(local.items) < local.capacity:
+                local.put_item(item)
+            else:
+                self._deliver(channel, entry_id, item[1], item[0])
+
+    def _decode_once(self, payload: bytes) -> dict[str, Any] | None:
+        """The message, decoded for every local member at once, when a shallow copy of it is a
+        whole copy (:func:`local.flat`); else None, and each receiver decodes its own. A payload
+        that does not decode is left to each receiver too, which counts and logs it as always."""
+        try:
+            message = self.node.registry.serializer.loads(payload)
+        except Exception:
+            return None
+        return message if type(message) is dict and flat(message) else None
 
     def _control(self, fields: dict[bytes, bytes]) -> None:
         """Another process added or removed one of this node's channels in a group."""

@@ -367,7 +367,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 raise ValueError(f"{channel} is a process-local channel of another process")
             local = node.local_channel(channel)
         while True:
-            message = self._decode(await local.get(), channel)
+            # A message already waiting is taken without suspending (no coroutine, no future).
+            item = local.take()
+            if item is None:
+                item = await local.get()
+            shared = item[2]
+            # Decoded once for the node, and flat: a dict copy is this receiver's own message.
+            message = shared.copy() if shared is not None else self._decode(item[1], channel)
             if message is not None:
                 self.counters.delivered += 1
                 return message
@@ -380,7 +386,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 self.keys, state.transport, channel, self.config.expiry
             )
         while True:
-            message = self._decode(await queue.get(), channel)
+            message = self._decode((await queue.get())[1], channel)
             if message is not None:
                 self.counters.delivered += 1
                 return message

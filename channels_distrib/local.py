@@ -1,7 +1,11 @@
 """Per-channel local queues of a node: where inbox entries wait for ``receive()``.
 
-Payloads stay encoded until a consumer receives them, so a group message fanned out to 100
-local channels is decoded only by the consumers that take it.
+An item is ``(expires, payload, shared)``. A group message fanned out to many local channels
+is one item, appended to each of their queues: ``shared`` is the message decoded once for the
+node when a shallow copy of it is a full copy (every value a str, bytes, number, bool or None;
+see :func:`flat`), so each receiver gets its own copy for the price of a dict copy. Otherwise
+``shared`` is None and each receiver decodes the payload itself (nested values are never
+shared between consumers, so one consumer changing its message cannot change another's).
 """
 
 from __future__ import annotations
@@ -10,6 +14,13 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
+
+#: One queued message: (expires at, monotonic s; encoded payload; decoded message or None).
+Item = tuple[float, bytes, "dict[str, Any] | None"]
+
+#: Value types a shallow copy of a message duplicates in full (immutable ones).
+_FLAT = frozenset({str, bytes, int, float, bool, type(None)})
 
 #: A channel counts as "receiving" while a receive() is pending or ended this recently (s).
 RECEIVING_GRACE = 1.0
@@ -34,6 +45,11 @@ def _wake(future: asyncio.Future[None]) -> None:
         loop.call_soon_threadsafe(resolve)
 
 
+def flat(message: dict[str, Any]) -> bool:
+    """Whether a shallow copy of ``message`` shares nothing mutable with it."""
+    return _FLAT.issuperset(map(type, message.values()))
+
+
 class LocalChannel:
     """The messages waiting for one process-local channel, and who is waiting for them."""
 
@@ -56,7 +72,7 @@ class LocalChannel:
     ) -> None:
         self.name = name
         self.capacity = capacity
-        self.items: deque[tuple[float, bytes]] = deque()
+        self.items: deque[Item] = deque()
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.pending = 0
         self.created = time.monotonic()
@@ -92,8 +108,15 @@ class LocalChannel:
 
     def put(self, payload: bytes, expires: float) -> None:
         """Queue one payload (the caller has checked capacity) and wake one waiting receive."""
-        self.items.append((expires, payload))
-        self._wake_next()
+        self.items.append((expires, payload, None))
+        if self.waiters:
+            self._wake_next()
+
+    def put_item(self, item: Item) -> None:
+        """Queue an item that may also sit in other channels' queues (one group message)."""
+        self.items.append(item)
+        if self.waiters:
+            self._wake_next()
 
     def _wake_next(self) -> None:
         waiters = self.waiters
@@ -109,24 +132,32 @@ class LocalChannel:
             self.items.popleft()
             self.expired += 1
 
-    async def get(self) -> bytes:
-        """Wait for the next unexpired payload.
+    def take(self) -> Item | None:
+        """The next unexpired item, taken off the queue; None when none is waiting."""
+        items = self.items
+        while items:
+            item = items.popleft()
+            now = time.monotonic()
+            if item[0] <= now:
+                self.expired += 1
+                continue
+            self.last_active = now
+            if self.deferred and self.on_room is not None and len(items) <= self.capacity // 2:
+                self.on_room(self)  # bring deferred messages back from Redis
+            return item
+        return None
 
-        Cancellation-safe: a payload is taken off the queue only in the same step that
-        returns it, so a receive cancelled while waiting leaves every payload queued.
+    async def get(self) -> Item:
+        """Wait for the next unexpired item.
+
+        Cancellation-safe: an item is taken off the queue only in the same step that
+        returns it, so a receive cancelled while waiting leaves every item queued.
         """
         items = self.items
         while True:
-            if items:
-                expires, payload = items.popleft()
-                now = time.monotonic()
-                if expires <= now:
-                    self.expired += 1
-                    continue
-                self.last_active = now
-                if self.deferred and self.on_room is not None and len(items) <= self.capacity // 2:
-                    self.on_room(self)  # bring deferred messages back from Redis
-                return payload
+            item = self.take()
+            if item is not None:
+                return item
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.waiters.append(waiter)
             self.pending += 1

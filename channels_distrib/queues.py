@@ -21,7 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .keys import Keys
-from .local import LocalChannel
+from .local import Item, LocalChannel
 from .tasks import cancel_and_wait, cancellable
 from .transport import BLOCK_SECONDS, Transport, backoff
 
@@ -44,8 +44,8 @@ class NamedQueue:
         self.popping: asyncio.Task[None] | None = None  # the run currently popping
         self.runs: set[asyncio.Task[None]] = set()  # every run not finished yet
 
-    async def get(self) -> bytes:
-        """The next payload; a cancelled get stops the popping when nobody else waits here."""
+    async def get(self) -> Item:
+        """The next item (see :mod:`channels_distrib.local`); a cancelled get stops the popping when nobody else waits here."""
         if not self.buffer.items and self.popping is None:
             # Earlier runs may still be putting back what they had in flight: the new run
             # waits for them first, so the queue's order is kept.
