@@ -12,7 +12,8 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -38,6 +39,9 @@ def stream_id(entry_id: bytes | str) -> tuple[int, int]:
 #: How many messages past its capacity a consumer may have waiting in Redis, as a multiple of
 #: its capacity (10,000 with the default capacity of 100); past that its overflow is dropped.
 DEFER_FACTOR = 100
+
+#: Why a deferred message fetched back from the inbox is dropped, by its drop kind.
+DROP_REASONS = {"trimmed": "trimmed from the inbox", "corrupt": "corrupt payload"}
 
 
 class InboxReader:
@@ -156,11 +160,9 @@ class InboxReader:
             raise ValueError("inbox entry without payload")
         if b"h" in fields:  # a room send with history: its offset joins the message
             payload = payload_with_offset(node.registry.serializer, payload, fields[b"h"])
-        sent_ms = int(entry_id.split(b"-", 1)[0])
-        now = time.monotonic()
-        expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
+        expires = self._expires(entry_id)
         if b"c" in fields:
-            self._deliver(fields[b"c"].decode(), entry_id, payload, expires)
+            self._deliver(fields[b"c"].decode(), entry_id, (expires, payload, None))
             return
         group_field = fields.get(b"g") or fields.get(b"p")
         if group_field is None:
@@ -173,12 +175,14 @@ class InboxReader:
         members = node.memberships.members(group)
         if not members:
             return
-        # One item for every local member: decoded here once, when more than one will take it.
-        item: Item = (expires, payload, self._decode_once(payload) if len(members) > 1 else None)
         exclude = fields.get(b"x", b"").decode()
         if not exclude and not presence_only:
-            self._fan_out(members, item, entry_id)
+            self._fan_out(members, entry_id, payload, expires)
             return
+        # One item for every local member: decoded here once, when more than one will take it
+        # (presence diffs never: their entries are nested, so each receiver decodes its own).
+        many = len(members) > 1 and not presence_only
+        item: Item = (expires, payload, self._decode_once(payload) if many else None)
         # A batched presence diff names its window's joiners (space-separated): each gets
         # its own diff from its node (presence.py).
         excluded = set(exclude.split(" ")) if " " in exclude else None
@@ -195,17 +199,27 @@ class InboxReader:
             if local is not None and not local.deferred and len(local.items) < local.capacity:
                 local.put_item(item)  # the fast path
             else:
-                self._deliver(channel, entry_id, payload, expires)
+                self._deliver(channel, entry_id, item)
 
-    def _fan_out(self, members: Iterable[str], item: Item, entry_id: bytes) -> None:
-        """Queue one group message for every local member (no exclusions): the hot loop."""
+    def _fan_out(
+        self, members: Collection[str], entry_id: bytes, payload: bytes, expires: float
+    ) -> None:
+        """Queue one group message for every local member (no exclusions): the hot loop.
+
+        One item for all of them, decoded once when the first member with room takes it (a
+        message every member defers to Redis is not decoded here at all).
+        """
         channels = self.node.channels
+        item: Item | None = None
         for channel in list(members):
             local = channels.get(channel)
             if local is not None and not local.deferred and len(local.items) < local.capacity:
+                if item is None:
+                    shared = self._decode_once(payload) if len(members) > 1 else None
+                    item = (expires, payload, shared)
                 local.put_item(item)
             else:
-                self._deliver(channel, entry_id, item[1], item[0])
+                self._deliver(channel, entry_id, item or (expires, payload, None))
 
     def _decode_once(self, payload: bytes) -> dict[str, Any] | None:
         """The message, decoded for every local member at once, when a shallow copy of it is a
@@ -230,7 +244,7 @@ class InboxReader:
         else:
             memberships.forget_remote(group, channel)
 
-    def _deliver(self, name: str, entry_id: bytes, payload: bytes, expires: float) -> None:
+    def _deliver(self, name: str, entry_id: bytes, item: Item) -> None:
         """Queue one message for a local channel; past its capacity the message waits in Redis
         (its inbox entry id is remembered) until the consumer has room, up to its budget."""
         node = self.node
@@ -240,7 +254,7 @@ class InboxReader:
             self._count_drop(name, "no such channel on this node", "no_channel")
             return
         if not channel.deferred and not channel.full:
-            channel.put(payload, expires)
+            channel.put_item(item)
             return
         if name not in self.marked_full:
             self._to_mark.add(name)  # direct senders get ChannelFull while it is backlogged
@@ -248,8 +262,9 @@ class InboxReader:
             self._count_drop(name, "capacity", "capacity")
             return
         channel.deferred.append(entry_id)
-        if len(channel.items) <= channel.capacity // 2:
-            self.want_refill(channel)
+        if len(channel.items) <= channel.capacity // 2 and name not in self._refill_wanted:
+            self._refill_wanted.add(name)  # on the node's loop here: no hand-over needed
+            self._refill_wake.set()
 
     def want_refill(self, channel: LocalChannel) -> None:
         """A backlogged channel has room: bring its deferred messages back (from any thread)."""
@@ -309,13 +324,43 @@ class InboxReader:
                     pipe.xrange(inbox, entry_id, entry_id)
                 return await pipe.execute()
 
-        found = dict(zip(ids, await node.transport.run(fetch), strict=True))
+        readers = Counter(i for batch in wanted.values() for i in batch)
+        found = self._items(ids, await node.transport.run(fetch), readers)
         for name, batch in wanted.items():
             self._refill_one(name, batch, found)
 
-    def _refill_one(self, name: str, batch: list[bytes], found: dict[bytes, Any]) -> None:
+    def _items(
+        self, ids: list[bytes], replies: list[Any], readers: Counter[bytes]
+    ) -> dict[bytes, Item | str]:
+        """One queue item per fetched entry, shared by every channel it was deferred for
+        (decoded once when several are); for an entry that cannot be delivered, the kind
+        of drop it counts as (a key of :data:`DROP_REASONS`)."""
+        serializer = self.node.registry.serializer
+        items: dict[bytes, Item | str] = {}
+        for entry_id, entries in zip(ids, replies, strict=True):
+            fields = entries[0][1] if entries else {}
+            payload = fields.get(b"m")
+            if payload is None:
+                items[entry_id] = "trimmed"
+                continue
+            if b"h" in fields:
+                try:
+                    payload = payload_with_offset(serializer, payload, fields[b"h"])
+                except ValueError:
+                    items[entry_id] = "corrupt"
+                    continue
+            shared = self._decode_once(payload) if readers[entry_id] > 1 else None
+            items[entry_id] = (self._expires(entry_id), payload, shared)
+        return items
+
+    def _expires(self, entry_id: bytes) -> float:
+        """When a message expires (monotonic), from the Redis time its entry id was made."""
         node = self.node
-        channel = node.channels.get(name)
+        sent_ms = int(entry_id.split(b"-", 1)[0])
+        return time.monotonic() + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
+
+    def _refill_one(self, name: str, batch: list[bytes], found: dict[bytes, Item | str]) -> None:
+        channel = self.node.channels.get(name)
         if channel is None:
             return
         now = time.monotonic()
@@ -323,24 +368,14 @@ class InboxReader:
             if not channel.deferred or channel.deferred[0] != entry_id:
                 return  # cleared meanwhile (a flush)
             channel.deferred.popleft()
-            entries = found.get(entry_id)
-            fields = entries[0][1] if entries else {}
-            payload = fields.get(b"m")
-            if payload is None:
-                self._count_drop(name, "trimmed from the inbox", "trimmed")
+            item = found[entry_id]  # every id of every batch was fetched
+            if isinstance(item, str):  # trimmed from the inbox meanwhile, or corrupt
+                self._count_drop(name, DROP_REASONS[item], item)
                 continue
-            if b"h" in fields:
-                try:
-                    payload = payload_with_offset(node.registry.serializer, payload, fields[b"h"])
-                except ValueError:
-                    self._count_drop(name, "corrupt payload", "corrupt")
-                    continue
-            sent_ms = int(entry_id.split(b"-", 1)[0])
-            expires = now + node.config.expiry - max(0.0, node.redis_now() - sent_ms / 1000.0)
-            if expires <= now:
+            if item[0] <= now:
                 channel.expired += 1
                 continue
-            channel.put(payload, expires)
+            channel.put_item(item)
         if channel.deferred and len(channel.items) <= channel.capacity // 2:
             self._refill_wanted.add(name)
             self._refill_wake.set()

@@ -5,11 +5,12 @@ of its own that no other consumer can change.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
 from channels_distrib.serializers import MsgPackSerializer
-from tests.helpers_layers import recv
+from tests.helpers_layers import recv, recv_n
 
 #: Serializer loads() calls, by every CountingSerializer (the tests read differences).
 LOADS = itertools.count()
@@ -84,3 +85,23 @@ async def test_direct_and_single_member_messages_are_decoded_by_their_receiver(m
     await layer.send(only, {"type": "b"})
     assert await recv(layer, only) == {"type": "b"}
     assert loads_so_far() - before == 3
+
+
+async def test_a_backlog_brought_back_from_redis_is_decoded_once_per_entry(make_layer):
+    # capacity 5: most of the 20 messages wait in Redis and are fetched back per entry, once
+    # for all three members (decoded once there, or at dispatch for members that had room).
+    layer = make_layer(serializer=COUNTING, capacity=5)
+    names = await members(layer, "backlog", 3)
+    before = loads_so_far()
+    for i in range(20):
+        await layer.group_send("backlog", {"type": "m", "i": i})
+    # Received side by side, as consumers do, so their refills from Redis coincide.
+    lists = await asyncio.gather(*(recv_n(layer, name, 20) for name in names))
+    got = dict(zip(names, lists, strict=True))
+    for received in got.values():
+        assert [m["i"] for m in received] == list(range(20))
+    got[names[0]][0]["i"] = "changed"
+    assert got[names[1]][0] == {"type": "m", "i": 0}
+    # Decoded per receiver it would be 5 + 3 x 15; here at most once per entry and receiver
+    # that fetched it back on its own (refills of several channels that coincide share one).
+    assert loads_so_far() - before <= 2 * 20 + 1
