@@ -695,16 +695,22 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         Channels' ``dispatch`` runs ``close_old_connections`` in a worker thread before
         every handler, one thread hop per delivered message, all through a single
         thread. Forwarding an envelope's text touches no database, so ``distrib.message``
-        goes straight to :meth:`distrib_message`; everything else is dispatched by Channels.
+        goes straight to :meth:`distrib_message`, and presence messages straight to
+        :meth:`presence_state` / :meth:`presence_diff` (looked up on the instance, so a
+        subclass's override still runs, without the hop); everything else is dispatched
+        by Channels.
         """
         kind = message.get("type")
         if kind == api.ENVELOPE_TYPE:
             await self.distrib_message(message)
-            return
-        if kind == api.DISCONNECT_TYPE:
+        elif kind == "presence.diff":
+            await self.presence_diff(message)
+        elif kind == "presence.state":
+            await self.presence_state(message)
+        elif kind == api.DISCONNECT_TYPE:
             await self.distrib_disconnect(message)
-            return
-        await super().dispatch(message)
+        else:
+            await super().dispatch(message)
 
     async def distrib_message(self, message: Message) -> None:
         """Forward an envelope's JSON to the client unless this connection is excluded."""

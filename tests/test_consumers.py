@@ -527,6 +527,72 @@ async def test_envelopes_skip_channels_db_connection_check(connect, monkeypatch)
     assert len(calls) > before
 
 
+async def test_presence_skips_channels_db_connection_check(connect, monkeypatch) -> None:
+    """presence.state and presence.diff reach the client without the per-message hop."""
+    import channels.consumer
+
+    calls: list[str] = []
+
+    async def counting() -> None:
+        calls.append("close_old_connections")
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counting)
+    a = await connect(name="a")
+    b = await connect(OtherNodeProbe, name="b")
+    await a.request("join", room="hopless")
+    await a.expect("presence.state", group="hopless")
+    before = len(calls)
+    for _ in range(3):
+        await b.request("join", room="hopless")  # each request is one hop, on b
+        await b.expect("presence.state", group="hopless")
+        await a.expect("presence.diff", group="hopless")
+        await b.request("leave", room="hopless")
+        await a.expect("presence.diff", group="hopless")
+    # Only b's six requests went through channels' dispatch; a's 6 diffs, b's 3 states did not.
+    assert len(calls) - before == 6
+
+
+class CustomPresence(ProbeConsumer):
+    """Overrides both presence handlers: the client sees its own frames instead."""
+
+    async def presence_state(self, message: dict[str, Any]) -> None:
+        await self.send_json({"type": "my.state", "count": len(message["members"])})
+
+    async def presence_diff(self, message: dict[str, Any]) -> None:
+        joins = [j["channel"] for j in message["joins"]]
+        await self.send_json({"type": "my.diff", "joins": joins})
+
+
+class CustomEncoding(ProbeConsumer):
+    """Overrides encode_json only: every outbound frame carries a marker."""
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        return json.dumps({**content, "encoded_by": "CustomEncoding"})
+
+
+async def test_presence_overrides_still_take_effect(connect) -> None:
+    a = await connect(CustomPresence, name="a")
+    b = await connect(OtherNodeProbe, name="b")
+    b_id = (await whoami(b))["client_id"]
+    await a.request("join", room="custom")
+    assert await a.expect("my.state") == {"type": "my.state", "count": 1}
+    await b.request("join", room="custom")
+    assert await a.expect("my.diff") == {"type": "my.diff", "joins": [b_id]}
+    await a.assert_none("presence.diff", within=0.3)
+
+
+async def test_presence_goes_through_an_overridden_encode_json(connect) -> None:
+    a = await connect(CustomEncoding, name="a")
+    b = await connect(OtherNodeProbe, name="b")
+    await a.request("join", room="encoded")
+    state = await a.expect("presence.state", group="encoded")
+    assert state["encoded_by"] == "CustomEncoding"
+    await b.request("join", room="encoded")
+    diff = await a.expect("presence.diff", group="encoded")
+    assert diff["encoded_by"] == "CustomEncoding"
+
+
 @pytest.mark.parametrize(
     ("attributes", "match"),
     [
