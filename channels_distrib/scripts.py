@@ -228,12 +228,14 @@ return {written, queued, dropped}
 """
 )
 
-# Room history (history.py): a stream per room, P:{g.<room>}:h, entries 'm' payload and
-# 'x' the excluded channel ('' for none), ids assigned by XADD '*' (so trimming by age is by
-# id); and its settings and bookkeeping, the hash P:{g.<room>}:hc: n (most entries kept),
-# ttl (ms), b (most bytes kept), e (epoch: drawn when the hash is made, so a history lost
-# with its hash is told from a live one), l (id of the newest entry ever added),
-# t (id of the newest entry removed), sz (bytes kept: the sum of 'm' and 'x' lengths).
+# Room history (history.py): a stream per room, P:{g.<room>}:h, ids assigned by XADD '*' (so
+# trimming by age is by id), entries 'm' payload, 'x' the excluded channel ('' for none),
+# 'p' the id of the entry added before it ('0-0' for the first ever: a since at or after
+# the first kept entry's 'p' is complete), 'c' the room's byte count before it; and its
+# settings and bookkeeping, the hash P:{g.<room>}:hc: n (most entries kept), ttl (ms), b
+# (most bytes kept), e (epoch: drawn when the hash is made, so a history lost with its
+# hash is told from a live one), l (id of the newest entry), cum (bytes ever added: the
+# sum of 'm' and 'x' lengths; kept bytes = cum - the first kept entry's 'c').
 # An offset is '<epoch>:<ms>-<seq, 6 digits>': it grows within one epoch.
 _HISTORY = """
 local function id_parts(id)
@@ -246,44 +248,38 @@ local function id_before(a, b)
   return am < bm or (am == bm and as < bs)
 end
 local function offset_of(epoch, id)
-  local ms, seq = id_parts(id)
+  local _, seq = id_parts(id)
   return epoch .. ':' .. string.match(id, '^(%d+)') .. '-' .. string.format('%06d', seq)
 end
-local function hist_resync(h, hc)
-  -- The stream expired on its own (quiet for ttl): everything up to l is gone.
-  if redis.call('EXISTS', h) == 0 then
-    local last = redis.call('HGET', hc, 'l')
-    if last then redis.call('HSET', hc, 't', last) end
-    redis.call('HSET', hc, 'sz', 0)
-  end
+local function hist_first(h)
+  -- The oldest kept entry: its id and its fields as a table, or nil.
+  local e = redis.call('XRANGE', h, '-', '+', 'COUNT', 1)[1]
+  if not e then return nil, nil end
+  local f = {}
+  for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+  return e[1], f
 end
-local function hist_trim(h, hc, n, min_ms, max_bytes)
-  -- Oldest first, while over the count, the bytes, or older than the ttl; t records the
-  -- newest removed id, so a since at or after it is known to be complete.
+local function hist_trim(h, cum, ttl_ms, now, max_bytes)
+  -- Drop entries older than ttl, then the oldest while over max_bytes; returns the oldest
+  -- kept entry (id, fields) or nil. (The count bound is XADD's MAXLEN.)
+  redis.call('XTRIM', h, 'MINID', now - ttl_ms)
   for _ = 1, 100000 do
-    local first = redis.call('XRANGE', h, '-', '+', 'COUNT', 1)[1]
-    if not first then return end
-    local size = tonumber(redis.call('HGET', hc, 'sz') or '0')
-    local ms = id_parts(first[1])
-    if redis.call('XLEN', h) <= n and size <= max_bytes and ms >= min_ms then return end
-    redis.call('XDEL', h, first[1])
-    local removed = 0
-    for i = 2, #first[2], 2 do removed = removed + #first[2][i] end
-    redis.call('HINCRBY', hc, 'sz', -removed)
-    redis.call('HSET', hc, 't', first[1])
+    local id, f = hist_first(h)
+    if not id or cum - tonumber(f['c']) <= max_bytes then return id, f end
+    redis.call('XDEL', h, id)
   end
+  return nil, nil
 end
 local function hist_append(h, hc, payload, exclude, gexp)
   -- Returns the new entry's offset, or nil when the room keeps no history.
-  local conf = redis.call('HMGET', hc, 'n', 'ttl', 'b', 'e')
+  local conf = redis.call('HMGET', hc, 'n', 'ttl', 'b', 'e', 'l', 'cum')
   if not conf[4] then return nil end
-  hist_resync(h, hc)
-  local ttl = tonumber(conf[2])
-  local id = redis.call('XADD', h, '*', 'm', payload, 'x', exclude)
-  redis.call('HINCRBY', hc, 'sz', #payload + #exclude)
-  redis.call('HSET', hc, 'l', id)
-  hist_trim(h, hc, tonumber(conf[1]), id_parts(id) - ttl, tonumber(conf[3]))
-  redis.call('PEXPIRE', h, ttl)
+  local cum = tonumber(conf[6] or '0')
+  local id = redis.call('XADD', h, 'MAXLEN', conf[1], '*', 'm', payload, 'x', exclude, 'p', conf[5] or '0-0', 'c', cum)
+  cum = cum + #payload + #exclude
+  redis.call('HSET', hc, 'l', id, 'cum', cum)
+  hist_trim(h, cum, tonumber(conf[2]), id_parts(id), tonumber(conf[3]))
+  redis.call('PEXPIRE', h, conf[2])
   extend(hc, gexp)
   return offset_of(conf[4], id)
 end
@@ -342,12 +338,11 @@ HISTORY_READ = (
     _PRELUDE
     + _HISTORY
     + """
-local conf = redis.call('HMGET', KEYS[2], 'n', 'ttl', 'b', 'e', 'l')
+local conf = redis.call('HMGET', KEYS[2], 'n', 'ttl', 'b', 'e', 'l', 'cum')
 local epoch, last = conf[4], conf[5]
 if not epoch then return {0} end
 if ARGV[1] ~= '' and ARGV[1] ~= epoch then return {0} end
-hist_resync(KEYS[1], KEYS[2])
-hist_trim(KEYS[1], KEYS[2], tonumber(conf[1]), now_ms() - tonumber(conf[2]), tonumber(conf[3]))
+local first, fields = hist_trim(KEYS[1], tonumber(conf[6] or '0'), tonumber(conf[2]), now_ms(), tonumber(conf[3]))
 local limit = tonumber(ARGV[3])
 if limit <= 0 then limit = tonumber(conf[1]) end
 local entries
@@ -358,8 +353,10 @@ if ARGV[1] == '' then
 else
   local since = ARGV[2]
   if not last or id_before(last, since) then return {0} end
-  local removed = redis.call('HGET', KEYS[2], 't')
-  if removed and id_before(since, removed) then return {0} end
+  -- Complete after since when nothing after it was removed: since is at or after the
+  -- entry before the oldest kept one (with nothing kept: since is the newest).
+  local floor = first and fields['p'] or last
+  if id_before(since, floor) then return {0} end
   entries = redis.call('XRANGE', KEYS[1], '(' .. since, '+', 'COUNT', limit)
 end
 local flat = {}
@@ -374,18 +371,20 @@ return {1, epoch, last and offset_of(epoch, last) or false, flat}
 
 # HISTORY_INFO: how much a room's history holds (memory per room).
 # KEYS[1] P:{g.<room>}:h, KEYS[2] P:{g.<room>}:hc
-# Returns {entries, bytes kept (payloads), MEMORY USAGE of the stream or 0, settings n,
-# ttl ms, b, epoch} or {} when the room keeps no history.
+# Returns {entries, bytes kept (payloads and excluded names), MEMORY USAGE of the stream or
+# 0, settings n, ttl ms, b, epoch} or {} when the room keeps no history.
 HISTORY_INFO = (
     _PRELUDE
     + _HISTORY
     + """
-local conf = redis.call('HMGET', KEYS[2], 'n', 'ttl', 'b', 'e')
+local conf = redis.call('HMGET', KEYS[2], 'n', 'ttl', 'b', 'e', 'l', 'cum')
 if not conf[4] then return {} end
-hist_resync(KEYS[1], KEYS[2])
-local memory = redis.call('MEMORY', 'USAGE', KEYS[1]) or 0
-return {redis.call('XLEN', KEYS[1]), tonumber(redis.call('HGET', KEYS[2], 'sz') or '0'), memory,
-        tonumber(conf[1]), tonumber(conf[2]), tonumber(conf[3]), conf[4]}
+local cum = tonumber(conf[6] or '0')
+local first, fields = hist_trim(KEYS[1], cum, tonumber(conf[2]), now_ms(), tonumber(conf[3]))
+local kept = first and (cum - tonumber(fields['c'])) or 0
+local memory = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', 0) or 0
+return {redis.call('XLEN', KEYS[1]), kept, memory, tonumber(conf[1]), tonumber(conf[2]),
+        tonumber(conf[3]), conf[4]}
 """
 )
 
