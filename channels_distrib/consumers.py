@@ -583,11 +583,6 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         if not await self.can_join_room(room):
             raise RoomForbidden(room)
         layer = self.channel_layer
-        if self.history > 0:
-            # Before the membership: every room send that reaches it is kept too.
-            await layer.history_configure(
-                room, count=self.history, ttl=self.history_ttl, max_bytes=self.history_max_bytes
-            )
         await self._join(room, meta)
         read = None
         if since is not None:
@@ -610,6 +605,11 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     async def _join(self, room: str, meta: Meta | None) -> None:
         if meta is None:
             meta = await self.get_presence_meta()
+        if self.history > 0:
+            # Before the membership: every room send that reaches it is kept too.
+            await self.channel_layer.history_configure(
+                room, count=self.history, ttl=self.history_ttl, max_bytes=self.history_max_bytes
+            )
         self._attempted_rooms.add(room)
         await self.channel_layer.group_add(
             room, self.channel_name, meta=meta, presence=self.presence

@@ -173,6 +173,12 @@ class HistoryConsumer(ProbeConsumer):
         await self.send_json({"type": "reply.hjoin", "room": content["room"], "recovered": recovered})
 
 
+class HistoryLobbyConsumer(HistoryConsumer):
+    """Joins the class-level room ``hlobby`` on connect; it keeps history too."""
+
+    rooms = ("hlobby",)
+
+
 class PlainConsumer(DistributedMixin, AsyncWebsocketConsumer):  # type: ignore[misc]
     """The mixin on the non-JSON base consumer."""
 

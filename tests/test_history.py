@@ -18,7 +18,7 @@ from channels.exceptions import MessageTooLarge
 
 from channels_distrib import api
 from channels_distrib.history import parse_offset, text_with_offset
-from tests.consumer_app import HistoryConsumer, ProbeConsumer
+from tests.consumer_app import HistoryConsumer, HistoryLobbyConsumer, ProbeConsumer
 from tests.consumer_fixtures import connect_fixture, nodes_fixture  # noqa: F401  (fixtures)
 from tests.helpers_layers import nothing_arrives, raw_redis, recv
 
@@ -90,6 +90,20 @@ async def test_room_sends_are_numbered_kept_and_delivered_with_their_offset(
     assert after.known and [e.offset for e in after.entries] == offsets[2:]
     at_end = await receiver.room_history(ROOM, since=offsets[-1])
     assert at_end.known and at_end.entries == []
+
+
+async def test_offsets_survive_a_backlog_that_waits_in_redis(
+    make_layer: Callable[..., Any],
+) -> None:
+    """Past capacity a consumer's messages wait in the inbox stream and are fetched back
+    later: they still carry their offsets, in order."""
+    sender, receiver = make_layer(), make_layer(capacity=2)
+    channel = await _member(receiver)
+    await sender.history_configure(ROOM, count=50)
+    offsets = [await sender.room_send(ROOM, {"type": "m", "n": i}) for i in range(12)]
+    await asyncio.sleep(0.3)  # all read by the node: 2 queued, 10 deferred
+    got = [await recv(receiver, channel) for _ in range(12)]
+    assert [m["offset"] for m in got] == offsets and _n(got) == list(range(12))
 
 
 async def test_plain_group_send_to_a_history_room_is_never_stored(
@@ -381,3 +395,13 @@ async def test_join_while_the_room_receives_500_messages_a_second_has_no_gap_or_
     offsets = [f["offset"] for f in first + rest]
     assert offsets == sorted(offsets)
     await rejoin.assert_none("chat", within=0.3)
+
+
+async def test_class_level_rooms_of_a_history_class_keep_history(
+    connect: Callable[..., Any], nodes: Callable[..., Any]
+) -> None:
+    alice = await connect(HistoryLobbyConsumer)
+    await alice.request("room_send", room="hlobby", message={"type": "chat", "n": 1})
+    frame = await alice.expect("chat")
+    assert parse_offset(frame["offset"]) is not None
+    assert await api.room_history("hlobby") == [{"type": "chat", "n": 1, "offset": frame["offset"]}]
