@@ -21,7 +21,9 @@ The envelope on the channel layer is (documented so other senders can build it):
 
 The JSON is encoded once by the sender, so a group of any size costs one encode, and
 what the client receives is byte for byte what the sender encoded. ``exclude`` names
-one channel (connection) that drops the message instead of forwarding it.
+one channel (connection) that drops the message instead of forwarding it. In a room with
+history (:mod:`channels_distrib.history`) the receiving node adds ``"offset": "<offset>"``
+to the envelope, and the connection adds that key to the JSON object it forwards.
 
 :func:`disconnect_user` and :func:`disconnect_client` send a control message instead,
 which the connection handles by closing its WebSocket with ``code``::

@@ -35,7 +35,8 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import BaseChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 
-from channels_distrib import api, history
+from channels_distrib import api
+from channels_distrib import history as room_history
 from channels_distrib.exceptions import DistribError
 from channels_distrib.types import Member, Message, Meta
 
@@ -592,7 +593,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         await self.room_joined(room, recovered)
         if read is not None and recovered:
             previous = previous_client_id if _is_client_id(previous_client_id) else None
-            await history.replay(self, room, read, previous)
+            await room_history.replay(self, room, read, previous)
         return recovered
 
     async def room_joined(self, room: str, recovered: bool) -> None:
@@ -724,11 +725,11 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
                 "dropping malformed %s envelope for %s", api.ENVELOPE_TYPE, self.channel_name
             )
             return
-        offset = message.get(history.OFFSET_KEY)
+        offset = message.get(room_history.OFFSET_KEY)
         if isinstance(offset, str):  # a room with history: the frame carries its offset
-            if self._history_floors and history.replayed_already(self._history_floors, offset):
+            if self._history_floors and room_history.replayed_already(self._history_floors, offset):
                 return
-            text = history.text_with_offset(text, offset)
+            text = room_history.text_with_offset(text, offset)
         await self.send(text_data=text)
 
     async def distrib_disconnect(self, message: Message) -> None:

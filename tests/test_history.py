@@ -405,3 +405,15 @@ async def test_class_level_rooms_of_a_history_class_keep_history(
     frame = await alice.expect("chat")
     assert parse_offset(frame["offset"]) is not None
     assert await api.room_history("hlobby") == [{"type": "chat", "n": 1, "offset": frame["offset"]}]
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [("history", -1), ("history", 2.5), ("history", True), ("history_ttl", 0),
+     ("history_ttl", "300"), ("history_max_bytes", 0)],
+)
+def test_bad_history_settings_fail_when_the_class_is_defined(attribute: str, value: Any) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match=attribute):
+        type("Bad", (HistoryConsumer,), {attribute: value})
