@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +28,15 @@ if sys.version_info < (3, 11):  # pragma: no cover - the tests use asyncio.timeo
             raise TimeoutError from exc
 
     asyncio.timeout = _timeout  # type: ignore[attr-defined]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and an
+    # ignored signal is inherited by every server a test starts: daphne (Twisted) then never
+    # installs its SIGINT handler and the Ctrl-C tests wait in vain. Tests run as if started
+    # from a terminal.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
