@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from django.core.exceptions import ImproperlyConfigured
@@ -83,6 +83,18 @@ class Heartbeat:
     async def beat(self, first: bool = False) -> None:
         """One heartbeat: stay listed, notice pruning / data loss / flush, find dead nodes."""
         node = self.node
+        if node.transport.cluster:
+            timeout_ms = int(node.config.node_timeout * 1000)
+            result = await node.registry.cluster.beat(
+                node.transport, node.token, node.node_id, self._info(), timeout_ms, first
+            )
+        else:
+            result = await self._beat_standalone(first)
+        self._apply(result, first)
+
+    async def _beat_standalone(self, first: bool) -> list[Any]:
+        """HEARTBEAT, the one script of a beat on a standalone server or Sentinel master."""
+        node = self.node
         keys = [
             *node.keys.table_keys(),
             node.keys.tombstone(node.token),
@@ -103,7 +115,11 @@ class Heartbeat:
             INBOX_MAXLEN,
             node.registry.retention_ms,
         ]
-        result = await node.transport.script("heartbeat", keys, args)
+        return list(await node.transport.script("heartbeat", keys, args))
+
+    def _apply(self, result: list[Any], first: bool) -> None:
+        """Act on a beat's reply: refusals, the clock, a flush, pruning or data loss."""
+        node = self.node
         self._refused(int(result[0]), result)
         self.last_beat = time.monotonic()
         existed, pruned, now_ms = int(result[0]), int(result[1]), int(result[2])

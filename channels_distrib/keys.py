@@ -24,6 +24,12 @@ Under prefix ``P``::
     P:{n.<token>}:full    set     that node's channels currently dropping (senders: ChannelFull)
     P:{n.<token>}:c       hash    that node's channel -> its groups, space separated
     P:{n.<token>}:pruned  string  this node was pruned (it re-announces joins on return)
+    P:{n.<token>}:live    string  Redis Cluster only: the node's deadline ms (its liveness,
+                                  in its own slot)
+    P:{n.<token>}:cp      hash    Redis Cluster only: the index a pruner is removing
+    P:{m.<i>}:seen        hash    Redis Cluster only: node token -> 1, one per master (tag
+                                  m.<i> chosen to land there): a node finding its field gone
+                                  knows that master lost its data
     P:{x}:nodes           zset    node token -> deadline ms (last beat + its node_timeout)
     P:{x}:ni              hash    node token -> msgpack node info
     P:{x}:nid             hash    node id -> token (refuses a second live process with one id)
@@ -124,6 +130,15 @@ class Keys:
 
     def tombstone(self, token: str) -> str:
         return f"{self.prefix}:{{n.{token}}}:pruned"
+
+    def live(self, token: str) -> str:
+        return f"{self.prefix}:{{n.{token}}}:live"
+
+    def pruning(self, token: str) -> str:
+        return f"{self.prefix}:{{n.{token}}}:cp"
+
+    def master_mark(self, index: int) -> str:
+        return f"{self.prefix}:{{m.{index}}}:seen"
 
     # -- the node table -------------------------------------------------------------------
 

@@ -466,7 +466,11 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self.require_valid_group_name(group)
         payload = self._encode(message)
         keys, args = self.registry.group_send_args("g", group, payload)
-        written, queued, dropped = await self._transport().script("group_send", keys, args)
+        transport = self._transport()
+        if transport.cluster:  # two round trips there (channels_distrib.cluster)
+            written, queued, dropped, _ = (await self.registry.fan_out(transport, [(keys, args)]))[0]
+        else:
+            written, queued, dropped = await transport.script("group_send", keys, args)
         self._count_group_send(group, written, queued, dropped)
 
     def _count_group_send(self, group: str, written: int, queued: int, dropped: int) -> None:
@@ -503,7 +507,12 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = self._encode(message)
         keys, args = self.registry.group_send_args("g", room, payload, exclude or "")
         keys += self.history.keys_of(room)
-        written, queued, dropped, offset = await self._transport().script("room_send", keys, args)
+        transport = self._transport()
+        if transport.cluster:  # two round trips there (channels_distrib.cluster)
+            sent = await self.registry.fan_out(transport, [(keys, args)])
+            written, queued, dropped, offset = sent[0]
+        else:
+            written, queued, dropped, offset = await transport.script("room_send", keys, args)
         self._count_group_send(room, written, queued, dropped)
         if not offset:
             return None

@@ -503,15 +503,7 @@ class Presence:
                     }
                     private.append((channel, serializer.dumps(mine)))
         if sends:
-            script = node.transport.scripts["group_send"]
-
-            async def send_all(client: Any) -> None:
-                async with client.pipeline(transaction=False) as pipe:
-                    for keys, args in sends:
-                        await script(keys=keys, args=args, client=pipe)
-                    await pipe.execute()
-
-            await node.transport.run(send_all)
+            await node.registry.fan_out(node.transport, sends)
             self.diffs_sent += len(sends)
         expires = time.monotonic() + node.config.expiry
         for channel, payload in private:

@@ -13,6 +13,8 @@ from typing import Any
 
 import msgpack
 
+from .cluster import INBOX_MAXLEN as INBOX_MAXLEN  # re-exported: heartbeat, layers
+from .cluster import ClusterOps
 from .config import LayerConfig
 from .keys import Keys
 from .serializers import Serializer
@@ -22,8 +24,6 @@ from .types import Member, Meta, NodeInfo, NodeStats
 
 logger = logging.getLogger(__name__)
 
-#: Approximate cap on inbox length (entries); older entries are trimmed by XADD.
-INBOX_MAXLEN = 100_000
 
 
 def token_of(channel: str) -> str:
@@ -89,6 +89,7 @@ class Registry:
         self.retention_ms = int(max(config.expiry, config.node_timeout) * 1000) + 1000
         # The node table outlives the last node long enough for a restarted one to prune it.
         self.table_ttl_ms = int(max(config.group_expiry, config.node_timeout * 10) * 1000)
+        self.cluster = ClusterOps(self)  # the multi-slot steps, on Redis Cluster
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -130,7 +131,10 @@ class Registry:
             self.node_ttl_ms,
             "1" if read_state else "0",
         ]
-        reply = await t.script("group_add", self._membership_keys(group, channel, token), args)
+        if t.cluster:
+            reply = await self.cluster.add(t, group, channel, token, args)
+        else:
+            reply = await t.script("group_add", self._membership_keys(group, channel, token), args)
         if int(reply[0]) != 1:
             return None
         _ok, old, old_presence, stored, flat = reply
@@ -140,6 +144,8 @@ class Registry:
     async def discard(self, t: Transport, group: str, channel: str, notify: bool) -> bytes | None:
         """Remove one membership; returns its presence record when it was a presence member."""
         token = token_of(channel)
+        if t.cluster:
+            return await self.cluster.discard(t, group, channel, token, notify)
         keys = self._membership_keys(group, channel, token)
         del keys[7]  # GROUP_DISCARD takes no node table
         args = [group, channel, token, "1" if notify and token else "0", INBOX_MAXLEN]
@@ -149,6 +155,8 @@ class Registry:
     async def sync(self, t: Transport, token: str, items: list[Any]) -> list[Any] | None:
         """Write a batch of one node's memberships (flat op, group, channel, record, presence
         quintuples); returns the flat presence changes, or None when the node is not live."""
+        if t.cluster:
+            return await self.cluster.sync(t, token, items)
         keys = [self.keys.nodes, self.keys.node_channels(token)]
         args = [
             self.keys.prefix,
@@ -201,8 +209,7 @@ class Registry:
         payload = self.serializer.dumps(
             {"type": "presence.diff", "group": group, "joins": joins, "leaves": leaves}
         )
-        keys, args = self.group_send_args("p", group, payload, exclude)
-        await t.script("group_send", keys, args)
+        await self.fan_out(t, [self.group_send_args("p", group, payload, exclude)])
 
     async def send_diffs(
         self,
@@ -214,22 +221,39 @@ class Registry:
         groups = sorted(set(joins) | set(leaves))
         if not groups:
             return
-        script = t.scripts["group_send"]
+        sends = []
+        for group in groups:
+            diff = {
+                "type": "presence.diff",
+                "group": group,
+                "joins": joins.get(group, []),
+                "leaves": leaves.get(group, []),
+            }
+            sends.append(self.group_send_args("p", group, self.serializer.dumps(diff)))
+        await self.fan_out(t, sends)
 
-        async def send_all(client: Any) -> None:
+    async def fan_out(
+        self, t: Transport, sends: list[tuple[list[str], list[Any]]], script: str = "group_send"
+    ) -> list[tuple[int, int, int, Any]]:
+        """Group sends given as GROUP_SEND's (or ROOM_SEND's) KEYS and ARGV, in one pipeline
+        (one round trip; two on a cluster, see :mod:`channels_distrib.cluster`). Returns
+        (nodes written, queued, dropped, room offset or None) for each."""
+        if t.cluster:
+            return await self.cluster.fan_out(t, sends)
+        if len(sends) == 1:
+            keys, args = sends[0]
+            reply = await t.script(script, keys, args)
+            return [(int(reply[0]), int(reply[1]), int(reply[2]), reply[3] if len(reply) > 3 else None)]
+        runner = t.scripts[script]
+
+        async def send_all(client: Any) -> list[Any]:
             async with client.pipeline(transaction=False) as pipe:
-                for group in groups:
-                    diff = {
-                        "type": "presence.diff",
-                        "group": group,
-                        "joins": joins.get(group, []),
-                        "leaves": leaves.get(group, []),
-                    }
-                    keys, args = self.group_send_args("p", group, self.serializer.dumps(diff))
-                    await script(keys=keys, args=args, client=pipe)
-                await pipe.execute()
+                for keys, args in sends:
+                    await runner(keys=keys, args=args, client=pipe)
+                return list(await pipe.execute())
 
-        await t.run(send_all)
+        replies = await t.run(send_all)
+        return [(int(r[0]), int(r[1]), int(r[2]), r[3] if len(r) > 3 else None) for r in replies]
 
     async def send_leave_diffs(self, t: Transport, flat: list[Any]) -> None:
         """One diff per group for flat (group, channel, record) triples from PRUNE_NODE."""
@@ -247,6 +271,11 @@ class Registry:
             self.keys.full(token),
             self.keys.tombstone(token),
         ]
+        if t.cluster:
+            removed, _leaves = await self.cluster.prune_token(t, token, own)
+            if removed and not own:
+                self.counters.prunes += 1
+            return removed
         args = [self.keys.prefix, token, self.retention_ms, "1" if own else "0"]
         result = await t.script("prune_node", keys, args)
         if not result or int(result[0]) != 1:

@@ -93,12 +93,12 @@ local function add_member(g, side, group, channel, token, record, presence, gexp
   if token == '' then
     redis.call('ZADD', g[5], now_ms(), channel)
     redis.call('HSET', g[6], channel, capacity)
-    redis.call('SADD', side, group)
-    extend(g[5], gexp); extend(g[6], gexp); extend(side, gexp)
+    if side then redis.call('SADD', side, group); extend(side, gexp) end
+    extend(g[5], gexp); extend(g[6], gexp)
   else
     if not old then redis.call('HINCRBY', g[2], token, 1) end
-    add_word(side, channel, group)
-    extend(g[2], gexp); extend(side, node_ttl)
+    if side then add_word(side, channel, group); extend(side, node_ttl) end
+    extend(g[2], gexp)
   end
   if presence == '1' then
     redis.call('HSET', g[4], channel, record)
@@ -113,7 +113,9 @@ local function add_member(g, side, group, channel, token, record, presence, gexp
 end
 local function remove_member(g, side, group, channel, token)
   -- The channel's own index is cleaned even when the group hash had no entry (self-healing).
-  if token == '' then
+  -- `side` is false on Redis Cluster, where the index lives in another slot (CLUSTER_*).
+  if not side then
+  elseif token == '' then
     redis.call('SREM', side, group)
   else
     remove_word(side, channel, group)
@@ -677,6 +679,299 @@ return {now_ms(), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'), redis.call
 """
 )
 
+# -- Redis Cluster ----------------------------------------------------------------------------
+# On a cluster a script may only touch keys of one slot, so the multi-slot scripts above are
+# split by slot (channels_distrib.cluster runs them): the node's own keys ({n.<token>}), the
+# node table ({x}), and each group ({g.<group>}). A node's liveness for these scripts is its
+# live mark P:{n.<token>}:live (its deadline ms, written by CLUSTER_BEAT_NODE), in its own
+# slot, so a refused add and a pruning claim are decided atomically with the node's index.
+
+# CLUSTER_FAN_READ: the first of a cluster group send's two round trips, on the group's slot:
+# the nodes to append to, the normal-channel members to queue for (past group_expiry ones are
+# removed here; their own group sets expire by TTL), and for a room with history the message
+# stored and numbered (as ROOM_SEND).
+# KEYS[1] P:{g.<group>}:n (or :p), KEYS[2] :q, KEYS[3] :m, KEYS[4] :qc, KEYS[5] :pm; for a
+# room send also KEYS[6] :h, KEYS[7] :hc
+# ARGV[1] kind 'g'/'p', ARGV[2] payload, ARGV[3] channel to exclude ('' for none),
+# ARGV[4] group_expiry ms, ARGV[5] default capacity
+# Returns {node tokens, flat channel/capacity list, offset or false}.
+CLUSTER_FAN_READ = (
+    _PRELUDE
+    + _MEMBERSHIP
+    + _HISTORY
+    + """
+local kind, payload, exclude, gexp = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local offset = false
+if KEYS[7] then offset = hist_append(KEYS[6], KEYS[7], payload, exclude, gexp) or false end
+local queues = {}
+if kind == 'g' and redis.call('EXISTS', KEYS[2]) == 1 then
+  local g = {KEYS[3], '', '', KEYS[5], KEYS[2], KEYS[4]}
+  for _, channel in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms() - gexp)) do
+    remove_member(g, false, '', channel, '')
+  end
+  for _, channel in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if channel ~= exclude then
+      table.insert(queues, channel)
+      table.insert(queues, redis.call('HGET', KEYS[4], channel) or ARGV[5])
+    end
+  end
+end
+return {redis.call('HKEYS', KEYS[1]), queues, offset}
+"""
+)
+
+# CLUSTER_ADD_SIDE: the channel's side of GROUP_ADD, run first: refused unless the owning
+# node is live; writes the channel's index, stamps the record, tells the owning node.
+# KEYS[1] the channel's index (P:{n.<token>}:c, or P:{c.<channel>}:g for a normal channel),
+# KEYS[2] the node's live mark, KEYS[3] its inbox (both KEYS[1] for a normal channel)
+# ARGV[1] group, ARGV[2] channel, ARGV[3] token ('' for a normal channel), ARGV[4] record
+# (':<msgpack>' is stamped here), ARGV[5] presence '1'/'0', ARGV[6] group_expiry ms,
+# ARGV[7] '1' to notify the owning node, ARGV[8] inbox max length, ARGV[9] node key TTL ms
+# Returns {0} when refused (the node is not live); else {1, the stamped record}.
+CLUSTER_ADD_SIDE = (
+    _PRELUDE
+    + _WORDS
+    + """
+local group, channel, token, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if string.sub(record, 1, 1) == ':' then record = now_ms() .. record end
+if token == '' then
+  redis.call('SADD', KEYS[1], group)
+  extend(KEYS[1], tonumber(ARGV[6]))
+  return {1, record}
+end
+local deadline = redis.call('GET', KEYS[2])
+if not deadline or tonumber(deadline) < now_ms() then return {0} end
+add_word(KEYS[1], channel, group)
+extend(KEYS[1], tonumber(ARGV[9]))
+if ARGV[7] == '1' then
+  redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', ARGV[5])
+end
+return {1, record}
+"""
+)
+
+# CLUSTER_ADD_GROUP: the group's side of GROUP_ADD, after CLUSTER_ADD_SIDE accepted it.
+# KEYS[1..6] the group's m, n, p, pm, q, qc
+# ARGV[1] group, ARGV[2] channel, ARGV[3] token, ARGV[4] stamped record, ARGV[5] presence,
+# ARGV[6] group_expiry ms, ARGV[7] capacity (normal channels), ARGV[8] '0' to skip reading
+# the presence state
+# Returns {1, old record or false, old presence record or false, record, presence state}.
+CLUSTER_ADD_GROUP = (
+    _PRELUDE
+    + _MEMBERSHIP
+    + """
+local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local old, old_presence, record = add_member(g, false, ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], 0)
+local state = {}
+if ARGV[5] == '1' and ARGV[8] ~= '0' then state = redis.call('HGETALL', KEYS[4]) end
+return {1, old or false, old_presence or false, record, state}
+"""
+)
+
+# CLUSTER_DISCARD_SIDE: the channel's side of GROUP_DISCARD (sent with CLUSTER_DISCARD_GROUP
+# in one pipeline; each is idempotent).
+# KEYS[1] the channel's index, KEYS[2] the owning node's inbox (or KEYS[1])
+# ARGV[1] group, ARGV[2] channel, ARGV[3] token, ARGV[4] '1' to notify, ARGV[5] inbox max length
+# Returns 1.
+CLUSTER_DISCARD_SIDE = (
+    _WORDS
+    + """
+if ARGV[3] == '' then redis.call('SREM', KEYS[1], ARGV[1]) else remove_word(KEYS[1], ARGV[2], ARGV[1]) end
+if ARGV[4] == '1' then
+  redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', ARGV[1], 'c', ARGV[2])
+end
+return 1
+"""
+)
+
+# CLUSTER_DISCARD_GROUP: the group's side of GROUP_DISCARD; also how a pruner or a sync
+# removes: the HDEL's result says who removed it, so a leave is announced once.
+# KEYS[1..6] the group's m, n, p, pm, q, qc
+# ARGV[1] group, ARGV[2] token, then channels to remove
+# Returns a flat list: for each channel removed, the channel and its presence record or ''.
+CLUSTER_DISCARD_GROUP = (
+    _PRELUDE
+    + _MEMBERSHIP
+    + """
+local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local result = {}
+for i = 3, #ARGV do
+  local removed, presence = remove_member(g, false, ARGV[1], ARGV[i], ARGV[2])
+  if removed then table.insert(result, ARGV[i]); table.insert(result, presence or '') end
+end
+return result
+"""
+)
+
+# CLUSTER_SYNC_SIDE: the node's side of SYNC, run first: refused while the node is not live.
+# KEYS[1] the node's live mark, KEYS[2] its channel hash
+# ARGV[1] node key TTL ms, then triples: op ('a'/'r'), group, channel
+# Returns 1, or 0 when the node is not live (nothing written).
+CLUSTER_SYNC_SIDE = (
+    _PRELUDE
+    + _WORDS
+    + """
+local deadline = redis.call('GET', KEYS[1])
+if not deadline or tonumber(deadline) < now_ms() then return 0 end
+for i = 2, #ARGV, 3 do
+  if ARGV[i] == 'a' then add_word(KEYS[2], ARGV[i + 2], ARGV[i + 1])
+  else remove_word(KEYS[2], ARGV[i + 2], ARGV[i + 1]) end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then extend(KEYS[2], tonumber(ARGV[1])) end
+return 1
+"""
+)
+
+# CLUSTER_SYNC_GROUP: one group's part of a SYNC batch (one per group, pipelined per master).
+# KEYS[1..6] the group's m, n, p, pm, q, qc
+# ARGV[1] group, ARGV[2] token, ARGV[3] group_expiry ms, then quadruples: op, channel, record,
+# presence
+# Returns flat kind, channel, record triples, kinds as SYNC's ('j', 'l', 's').
+CLUSTER_SYNC_GROUP = (
+    _PRELUDE
+    + _MEMBERSHIP
+    + """
+local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local group, token, gexp = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local changes = {}
+for i = 4, #ARGV, 4 do
+  local op, channel, given, presence = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local kind, record = false, false
+  if op == 'a' then
+    local _, old_presence
+    _, old_presence, record = add_member(g, false, group, channel, token, given, presence, gexp, 0, 0)
+    if presence == '1' and not old_presence then kind = 'j'
+    elseif string.sub(given, 1, 1) == ':' then kind = 's' end
+  else
+    local _, removed_presence = remove_member(g, false, group, channel, token)
+    if removed_presence then kind, record = 'l', removed_presence end
+  end
+  if kind then
+    table.insert(changes, kind); table.insert(changes, channel); table.insert(changes, record)
+  end
+end
+return changes
+"""
+)
+
+# CLUSTER_BEAT_TABLE: the node table's side of HEARTBEAT (slot {x}), run first.
+# KEYS[1..4] P:{x}:nodes, ni, nid, tid; KEYS[5] P:{x}:flush
+# ARGV[1] token, ARGV[2] node id, ARGV[3] node info, ARGV[4] node_timeout ms, ARGV[5] '1' on
+# first registration, ARGV[6] node table TTL ms
+# Returns {-1, other token} / {-2} as HEARTBEAT; else {1, now ms, flush epoch or '', dead
+# tokens (at most 16), live node count}.
+CLUSTER_BEAT_TABLE = (
+    _PRELUDE
+    + """
+local token, node_id = ARGV[1], ARGV[2]
+local now = now_ms()
+if ARGV[5] == '1' then
+  if redis.call('ZSCORE', KEYS[1], token) or redis.call('HEXISTS', KEYS[4], token) == 1 then
+    return {-2}
+  end
+  local other = redis.call('HGET', KEYS[3], node_id)
+  if other and other ~= token then
+    local other_deadline = redis.call('ZSCORE', KEYS[1], other)
+    if other_deadline and tonumber(other_deadline) >= now then return {-1, other} end
+  end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), token)
+redis.call('HSET', KEYS[2], token, ARGV[3])
+redis.call('HSET', KEYS[3], node_id, token)
+redis.call('HSET', KEYS[4], token, node_id)
+for i = 1, 4 do extend(KEYS[i], tonumber(ARGV[6])) end
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
+return {1, now, redis.call('GET', KEYS[5]) or '', dead, redis.call('ZCOUNT', KEYS[1], now, '+inf')}
+"""
+)
+
+# CLUSTER_BEAT_NODE: the node's own side of HEARTBEAT (slot {n.<token>}).
+# KEYS[1] live mark, KEYS[2] tombstone, KEYS[3] inbox, KEYS[4] full set, KEYS[5] channel hash
+# ARGV[1] node_timeout ms, ARGV[2] '1' on first registration, ARGV[3] node key TTL ms,
+# ARGV[4] inbox max length, ARGV[5] inbox retention ms
+# Returns {-2} on a token collision; else {live mark existed 1/0, was pruned 1/0, newest
+# inbox entry id}.
+CLUSTER_BEAT_NODE = (
+    _PRELUDE
+    + """
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) > 0 then return {-2} end
+local now = now_ms()
+local existed = redis.call('EXISTS', KEYS[1])
+local pruned = redis.call('EXISTS', KEYS[2])
+-- The mark holds the deadline and outlives it (node key TTL): a late beat is told from a lost one.
+redis.call('SET', KEYS[1], now + tonumber(ARGV[1]), 'PX', ARGV[3])
+if pruned == 1 then redis.call('DEL', KEYS[2]) end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'o', 'n')
+end
+for i = 3, 5 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
+redis.call('XTRIM', KEYS[3], 'MINID', '~', now - tonumber(ARGV[5]))
+local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+return {existed, pruned, newest[1] and newest[1][1] or '0-0'}
+"""
+)
+
+# CLUSTER_PRUNE_CLAIM: the first step of pruning a node on a cluster, in its own slot: once
+# its deadline has passed, its channel index moves into P:{n.<token>}:cp (merged with what a
+# pruner that died midway left there), its live mark goes and its tombstone is set. The
+# group removals that follow are idempotent and P:{n.<token>}:cp is deleted only after them,
+# so a pruner that dies midway is finished by the next one.
+# KEYS[1] live mark, KEYS[2] channel hash, KEYS[3] the pruning index (:cp), KEYS[4] inbox,
+# KEYS[5] full set, KEYS[6] tombstone
+# ARGV[1] '1' when a node removes itself on a clean stop, ARGV[2] retention ms
+# Returns {0} when the node is live; else {1, flat channel/groups list still to remove}.
+CLUSTER_PRUNE_CLAIM = (
+    _PRELUDE
+    + _WORDS
+    + """
+local own = ARGV[1] == '1'
+if not own then
+  local deadline = redis.call('GET', KEYS[1])
+  if deadline and tonumber(deadline) >= now_ms() then return {0} end
+end
+local index = redis.call('HGETALL', KEYS[2])
+for i = 1, #index, 2 do
+  for group in string.gmatch(index[i + 1], '%S+') do add_word(KEYS[3], index[i], group) end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[5])
+if own then
+  redis.call('DEL', KEYS[4])
+else
+  redis.call('PEXPIRE', KEYS[4], ARGV[2])
+  redis.call('SET', KEYS[6], '1', 'PX', ARGV[2])
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+return {1, redis.call('HGETALL', KEYS[3])}
+"""
+)
+
+# CLUSTER_PRUNE_TABLE: the last step of pruning: the node leaves the node table, unless it
+# beat again meanwhile (then it re-registers itself: its beat saw the tombstone).
+# KEYS[1..4] P:{x}:nodes, ni, nid, tid
+# ARGV[1] token, ARGV[2] '1' on a clean stop (no deadline check)
+# Returns 1 when this call removed the node's entry, else 0.
+CLUSTER_PRUNE_TABLE = (
+    _PRELUDE
+    + """
+local token = ARGV[1]
+if ARGV[2] ~= '1' then
+  local seen = redis.call('ZSCORE', KEYS[1], token)
+  if seen and tonumber(seen) >= now_ms() then return 0 end
+end
+local removed = redis.call('ZREM', KEYS[1], token)
+redis.call('HDEL', KEYS[2], token)
+local node_id = redis.call('HGET', KEYS[4], token)
+if node_id then
+  if redis.call('HGET', KEYS[3], node_id) == token then redis.call('HDEL', KEYS[3], node_id) end
+  redis.call('HDEL', KEYS[4], token)
+end
+return removed
+"""
+)
+
+
 ALL = {
     "send_queue": SEND_QUEUE,
     "send_inbox": SEND_INBOX,
@@ -695,4 +990,15 @@ ALL = {
     "inflight_ack": INFLIGHT_ACK,
     "restore_inflight": RESTORE_INFLIGHT,
     "take_tokens": TAKE_TOKENS,
+    "cluster_fan_read": CLUSTER_FAN_READ,
+    "cluster_add_side": CLUSTER_ADD_SIDE,
+    "cluster_add_group": CLUSTER_ADD_GROUP,
+    "cluster_discard_side": CLUSTER_DISCARD_SIDE,
+    "cluster_discard_group": CLUSTER_DISCARD_GROUP,
+    "cluster_sync_side": CLUSTER_SYNC_SIDE,
+    "cluster_sync_group": CLUSTER_SYNC_GROUP,
+    "cluster_beat_table": CLUSTER_BEAT_TABLE,
+    "cluster_beat_node": CLUSTER_BEAT_NODE,
+    "cluster_prune_claim": CLUSTER_PRUNE_CLAIM,
+    "cluster_prune_table": CLUSTER_PRUNE_TABLE,
 }

@@ -99,3 +99,33 @@ async def test_named_channels_on_a_cluster(make_cluster_layer: Any) -> None:
         name = f"named.{uuid.uuid4().hex[:6]}"
         await sender.send(name, {"type": "m", "i": i})
         assert (await receiver.receive(name))["i"] == i
+
+
+@pytest.mark.cluster
+async def test_process_local_channels_groups_and_queries_on_a_cluster(
+    make_cluster_layer: Any,
+) -> None:
+    a, b = make_cluster_layer(), make_cluster_layer()
+    ca, cb = await a.new_channel(), await b.new_channel()
+    await a.send(cb, {"type": "direct"})
+    assert (await b.receive(cb))["type"] == "direct"
+    named = f"named.{uuid.uuid4().hex[:6]}"
+    for group in ("g1", "g2"):
+        await a.group_add(group, ca, meta={"n": "a"})
+        await b.group_add(group, cb)
+        await a.group_add(group, named)
+    await b.group_send("g1", {"type": "hello"})
+    assert (await a.receive(ca))["type"] == "hello"
+    assert (await b.receive(cb))["type"] == "hello"
+    assert (await a.receive(named))["type"] == "hello"
+    assert await a.group_size("g1") == 3
+    assert await b.group_channels("g2") == {ca, cb, named}
+    members = {m.channel: m for m in await a.group_members("g1")}
+    assert members[ca].meta == {"n": "a"} and members[ca].node_id == a.node_id
+    assert await b.channel_groups(ca) == {"g1", "g2"}
+    assert await b.channel_groups(named) == {"g1", "g2"}
+    assert {n.node_id for n in await a.nodes()} == {a.node_id, b.node_id}
+    assert await a.node_channels(b.node_id) == {cb}
+    await a.group_discard("g1", cb)
+    assert await a.group_channels("g1") == {ca, named}
+    assert await b.channel_groups(cb) == {"g2"}

@@ -1,0 +1,313 @@
+"""The registry's multi-slot steps on Redis Cluster: read, then pipeline per slot.
+
+On a standalone server (or a Sentinel master) one script does each of these atomically. On
+a cluster a script reaches one slot only, so each is split by slot (scripts ``CLUSTER_*``):
+
+- group send: one script on the group's slot reads its nodes (and stores and numbers a room
+  message), then the inbox appends and queue pushes go out in one pipeline, which redis-py
+  sends to every master concurrently: 2 sequential round trips whatever the group size.
+- group_add: the channel's side first (refused unless its node is live, atomically with the
+  node's index), then the group's side: 2 round trips. group_discard: both sides in one
+  pipeline (1 round trip).
+- sync: the node's side (liveness, index), then one script per group pipelined: 2.
+- heartbeat: the node table, then the node's own keys and one mark per master, by which a
+  node sees that a master lost its data (it then re-registers its memberships).
+- pruning: a claim in the node's slot (atomic: exactly when its deadline has passed), then
+  per-group removals (idempotent; the group's HDEL decides who announces a leave, so two
+  pruners never announce one twice), the leave diffs, and last the node table. A pruner
+  that dies midway leaves the claimed index in ``:cp`` and the node listed as dead, so the
+  next pruner finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
+
+from .scripts import ALL as SCRIPT_SOURCES
+
+#: Approximate cap on inbox length (entries); older entries are trimmed by XADD.
+INBOX_MAXLEN = 100_000
+
+if TYPE_CHECKING:
+    from .registry import Registry
+    from .transport import Client, Transport
+
+logger = logging.getLogger(__name__)
+
+#: One script call: name, KEYS, ARGV.
+Call = tuple[str, list[str], list[Any]]
+
+#: How many candidate tags are tried to find one that lands on each master.
+MARK_TAGS = 4096
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _noscript(result: object) -> bool:
+    return isinstance(result, NoScriptError) or (
+        isinstance(result, ResponseError) and str(result).startswith("NOSCRIPT")
+    )
+
+
+async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    """Run scripts (and plain commands, as ``("command", (args...))``) in one pipeline.
+
+    redis-py splits a cluster pipeline by master and sends the parts concurrently: one
+    round trip. A master restarted empty answers NOSCRIPT to the scripts it lost; those did
+    not run, so only they are sent again once the scripts are loaded everywhere.
+    """
+    if not calls:
+        return []
+
+    async def send(client: Client, todo: Sequence[Any]) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for call in todo:
+                if call[0] == "command":
+                    pipe.execute_command(*call[1])
+                else:
+                    name, keys, args = call
+                    # evalsha() is blocked on cluster pipelines; the command itself is routed by key.
+                    pipe.execute_command("EVALSHA", t.scripts[name].sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    results = await t.run(lambda c: send(c, calls))
+    missing = [i for i, result in enumerate(results) if _noscript(result)]
+    if missing:
+        await load_scripts(t)
+        again = await t.run(lambda c: send(c, [calls[i] for i in missing]))
+        for i, result in zip(missing, again, strict=True):
+            results[i] = result
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results
+
+
+async def load_scripts(t: Transport) -> None:
+    """SCRIPT LOAD every script on every master (a cluster sends SCRIPT LOAD to all)."""
+
+    async def load(client: Client) -> None:
+        for source in SCRIPT_SOURCES.values():
+            await client.script_load(source)
+
+    await t.run(load)
+
+
+def master_tags(client: RedisCluster, prefix: str) -> list[int]:
+    """For each master, the lowest ``i`` whose key ``P:{m.<i>}:seen`` lands on it."""
+    slots = client.nodes_manager.slots_cache
+    found: dict[str, int] = {}
+    masters = {node.name for node in client.get_primaries()}
+    for i in range(MARK_TAGS):
+        holders = slots.get(client.keyslot(f"{prefix}:{{m.{i}}}:seen"))
+        if holders and holders[0].name not in found:
+            found[holders[0].name] = i
+            if len(found) == len(masters):
+                break
+    return sorted(found.values())
+
+
+class ClusterOps:
+    """The registry's writes and fan-out on Redis Cluster; one per registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.keys = registry.keys
+
+    # -- group send -----------------------------------------------------------------------
+
+    async def fan_out(self, t: Transport, sends: Sequence[tuple[list[str], list[Any]]]) -> list[
+        tuple[int, int, int, Any]
+    ]:
+        """Group sends given as GROUP_SEND's (KEYS, ARGV) (a room send's KEYS carry the
+        history keys too); returns (nodes written, queued, dropped, offset) for each."""
+        reads = [
+            ("cluster_fan_read", list(keys), [a[1], a[3], a[4], a[7], a[8]])
+            for keys, a in sends
+        ]
+        found = await pipelined(t, reads)
+        writes: list[Any] = []
+        owners: list[tuple[int, str]] = []
+        for n, ((_keys, a), (tokens, queues, offset)) in enumerate(zip(sends, found, strict=True)):
+            _prefix, kind, group, payload, exclude, maxlen, expiry = a[:7]
+            fields: list[Any] = [kind, group, "m", payload]
+            if exclude:
+                fields += ["x", exclude]
+            if offset:
+                fields += ["h", offset]
+            for token in tokens:
+                inbox = self.keys.inbox(_text(token))
+                writes.append(
+                    ("command", ("XADD", inbox, "NOMKSTREAM", "MAXLEN", "~", maxlen, "*", *fields))
+                )
+                owners.append((n, "inbox"))
+            for i in range(0, len(queues), 2):
+                queue = self.keys.queue(_text(queues[i]))
+                writes.append(("send_queue", [queue], [payload, int(queues[i + 1]), expiry]))
+                owners.append((n, "queue"))
+        counts = [[0, 0, 0, offset] for _tokens, _queues, offset in found]
+        for (n, what), result in zip(owners, await pipelined(t, writes), strict=True):
+            if what == "inbox":
+                counts[n][0] += result is not None
+            elif result:
+                counts[n][1] += 1
+            else:
+                counts[n][2] += 1
+        return [(int(c[0]), int(c[1]), int(c[2]), c[3]) for c in counts]
+
+    # -- memberships ----------------------------------------------------------------------
+
+    async def add(self, t: Transport, group: str, channel: str, token: str, args: list[Any]) -> Any:
+        """GROUP_ADD as its two steps; ``args`` are GROUP_ADD's ARGV. Returns its reply."""
+        k = self.keys
+        side = k.node_channels(token) if token else k.channel_groups(channel)
+        live, inbox = (k.live(token), k.inbox(token)) if token else (side, side)
+        group_, channel_, token_, record, presence, gexp, notify, maxlen, cap, ttl, state = args
+        accepted = await t.script(
+            "cluster_add_side",
+            [side, live, inbox],
+            [group_, channel_, token_, record, presence, gexp, notify, maxlen, ttl],
+        )
+        if int(accepted[0]) != 1:
+            return [0]
+        return await t.script(
+            "cluster_add_group",
+            k.group_keys(group),
+            [group_, channel_, token_, accepted[1], presence, gexp, cap, state],
+        )
+
+    async def discard(
+        self, t: Transport, group: str, channel: str, token: str, notify: bool
+    ) -> bytes | None:
+        """GROUP_DISCARD's two sides in one pipeline; the presence record if it was one."""
+        k = self.keys
+        side = k.node_channels(token) if token else k.channel_groups(channel)
+        inbox = k.inbox(token) if token else side
+        _side, removed = await pipelined(
+            t,
+            [
+                (
+                    "cluster_discard_side",
+                    [side, inbox],
+                    [group, channel, token, "1" if notify and token else "0", INBOX_MAXLEN],
+                ),
+                ("cluster_discard_group", k.group_keys(group), [group, token, channel]),
+            ],
+        )
+        if removed and removed[1]:
+            return bytes(removed[1]) if not isinstance(removed[1], str) else removed[1].encode()
+        return None
+
+    async def sync(self, t: Transport, token: str, items: list[Any]) -> list[Any] | None:
+        """SYNC as the node's side then one script per group; SYNC's flat changes or None."""
+        k = self.keys
+        side: list[Any] = [self.registry.node_ttl_ms]
+        per_group: dict[str, list[Any]] = defaultdict(list)
+        for i in range(0, len(items), 5):
+            op, group, channel, record, presence = items[i : i + 5]
+            side += [op, group, channel]
+            per_group[_text(group)] += [op, channel, record, presence]
+        if not await t.script("cluster_sync_side", [k.live(token), k.node_channels(token)], side):
+            return None
+        gexp = int(self.registry.config.group_expiry * 1000)
+        groups = sorted(per_group)
+        calls: list[Call] = [
+            ("cluster_sync_group", k.group_keys(g), [g, token, gexp, *per_group[g]])
+            for g in groups
+        ]
+        changes: list[Any] = []
+        for group, flat in zip(groups, await pipelined(t, calls), strict=True):
+            for i in range(0, len(flat), 3):
+                changes += [flat[i], group, flat[i + 1], flat[i + 2]]
+        return changes
+
+    # -- pruning --------------------------------------------------------------------------
+
+    async def prune_token(self, t: Transport, token: str, own: bool) -> tuple[bool, list[Any]]:
+        """Claim, remove per group, then leave the table. Returns (whether this call removed
+        the node's table entry, flat group/channel/record triples of presence leaves)."""
+        k = self.keys
+        registry = self.registry
+        claim = await t.script(
+            "cluster_prune_claim",
+            [k.live(token), k.node_channels(token), k.pruning(token), k.inbox(token),
+             k.full(token), k.tombstone(token)],
+            ["1" if own else "0", registry.retention_ms],
+        )
+        if int(claim[0]) != 1:
+            return False, []
+        flat = claim[1]
+        by_group: dict[str, list[str]] = defaultdict(list)
+        for i in range(0, len(flat), 2):
+            for group in _text(flat[i + 1]).split():
+                by_group[group].append(_text(flat[i]))
+        groups = sorted(by_group)
+        calls: list[Call] = [
+            ("cluster_discard_group", k.group_keys(g), [g, token, *by_group[g]]) for g in groups
+        ]
+        leaves: list[Any] = []
+        for group, removed in zip(groups, await pipelined(t, calls), strict=True):
+            for i in range(0, len(removed), 2):
+                if removed[i + 1]:
+                    leaves += [group, removed[i], removed[i + 1]]
+        # The leaves go out before the claim is dropped: a pruner dying here leaves the node
+        # listed as dead, and the next one removes (and announces) what is left, nothing twice.
+        await registry.send_leave_diffs(t, leaves)
+        await t.run(lambda c: c.delete(k.pruning(token)))
+        removed_entry = await t.script(
+            "cluster_prune_table", k.table_keys(), [token, "1" if own else "0"]
+        )
+        return bool(int(removed_entry)) or own, leaves
+
+    # -- heartbeat ------------------------------------------------------------------------
+
+    async def beat(
+        self, t: Transport, token: str, node_id: str, info: bytes, timeout_ms: int, first: bool
+    ) -> list[Any]:
+        """HEARTBEAT on a cluster: the node table, then the node's keys and its mark on
+        every master. Returns HEARTBEAT's reply (existed is 0 when the node's own keys or
+        any master's mark were gone: that master lost its data)."""
+        k, registry = self.keys, self.registry
+        flag = "1" if first else "0"
+        table = await t.script(
+            "cluster_beat_table",
+            [*k.table_keys(), k.flush],
+            [token, node_id, info, timeout_ms, flag, registry.table_ttl_ms],
+        )
+        if int(table[0]) != 1:
+            return list(table)
+        own = await t.script(
+            "cluster_beat_node",
+            [k.live(token), k.tombstone(token), k.inbox(token), k.full(token),
+             k.node_channels(token)],
+            [timeout_ms, flag, registry.node_ttl_ms, INBOX_MAXLEN, registry.retention_ms],
+        )
+        if int(own[0]) == -2:
+            return [-2]
+        lost = await self._marks(t, token)
+        existed = int(own[0]) == 1 and not lost
+        if lost and not first:
+            logger.warning("A Redis Cluster master lost its data (node %s re-registers)", node_id)
+        _ok, now_ms, flush, dead, alive = table
+        return [int(existed), int(own[1]), now_ms, flush, dead, own[2], alive]
+
+    async def _marks(self, t: Transport, token: str) -> bool:
+        """Set this node's field in every master's mark; True when one had to be created."""
+        client = t.client
+        assert isinstance(client, RedisCluster)
+        await t.run(lambda c: client.initialize())
+        ttl = self.registry.table_ttl_ms
+        calls: list[Any] = []
+        for i in master_tags(client, self.keys.prefix):
+            mark = self.keys.master_mark(i)
+            calls += [("command", ("HSET", mark, token, 1)), ("command", ("PEXPIRE", mark, ttl))]
+        results = await pipelined(t, calls)
+        return any(int(created) for created in results[0::2])
