@@ -178,6 +178,7 @@ def node_argv(
     meta: dict[str, Any] | None = None,
     sender: bool = False,
     quiet: bool = False,
+    cluster: bool = False,
     **config: Any,
 ) -> list[str]:
     """Command-line arguments for ``tests.node_proc``; ``config`` keys are layer options."""
@@ -205,6 +206,8 @@ def node_argv(
         argv.append("--sender")
     if quiet:
         argv.append("--quiet")
+    if cluster:
+        argv.append("--cluster")  # url is a Redis Cluster startup node
     for key, value in config.items():
         argv += ["--" + key.replace("_", "-"), str(value)]
     return argv

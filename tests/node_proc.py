@@ -61,11 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-expiry", type=float, default=None)
     parser.add_argument("--sender", action="store_true", help="never call new_channel")
     parser.add_argument("--quiet", action="store_true", help="receive without reporting")
+    parser.add_argument("--cluster", action="store_true", help="--url is a Redis Cluster node")
     return parser.parse_args(argv)
 
 
 def layer_config(args: argparse.Namespace) -> dict[str, Any]:
-    config: dict[str, Any] = {"hosts": [args.url], "prefix": args.prefix}
+    host: Any = {"address": args.url, "cluster": True} if args.cluster else args.url
+    config: dict[str, Any] = {"hosts": [host], "prefix": args.prefix}
     for name in ("node_id", "heartbeat_interval", "node_timeout", "expiry", "group_expiry"):
         value = getattr(args, name)
         if value is not None:

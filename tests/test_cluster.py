@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -129,3 +130,188 @@ async def test_process_local_channels_groups_and_queries_on_a_cluster(
     await a.group_discard("g1", cb)
     assert await a.group_channels("g1") == {ca, named}
     assert await b.channel_groups(cb) == {"g2"}
+
+
+# ------------------------------------------------------------------ the cross-node tests, reused
+
+#: Tests of the standalone suite that take only ``make_layer``/``layer``/``spawn_node``: each
+#: runs here unchanged, with those fixtures on the cluster (group delivery across node
+#: processes, every registry query, presence, SIGKILL pruning with leaves, flush, close).
+REUSED = [
+    "test_registry:test_group_channels_size_and_channel_groups",
+    "test_registry:test_other_layer_sees_the_same_registry",
+    "test_registry:test_member_added_by_another_layer_names_the_owning_node",
+    "test_registry:test_channel_count_counts_channels_receiving_now",
+    "test_registry:test_unknown_names_give_empty_results",
+    "test_presence:test_state_to_joiner_and_diffs_to_other_presence_members",
+    "test_presence:test_join_and_leave_made_by_another_process_are_announced",
+    "test_presence:test_joining_again_is_not_a_new_join",
+    "test_presence:test_non_presence_members_get_no_presence_messages",
+    "test_presence:test_pruned_node_leaves_arrive_as_one_diff_per_group",
+    "test_presence:test_pruned_node_leaves_arrive_in_at_most_three_diffs",
+    "test_presence:test_presence_state_of_a_normal_channel_member",
+    "test_presence:test_replica_follows_other_nodes",
+    "test_node:test_sigkill_pruned_within_timeout_plus_interval_fast",
+    "test_node:test_two_survivors_pruning_at_once_emit_each_leave_once",
+    "test_node:test_prune_returns_each_dead_node_once",
+    "test_node:test_pruning_removes_memberships_others_added_but_not_normal_channels",
+    "test_node:test_close_removes_node_and_memberships_at_once",
+    "test_node:test_flush_makes_nodes_drop_local_state",
+    "test_node:test_same_node_id_as_a_live_node_is_refused",
+    "test_node:test_idle_and_slow_consumers_keep_their_memberships",
+]
+
+
+@pytest.fixture
+async def spawn_cluster_node(
+    redis_cluster: Any, prefix: str, make_cluster_layer: Any
+) -> AsyncIterator[Callable[..., Any]]:
+    """Node processes on the cluster (killed by pid before make_cluster_layer's flush)."""
+    from tests.helpers_nodes import node_spawner
+
+    async with node_spawner(redis_cluster.url, prefix) as spawn:
+
+        def spawn_on_cluster(**options: Any) -> Any:
+            options.setdefault("cluster", True)
+            return spawn(**options)
+
+        yield spawn_on_cluster
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("name", REUSED, ids=[n.split(":")[1][5:] for n in REUSED])
+async def test_standalone_contract_holds_on_the_cluster(
+    name: str, make_cluster_layer: Any, spawn_cluster_node: Any
+) -> None:
+    import importlib
+    import inspect
+
+    module, function = name.split(":")
+    test = getattr(importlib.import_module(f"tests.{module}"), function)
+    given = {"make_layer": make_cluster_layer, "spawn_node": spawn_cluster_node}
+    kwargs: dict[str, Any] = {}
+    for param in inspect.signature(test).parameters:
+        if param == "layer":
+            kwargs["layer"] = make_cluster_layer()
+        else:
+            kwargs[param] = given[param]
+    await test(**kwargs)
+
+
+# ------------------------------------------------------------------ cluster-only properties
+
+
+async def _masters_keys(redis_cluster: Any, prefix: str) -> dict[int, list[bytes]]:
+    """Every key of ``prefix`` on each master (port -> keys), read with SCAN on each."""
+    from redis.asyncio import Redis
+
+    found: dict[int, list[bytes]] = {}
+    for port in redis_cluster.ports[: redis_cluster.masters]:
+        client = Redis(host="127.0.0.1", port=port)
+        try:
+            if (await client.info("replication"))["role"] != "master":
+                continue
+            found[port] = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        finally:
+            await client.aclose()
+    return found
+
+
+@pytest.mark.cluster
+async def test_keys_of_100_groups_and_6_nodes_span_all_masters(
+    redis_cluster: Any, make_cluster_layer: Any, prefix: str
+) -> None:
+    layers = [make_cluster_layer() for _ in range(6)]
+    channels = [await layer.new_channel() for layer in layers]
+    for g in range(100):
+        await layers[g % 6].group_add(f"room{g}", channels[g % 6])
+    by_master = await _masters_keys(redis_cluster, prefix)
+    assert len(by_master) == 3
+    for port, keys in by_master.items():
+        groups = {k for k in keys if b":{g." in k}
+        nodes = {k for k in keys if b":{n." in k}
+        print(f"\nmaster {port}: {len(groups)} group keys, {len(nodes)} node keys, {len(keys)} in all")
+        assert groups, f"master {port} holds no group keys"
+    assert {k.split(b"}")[0] for keys in by_master.values() for k in keys if b":{n." in k}.__len__() == 6
+    spread = [sum(b":{n." in k for k in keys) for keys in by_master.values()]
+    assert sum(1 for count in spread if count) >= 2, f"node keys on one master only: {spread}"
+
+
+@pytest.mark.cluster
+async def test_group_send_costs_two_sequential_round_trips(
+    make_cluster_layer: Any, spawn_cluster_node: Any
+) -> None:
+    from tests.helpers_nodes import FAST, start_nodes
+
+    nodes = await start_nodes(spawn_cluster_node, 3, group="fan", **FAST)
+    sender = make_cluster_layer()
+    named = [f"q.{i}.{uuid.uuid4().hex[:4]}" for i in range(3)]
+    for name in named:
+        await sender.group_add("fan", name)
+    await sender.group_send("fan", {"type": "warm-up"})  # the first send loads the scripts
+    for name in named:
+        assert (await sender.receive(name))["type"] == "warm-up"
+    transport = sender._transport()
+    original = transport.run
+    runs: list[str] = []
+
+    async def counting(operation: Any) -> Any:
+        runs.append(getattr(operation, "__qualname__", "?"))
+        return await original(operation)
+
+    transport.run = counting  # type: ignore[method-assign]
+    try:
+        await sender.group_send("fan", {"type": "counted"})
+    finally:
+        transport.run = original  # type: ignore[method-assign]
+    print(f"\ngroup_send to 3 nodes and 3 queues on the cluster: {len(runs)} round trips")
+    assert len(runs) == 2, runs
+    for node in nodes:
+        got = await node.wait_event(
+            lambda e: e.get("event") == "message" and e["message"].get("type") == "counted", 10
+        )
+        assert got["channel"] in node.channels
+    for name in named:
+        assert (await sender.receive(name))["type"] == "counted"
+
+
+@pytest.mark.cluster
+async def test_a_master_restarted_empty_is_repopulated_within_a_heartbeat(
+    redis_cluster: Any, make_cluster_layer: Any, prefix: str
+) -> None:
+    import time
+
+    from tests.helpers_nodes import FAST
+
+    a, b = make_cluster_layer(**FAST), make_cluster_layer(**FAST)
+    ca, cb = await a.new_channel(), await b.new_channel()
+    groups = [f"heal{i}" for i in range(30)]
+    for group in groups:
+        await a.group_add(group, ca, meta={"g": group})
+        await b.group_add(group, cb)
+    expected = {group: {ca, cb} for group in groups}
+    before = await _masters_keys(redis_cluster, prefix)
+    victim = max(range(3), key=lambda i: len(before.get(redis_cluster.ports[i], [])))
+    redis_cluster.restart_empty(victim)
+    answered = time.monotonic()
+    lost = await _masters_keys(redis_cluster, prefix)
+    assert len(lost[redis_cluster.ports[victim]]) < len(before[redis_cluster.ports[victim]])
+
+    async def registry() -> dict[str, set[str]]:
+        return {group: await b.group_channels(group) for group in groups}
+
+    while True:
+        try:
+            if await registry() == expected:
+                break
+        except Exception:  # the restarted master may still refuse for a moment
+            pass
+        assert time.monotonic() - answered < 10, "registry not rebuilt within 10 s"
+        await asyncio.sleep(0.05)
+    healed = time.monotonic() - answered
+    print(f"\nmaster restarted empty: registry rebuilt {healed:.2f} s after it answered")
+    assert healed <= FAST["heartbeat_interval"] * 2 + 1.0
+    assert {m.meta["g"] for g in groups for m in await a.group_members(g) if m.meta}
+    await b.group_send(groups[0], {"type": "after"})
+    assert (await a.receive(ca))["type"] == "after"
+    assert (await b.receive(cb))["type"] == "after"
