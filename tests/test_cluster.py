@@ -136,7 +136,8 @@ async def test_process_local_channels_groups_and_queries_on_a_cluster(
 
 #: Tests of the standalone suite that take only ``make_layer``/``layer``/``spawn_node``: each
 #: runs here unchanged, with those fixtures on the cluster (group delivery across node
-#: processes, every registry query, presence, SIGKILL pruning with leaves, flush, close).
+#: processes, every registry query, presence, SIGKILL pruning with leaves, flush, close,
+#: room sends numbered in the first of their two round trips).
 REUSED = [
     "test_registry:test_group_channels_size_and_channel_groups",
     "test_registry:test_other_layer_sees_the_same_registry",
@@ -159,6 +160,9 @@ REUSED = [
     "test_node:test_flush_makes_nodes_drop_local_state",
     "test_node:test_same_node_id_as_a_live_node_is_refused",
     "test_node:test_idle_and_slow_consumers_keep_their_memberships",
+    "test_history:test_room_sends_are_numbered_kept_and_delivered_with_their_offset",
+    "test_history:test_plain_group_send_to_a_history_room_is_never_stored",
+    "test_history:test_history_is_bounded_by_count_bytes_and_age",
 ]
 
 
