@@ -49,6 +49,10 @@ Client = Redis | RedisCluster
 #: Replies a standalone server never gives: the host entry names a cluster node.
 CLUSTER_REPLIES = ("MOVED ", "ASK ", "CROSSSLOT", "CLUSTERDOWN")
 
+#: Standalone addresses found not to be cluster nodes: checked once per process, not once per
+#: event loop (``async_to_sync`` makes a loop, and so a transport, per call).
+_CHECKED: set[str] = set()
+
 #: Idle time after which a command first lets the event loop notice closed connections (s).
 IDLE_CHECK = 0.001
 
@@ -206,7 +210,8 @@ class Transport:
         )
         self._others = sentinels + more
         self.cluster = host.cluster
-        self._checked = host.cluster  # whether the server's kind was checked (see _check_kind)
+        # Whether the server's kind was checked (see _check_kind).
+        self._checked = host.cluster or host.address in _CHECKED
         self._stale_slots = False
         self._last_used = 0.0
         self.clock_offset = 0.0
@@ -317,6 +322,7 @@ class Transport:
         self._checked = True
         if int(info.get("cluster_enabled", 0)) == 1:
             raise self._a_cluster()
+        _CHECKED.add(self.host.address)
 
     def _a_cluster(self) -> ImproperlyConfigured:
         return ImproperlyConfigured(
