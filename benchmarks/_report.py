@@ -1,5 +1,7 @@
 """The suite's markdown report, made from its JSON results (``results.json``), so a report
-can be regenerated from a saved run: ``python -m benchmarks._report bench-results/results.json``.
+can be regenerated from a saved run: ``python -m benchmarks._report bench-results/results.json``
+prints it, and with file names after it puts it between the results markers of each file
+(the READMEs' results sections).
 
 Every table compares the layers of one run; ratios are against channels_redis' layers of the
 same run ("vs pub/sub", "vs core"); every table about messages has a loss column.
@@ -306,6 +308,27 @@ def render(data: Row) -> str:
     return "\n".join(lines)
 
 
+START, END = "<!-- benchmark results: start -->", "<!-- benchmark results: end -->"
+
+
+def write_into(path: str, text: str) -> None:
+    """Replace what stands between the START and END markers of ``path`` with ``text``."""
+    with open(path) as fh:
+        doc = fh.read()
+    head, sep, rest = doc.partition(START)
+    _old, sep2, tail = rest.partition(END)
+    if not (sep and sep2):
+        raise SystemExit(f"{path}: no {START} ... {END} block to replace")
+    with open(path, "w") as fh:
+        fh.write(f"{head}{START}\n{text}\n{END}{tail}")
+
+
 if __name__ == "__main__":
+    # python -m benchmarks._report results.json [FILE.md ...]: print the report, or put it
+    # between the markers of each FILE.md (the READMEs' results sections).
     with open(sys.argv[1]) as fh:
-        print(render(json.load(fh)))
+        report = render(json.load(fh))
+    for target in sys.argv[2:]:
+        write_into(target, report)
+    if len(sys.argv) == 2:
+        print(report)

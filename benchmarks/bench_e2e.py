@@ -61,7 +61,7 @@ class E2EResult:
     p50_ms: float = float("nan")
     p99_ms: float = float("nan")
     connect_failures: int = 0
-    daphne_cpu: float = 0.0  # CPU seconds all daphne nodes used from first send to the end
+    daphne_cpu: float = 0.0  # CPU seconds all server nodes (daphne or uvicorn) used while sending
     client_cpu: float = 0.0
     notes: list[str] = field(default_factory=list)
 

@@ -83,3 +83,19 @@ def test_every_scenario_runs(tmp_path: Path) -> None:
     assert conn["received"] == conn["expected"] == 20 and len(conn["reach_ms"]) == 1
     (fill,) = results["presence"]
     assert fill["n"] == 40 and fill["messages"] > 0
+
+
+def test_report_is_written_between_the_markers_and_nowhere_else(tmp_path: Path) -> None:
+    from benchmarks._report import END, START, write_into
+
+    doc = tmp_path / "README.md"
+    doc.write_text(f"# Title\n\nbefore\n{START}\nold table\n{END}\nafter\n")
+    write_into(str(doc), "| new | table |")
+    write_into(str(doc), "| newer | table |")  # again: the block is replaced, not appended
+    assert doc.read_text() == f"# Title\n\nbefore\n{START}\n| newer | table |\n{END}\nafter\n"
+    for readme in ("README.md", "benchmarks/README.md"):  # both results sections exist
+        text = Path(ROOT, readme).read_text()
+        assert text.count(START) == text.count(END) == 1, readme
+    doc.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no .* block"):
+        write_into(str(doc), "x")
