@@ -268,6 +268,8 @@ class InboxReader:
 
     def want_refill(self, channel: LocalChannel) -> None:
         """A backlogged channel has room: bring its deferred messages back (from any thread)."""
+        if channel.name in self._refill_wanted:
+            return  # asked already (a receive calls this for every message it takes)
         loop = self.node.loop
         try:
             running = asyncio.get_running_loop()
@@ -317,28 +319,46 @@ class InboxReader:
         if not ids:
             return
         inbox = node.keys.inbox(node.token)
-
-        async def fetch(client: Any) -> Any:
-            async with client.pipeline(transaction=False) as pipe:
-                for entry_id in ids:
-                    pipe.xrange(inbox, entry_id, entry_id)
-                return await pipe.execute()
-
+        fetched = await node.transport.run(lambda client: self._fetch(client, inbox, ids))
         readers = Counter(i for batch in wanted.values() for i in batch)
-        found = self._items(ids, await node.transport.run(fetch), readers)
+        found = self._items(ids, fetched, readers)
         for name, batch in wanted.items():
             self._refill_one(name, batch, found)
 
+    @staticmethod
+    async def _fetch(client: Any, inbox: str, ids: list[bytes]) -> dict[bytes, Any]:
+        """The inbox entries ``ids`` (sorted) that are still there, by id.
+
+        One XRANGE over their span first: a backlog is mostly consecutive entries (one
+        group's messages), so it usually comes back in one reply. The reply is capped, so
+        a span full of other traffic costs no more than twice the entries wanted; ids past
+        the cap are then fetched one by one in one pipeline (ids inside the span that the
+        reply lacks were trimmed).
+        """
+        reply = await client.xrange(inbox, ids[0], ids[-1], count=2 * len(ids) + 16)
+        found: dict[bytes, Any] = dict(reply)
+        if len(reply) < 2 * len(ids) + 16:
+            return found
+        last = stream_id(reply[-1][0])
+        rest = [i for i in ids if stream_id(i) > last]
+        if rest:
+            async with client.pipeline(transaction=False) as pipe:
+                for entry_id in rest:
+                    pipe.xrange(inbox, entry_id, entry_id)
+                for entries in await pipe.execute():
+                    found.update(entries)
+        return found
+
     def _items(
-        self, ids: list[bytes], replies: list[Any], readers: Counter[bytes]
+        self, ids: list[bytes], fetched: dict[bytes, Any], readers: Counter[bytes]
     ) -> dict[bytes, Item | str]:
         """One queue item per fetched entry, shared by every channel it was deferred for
         (decoded once when several are); for an entry that cannot be delivered, the kind
         of drop it counts as (a key of :data:`DROP_REASONS`)."""
         serializer = self.node.registry.serializer
         items: dict[bytes, Item | str] = {}
-        for entry_id, entries in zip(ids, replies, strict=True):
-            fields = entries[0][1] if entries else {}
+        for entry_id in ids:
+            fields = fetched.get(entry_id) or {}
             payload = fields.get(b"m")
             if payload is None:
                 items[entry_id] = "trimmed"

@@ -146,3 +146,22 @@ async def test_overflow_past_the_budget_is_dropped_and_direct_senders_get_channe
     assert kept == sorted(kept) and kept[:budget] == list(range(budget)), kept[:10]
     assert budget <= len(kept) <= budget + len(slow_got) + 1, len(kept)
     assert node._node.dropped == sent - len(kept), "every message past the budget is counted"
+
+
+async def test_a_backlog_spread_over_other_traffic_is_fetched_back_whole(make_layer):
+    # The backlog's entries lie far apart in the inbox (30 entries of other traffic between
+    # two of them), so the one XRANGE over their span is capped and the rest is fetched by id.
+    node, sender = make_layer(capacity=5), make_layer()
+    channel = await node.new_channel()
+    await node.group_add("spread", channel)
+    ghost = channel.split("!")[0] + "!nobody"  # this node's token, no such channel: dropped
+    for n in range(20):
+        await sender.group_send("spread", msg(n))
+        for _ in range(30):
+            await sender.send(ghost, msg(-1))
+    got: list[int] = []
+    async with asyncio.timeout(10):
+        await _drain(node, channel, 20, 0, got)
+    assert got == list(range(20)), "every one, in order"
+    assert node._node.inbox.dropped_by.get("trimmed", 0) == 0
+    assert node._node.inbox.dropped_by["no_channel"] == 20 * 30
