@@ -235,7 +235,9 @@ async def test_bad_group_names(layer, name):
         await layer.group_send(name, msg(1))
 
 
-@pytest.mark.parametrize("message", NOT_DICTS, ids=repr)
+@pytest.mark.parametrize(
+    "message", NOT_DICTS, ids=lambda m: type(m).__name__ + (repr(m) if isinstance(m, str) else "")
+)
 async def test_non_dict_messages(layer, message):
     channel = await layer.new_channel()
     for target in ("ok.named", channel):
