@@ -60,7 +60,8 @@ def views(layer: Any, channels: list[str]) -> tuple[int, int, int]:
     complete = messages = size = 0
     for name in channels:
         view: set[str] = set()
-        for _expires, payload in node.channels[name].items:
+        for item in node.channels[name].items:  # (expires, payload, shared)
+            payload = item[1]
             message = loads(payload)
             if not str(message.get("type", "")).startswith("presence."):
                 continue
@@ -126,7 +127,7 @@ async def worker(url: str, prefix: str, n: int, total: int, start_at: float) -> 
         for name in channels:
             items = node.channels[name].items
             counted["messages"] += len(items)
-            counted["bytes"] += sum(len(payload) for _e, payload in items)
+            counted["bytes"] += sum(len(item[1]) for item in items)  # (expires, payload, ...)
             items.clear()
 
     print(json.dumps({"event": "ready"}), flush=True)
