@@ -71,6 +71,8 @@ class LayerConfig:
     retry_timeout: float
     connection_limit: int | None
     presence_interval: float = 0.1
+    #: ``amqp://`` / ``amqps://`` URL of RabbitMQ when it carries the messages (else None).
+    broker: str | None = None
 
     def capacity_for(self, channel: str) -> int:
         """The capacity of one channel: the first matching ``channel_capacity`` glob, else ``capacity``."""
@@ -319,6 +321,23 @@ def compile_capacities(channel_capacity: Any) -> tuple[tuple[re.Pattern[str], in
     return tuple(compiled)
 
 
+def decode_broker(broker: Any) -> str | None:
+    """Check the ``broker`` option: None, or an ``amqp://`` / ``amqps://`` URL (never echoed
+    back with its password)."""
+    if broker is None:
+        return None
+    if not isinstance(broker, str) or urlparse(broker).scheme not in ("amqp", "amqps"):
+        shown = mask_url(broker) if isinstance(broker, str) else repr(broker)
+        raise _fail(
+            f"broker must be an 'amqp://' or 'amqps://' URL; got {shown}. "
+            "Write e.g. broker='amqp://user:password@127.0.0.1:5672/%2F'"
+        )
+    parsed = urlparse(broker)
+    if not parsed.hostname:
+        raise _fail(f"broker URL {mask_url(broker)} names no host; write amqp://user:password@host:5672/vhost")
+    return broker
+
+
 def build_config(
     *,
     hosts: Any,
@@ -339,6 +358,7 @@ def build_config(
     retry_timeout: Any,
     connection_limit: Any,
     presence_interval: Any = 0.1,
+    broker: Any = None,
 ) -> LayerConfig:
     """Check every option and their combinations; raise ``ImproperlyConfigured`` on the first mistake."""
     if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
@@ -402,4 +422,5 @@ def build_config(
         presence_interval=_number(
             "presence_interval", presence_interval, minimum=0.0, strict=False
         ),
+        broker=decode_broker(broker),
     )

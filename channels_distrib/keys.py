@@ -35,6 +35,7 @@ Under prefix ``P``::
     P:{x}:nid             hash    node id -> token (refuses a second live process with one id)
     P:{x}:tid             hash    token -> node id
     P:{x}:flush           string  flush epoch: nodes that see it change drop their local state
+    P:{x}:broker          set     RabbitMQ queues/exchanges this prefix declared (``broker``)
     P:{r.<key>}:b         hash    a shared token bucket (take_tokens)
 
 Every key has a TTL: the node keys and the ``{x}`` keys are refreshed by the live nodes'
@@ -161,6 +162,11 @@ class Keys:
     @property
     def flush(self) -> str:
         return f"{self.prefix}:{{x}}:flush"
+
+    @property
+    def broker_names(self) -> str:
+        """With ``broker``: ``q:<queue>`` / ``x:<exchange>`` names declared, for flush()."""
+        return f"{self.prefix}:{{x}}:broker"
 
     def table_keys(self) -> list[str]:
         """P:{x}:nodes, ni, nid, tid: the keys every node-table script takes first."""

@@ -21,6 +21,7 @@ from channels.layers import BaseChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 
 from .config import MIB, LayerConfig, build_config
+from .exceptions import BrokerUnavailable
 from .heartbeat import TokenTaken
 from .history import HistoryInfo, HistoryRead, RoomHistory, check_room_message
 from .keys import Keys
@@ -43,6 +44,20 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Life of the Redis set of broker names (renewed by each new name; flush() deletes it).
+BROKER_NAMES_TTL_MS = 7 * 86400 * 1000
+
+
+def _require_broker_client() -> None:
+    """``broker`` needs aiormq (the ``rabbitmq`` extra): fail at start-up saying so."""
+    try:
+        import aiormq  # noqa: F401
+    except ImportError as exc:
+        raise ImproperlyConfigured(
+            "channels_distrib: the broker option needs aiormq; "
+            'pip install "channels-distrib[rabbitmq]"'
+        ) from exc
+
 _OPTIONS = (
     "hosts",
     "prefix",
@@ -62,6 +77,7 @@ _OPTIONS = (
     "retry_timeout",
     "connection_limit",
     "presence_interval",
+    "broker",
 )
 
 
@@ -71,11 +87,14 @@ class _LoopState:
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.queues: dict[str, NamedQueue] = {}
+        self.broker: Any = None  # a broker.BrokerClient, with the ``broker`` option
 
     async def close(self) -> None:
         for queue in self.queues.values():
             await queue.close()
         self.queues.clear()
+        if self.broker is not None:
+            await self.broker.close()
         await self.transport.close()
 
 
@@ -88,7 +107,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     no effect) plus ``node_id``, ``heartbeat_interval``, ``node_timeout``, ``serializer``,
     ``max_message_size``, ``max_meta_size``, ``retry_timeout``, ``connection_limit`` and
     ``presence_interval`` (seconds, default 0.1: a node's presence joins and leaves of one
-    group within that long are sent as one ``presence.diff``; 0 sends each at once).
+    group within that long are sent as one ``presence.diff``; 0 sends each at once) and
+    ``broker`` (an ``amqp://`` URL: messages travel through RabbitMQ, see broker/).
     See the README for each option's meaning and default.
     """
 
@@ -115,6 +135,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         retry_timeout: float = 5.0,
         connection_limit: int | None = None,
         presence_interval: float = 0.1,
+        broker: str | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -145,6 +166,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             retry_timeout=retry_timeout,
             connection_limit=connection_limit,
             presence_interval=presence_interval,
+            broker=broker,
         )
         super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
         self.channel_capacity = list(self.config.channel_capacity)
@@ -167,6 +189,10 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._node_starting: asyncio.Future[Node] | None = None
         self._drop_log = Throttle()
         self._corrupt_log = Throttle()
+        self._remembered: set[str] = set()
+        if self.config.broker is not None:
+            _require_broker_client()
+            self.registry.prune_listeners.append(self._on_pruned)
 
     # -- connections per event loop -------------------------------------------------------
 
@@ -181,11 +207,31 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             )
             transport.counters = self.counters
             state = self._loops[loop] = _LoopState(transport)
+            if self.config.broker is not None:
+                from .broker import BrokerClient  # imported only when the option is set
+
+                state.broker = BrokerClient(self.config, self._remember, node_token=self._token)
             self._wrap_close(loop)
         return state
 
     def _transport(self) -> Transport:
         return self._state().transport
+
+    async def _remember(self, name: str) -> None:
+        """Keep a broker name this prefix declared in Redis (AMQP cannot list them) for flush()."""
+        if name in self._remembered:
+            return
+        key = self.keys.broker_names
+        await self._transport().run(lambda c: c.sadd(key, name))
+        await self._transport().run(lambda c: c.pexpire(key, BROKER_NAMES_TTL_MS))
+        self._remembered.add(name)
+
+    async def _on_pruned(self, token: str) -> None:
+        """A node this process pruned (or this node, stopping): delete its broker queue."""
+        try:
+            await self._state().broker.delete_node_queue(token)
+        except Exception as exc:  # it expires by itself (x-expires) if this fails
+            logger.warning("Could not delete the broker queue of node token %s: %s", token, exc)
 
     def _wrap_close(self, loop: asyncio.AbstractEventLoop) -> None:
         """Close this loop's connections and node before the loop itself closes.
@@ -343,11 +389,22 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 local.put(payload, time.monotonic() + self.config.expiry)
                 self.counters.sent_direct += 1
                 return
+            broker = self._state().broker
+            if broker is not None:
+                await broker.send_direct(token, channel, payload)
+                self.counters.sent_direct += 1
+                return
             keys = [self.keys.inbox(token), self.keys.full(token)]
             args = [channel, payload, INBOX_MAXLEN]
             if not await transport.script("send_inbox", keys, args):
                 raise ChannelFull(channel)
             self.counters.sent_direct += 1
+            return
+        broker = self._state().broker
+        if broker is not None:
+            if not await broker.send_named(channel, payload):
+                raise ChannelFull(channel)
+            self.counters.sent_named += 1
             return
         args = [payload, self.config.capacity_for(channel), int(self.config.expiry * 1000)]
         if not await transport.script("send_queue", [self.keys.queue(channel)], args):
@@ -380,6 +437,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
 
     async def _receive_named(self, channel: str) -> Message:
         state = self._state()
+        if state.broker is not None:
+            receiver = state.broker.receiver(channel)
+            while True:
+                message = self._decode(await receiver.get(), channel)
+                if message is not None:
+                    self.counters.delivered += 1
+                    return message
         queue = state.queues.get(channel)
         if queue is None:
             queue = state.queues[channel] = NamedQueue(
@@ -413,6 +477,12 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             # node's presence owner queues the state and batches the diff.
             if not await self._on_node_loop(node, node.presence.join(group, channel, meta, presence)):
                 logger.debug("group_add of %s to %s ignored: this node is not live", channel, group)
+            elif node.broker_queue is not None:
+                # Return only once the node's queue is bound to the group: a group_send
+                # right after this call reaches the new member.
+                bound = node.broker_queue.wait_bound(group, self.config.retry_timeout)
+                if not await self._on_node_loop(node, bound):
+                    raise BrokerUnavailable(node.broker_queue.conn.address, self.config.retry_timeout)
             return
         node_id = await self.registry.owner_id(transport, channel)
         result = await self.registry.add(
@@ -423,6 +493,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             # recorded. (For our own channels: this node was pruned; its heartbeat re-adds it.)
             logger.debug("group_add of %s to %s ignored: its node is not live", channel, group)
             return
+        broker = self._state().broker
+        if broker is not None and not token_of(channel):
+            await broker.bind_named(group, channel)
         await self._announce(transport, group, channel, result, presence)
 
     async def _announce(
@@ -456,6 +529,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             await self._on_node_loop(node, node.presence.leave(group, channel))
             return
         record = await self.registry.discard(transport, group, channel, notify=True)
+        broker = self._state().broker
+        if broker is not None and not token_of(channel):
+            await broker.unbind_named(group, channel)
         if record is not None:
             await self.registry.send_presence(
                 transport, group, [], [presence_entry(channel, record)]
@@ -465,6 +541,12 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Send to every member of a group: one Redis round trip, encoded once, never ChannelFull."""
         self.require_valid_group_name(group)
         payload = self._encode(message)
+        broker = self._state().broker
+        if broker is not None:
+            # One publish and its confirm; the broker routes a copy to each bound queue.
+            accepted = await broker.group_send(group, payload)
+            self._count_group_send(group, 1, 0, 0 if accepted else 1)
+            return
         keys, args = self.registry.group_send_args("g", group, payload)
         transport = self._transport()
         if transport.cluster:  # two round trips there (channels_distrib.cluster)
@@ -628,6 +710,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         # once every live node has seen it.
         ttl_ms = int((self.config.node_timeout * 10 + 60) * 1000)
         await transport.run(lambda c: c.set(self.keys.flush, epoch, px=ttl_ms))
+        broker = self._state().broker
+        if broker is not None:
+            await self._flush_broker(broker)
         epoch_key = self.keys.flush.encode()
 
         async def delete_all(client: Any) -> None:
@@ -643,6 +728,16 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 await client.unlink(*batch)
 
         await transport.run(delete_all)
+
+    async def _flush_broker(self, broker: Any) -> None:
+        """Delete the queues and exchanges this prefix declared (names kept in Redis)."""
+        key = self.keys.broker_names
+        declared = await self._transport().run(lambda c: c.smembers(key))
+        await broker.delete_all(sorted(n.decode() if isinstance(n, bytes) else n for n in declared))
+        self._remembered.clear()
+        for state in self._loops.values():
+            if state.broker is not None:
+                state.broker.conn.declared.clear()
 
     async def close(self) -> None:
         """Stop this process's node (removing it and its memberships) and close connections."""

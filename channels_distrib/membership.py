@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,9 @@ class Memberships:
         self._sync_lock = asyncio.Lock()
         # Keys changed or written since a reconciliation snapshot was started (None: none is).
         self._touched: set[Key] | None = None
+        # Told (no arguments, no await) whenever a group gains its first member here or loses
+        # its last: the broker's bindings follow the groups this owner holds (broker/).
+        self.listener: Callable[[], None] | None = None
 
     # -- reading --------------------------------------------------------------------------
 
@@ -110,12 +114,19 @@ class Memberships:
             if members is not None and members.pop(channel, None) is not None:
                 if not members:
                     del self.groups[group]
+                    if self.listener is not None:
+                        self.listener()
                 groups = self.by_channel[channel]
                 groups.discard(group)
                 if not groups:
                     del self.by_channel[channel]
         else:
-            self.groups.setdefault(group, {})[channel] = membership
+            members = self.groups.get(group)
+            if members is None:
+                members = self.groups[group] = {}
+                if self.listener is not None:
+                    self.listener()
+            members[channel] = membership
             self.by_channel.setdefault(channel, set()).add(group)
         return self._bump(key)
 
@@ -183,6 +194,8 @@ class Memberships:
         self.by_channel.clear()
         self._gens.clear()
         self._dirty.clear()
+        if self.listener is not None:
+            self.listener()
 
     # -- direct writes (one membership, one round trip) ------------------------------------
 

@@ -82,6 +82,13 @@ class Node:
         self.inbox = InboxReader(self)
         self.housekeeper = Housekeeper(self)
         self.heartbeat = Heartbeat(self)
+        # With ``broker``: the node's RabbitMQ queue, whose bindings follow the memberships.
+        self.broker_queue: Any = None
+        if config.broker is not None:
+            from .broker import NodeQueue  # imported only when the option is set
+
+            self.broker_queue = NodeQueue(self, config.broker)
+            self.memberships.listener = self.broker_queue.groups_changed
         self._tasks: list[asyncio.Task[None]] = []
         self.stopped = False
 
@@ -89,7 +96,14 @@ class Node:
 
     async def start(self) -> None:
         """Register (refusing a node id another live process holds) and start the tasks."""
-        await self.heartbeat.beat(first=True)
+        if self.broker_queue is not None:
+            await self.broker_queue.start()  # its queue exists before any channel does
+        try:
+            await self.heartbeat.beat(first=True)
+        except BaseException:
+            if self.broker_queue is not None:
+                await self.broker_queue.stop()
+            raise
         self._tasks = [
             self.loop.create_task(self.inbox.run(), name=f"channels_distrib.inbox.{self.token}"),
             self.loop.create_task(
@@ -105,6 +119,12 @@ class Node:
                 self.presence.run(), name=f"channels_distrib.presence.{self.token}"
             ),
         ]
+        if self.broker_queue is not None:
+            self._tasks.append(
+                self.loop.create_task(
+                    self.broker_queue.run(), name=f"channels_distrib.broker.{self.token}"
+                )
+            )
         self._install_twisted_trigger()
         logger.info("Node %s registered (token %s)", self.node_id, self.token)
 
@@ -115,6 +135,8 @@ class Node:
         self.stopped = True
         await cancel_and_wait(self._tasks)
         self._tasks = []
+        if self.broker_queue is not None:
+            await self.broker_queue.stop()  # unused now: the deregistration deletes it
         if deregister:
             try:
                 # Leaves still waiting for their window: the deregistration below announces

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,9 @@ class Registry:
         # The node table outlives the last node long enough for a restarted one to prune it.
         self.table_ttl_ms = int(max(config.group_expiry, config.node_timeout * 10) * 1000)
         self.cluster = ClusterOps(self)  # the multi-slot steps, on Redis Cluster
+        # Awaited with the token of each node this process pruned (or deregistered): with
+        # ``broker``, the layer deletes that node's broker queue. Their errors are theirs.
+        self.prune_listeners: list[Callable[[str], Awaitable[None]]] = []
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -283,6 +287,8 @@ class Registry:
         if not own:
             self.counters.prunes += 1
         await self.send_leave_diffs(t, list(result[1:]))
+        for listener in self.prune_listeners:
+            await listener(token)
         return True
 
     async def prune(self, t: Transport) -> list[str]:

@@ -1,0 +1,207 @@
+"""A node's queue on the broker: declared, consumed, and bound to exactly its groups.
+
+The queue (``<prefix>.node.<token>``) is not exclusive, so it outlives a connection blip with
+what was sent meanwhile; ``x-expires`` (twice ``node_timeout``) makes the broker delete it
+once nobody has consumed it for that long, and pruning deletes it at once (when unused).
+
+Bindings follow :class:`~channels_distrib.membership.Memberships`, the sole owner of the
+node's memberships: it calls :meth:`NodeQueue.groups_changed` when a group gains its first
+or loses its last member here, and the keeper task makes the bindings equal to the groups
+the owner holds. The same task re-declares queue, consumer and every binding after a
+reconnect, a broker restart, or a flush/prune that deleted the queue (seen as a consumer
+count of 0 when it re-declares the queue every heartbeat).
+
+Messages are consumed with acknowledgements (a message in flight when the connection drops
+is delivered again, not lost); each publish carries a unique id, and a redelivered message
+whose id this node has already delivered is acknowledged and skipped, so nothing arrives
+twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+
+from ..tasks import cancellable
+from ..transport import backoff
+from . import names
+from .connection import BrokerConnection
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+logger = logging.getLogger(__name__)
+
+#: Unacknowledged messages the broker may have in flight to the node at once.
+PREFETCH = 1000
+#: Delivered message ids remembered to recognise redeliveries (a few prefetch windows).
+SEEN = PREFETCH * 4
+
+
+class NodeQueue:
+    """The node's broker queue, its consumer and its bindings; its task is owned by the node."""
+
+    def __init__(self, node: Node, url: str) -> None:
+        self.node = node
+        prefix = node.config.prefix
+        self.conn = BrokerConnection(
+            url,
+            retry_timeout=node.config.retry_timeout,
+            name=f"distrib:{prefix}:node:{node.token}",
+        )
+        self.queue = names.node_queue(prefix, node.token)
+        self.exchange = names.exchange(prefix)
+        self.expires_ms = int(2 * node.config.node_timeout * 1000)
+        self.bound: set[str] = set()
+        self._consuming: AbstractChannel | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._passed: asyncio.Future[None] = node.loop.create_future()
+        self.delivered = 0
+
+    # -- the membership owner's listener --------------------------------------------------
+
+    def groups_changed(self) -> None:
+        """The node's set of groups changed (called by Memberships): sync the bindings."""
+        self._wake.set()
+
+    async def wait_bound(self, group: str, timeout: float) -> bool:
+        """Wait until the bindings include ``group`` (or the node no longer holds it)."""
+        deadline = time.monotonic() + timeout
+        while group not in self.bound and self.node.memberships.members(group):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._passed), remaining)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    # -- the keeper task -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """The first pass, before the node's first channel exists (raises if unreachable)."""
+        await self._keep()
+
+    async def run(self) -> None:
+        """Keep queue, consumer and bindings in step: on every change, and every heartbeat."""
+        node = self.node
+        attempt = 0
+        while not node.stopped:
+            try:
+                await asyncio.wait_for(self._wake.wait(), node.config.heartbeat_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await cancellable(self._keep)
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                if attempt == 1:
+                    node.registry.counters.reconnects += 1
+                if attempt in (1, 10):
+                    logger.warning(
+                        "Node %s lost its RabbitMQ queue (%s); reconnecting", node.node_id, exc
+                    )
+                self._consuming = None
+                self.conn.kill()
+                await asyncio.sleep(backoff(attempt))
+                self._wake.set()
+
+    async def _keep(self) -> None:
+        channel = await self.conn.channel()
+        declared = await channel.queue_declare(
+            self.queue, arguments={"x-expires": self.expires_ms}
+        )
+        if channel is not self._consuming or not declared.consumer_count:
+            # A new connection, or the queue was deleted under us (flush, prune): consume
+            # again and re-create every binding.
+            await self._consume(channel)
+        await self._sync_bindings(channel)
+        passed, self._passed = self._passed, self.node.loop.create_future()
+        passed.set_result(None)
+
+    async def _consume(self, channel: AbstractChannel) -> None:
+        self.bound = set()
+        await channel.exchange_declare(self.exchange, exchange_type="direct")
+        await channel.basic_qos(prefetch_count=PREFETCH)
+        await channel.basic_consume(self.queue, self._on_message, no_ack=False)
+        self._consuming = channel
+
+    async def _sync_bindings(self, channel: AbstractChannel) -> None:
+        """Bind the groups the node holds, unbind the others (one RPC each)."""
+        wanted = set(self.node.memberships.groups)
+        for group in sorted(wanted - self.bound):
+            await channel.queue_bind(self.queue, self.exchange, routing_key=group)
+            self.bound.add(group)
+        for group in sorted(self.bound - wanted):
+            await channel.queue_unbind(self.queue, self.exchange, routing_key=group)
+            self.bound.discard(group)
+
+    async def stop(self) -> None:
+        """Close the connection (the node then deletes its queue through pruning itself)."""
+        self._consuming = None
+        await self.conn.close()
+
+    # -- delivery -------------------------------------------------------------------------
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        message_id = properties.message_id or ""
+        if not (message.delivery.redelivered and message_id in self._seen):  # type: ignore[union-attr]
+            self._seen[message_id] = None
+            if len(self._seen) > SEEN:
+                self._seen.popitem(last=False)
+            try:
+                self._dispatch(properties.headers or {}, message.body)
+            except Exception:
+                logger.exception("Skipping a broker message of node %s", self.node.node_id)
+        # Acknowledged after delivery: lost with the connection, it comes again (and is
+        # recognised by its id above).
+        tag = getattr(message.delivery, "delivery_tag", None)
+        if isinstance(tag, int):
+            await message.channel.basic_ack(tag)
+
+    def _dispatch(self, headers: dict[str, Any], payload: bytes) -> None:
+        """Queue one message for the node's local channels, never waiting (a full channel drops)."""
+        node = self.node
+        expires = time.monotonic() + node.config.expiry
+        channel = headers.get("c")
+        if channel is not None:
+            self._put(_text(channel), payload, expires)
+            return
+        group = _text(headers["g"])
+        members = node.memberships.members(group)
+        if not members:
+            return
+        exclude = _text(headers.get("x", ""))
+        for name in list(members):
+            if name != exclude:
+                self._put(name, payload, expires)
+
+    def _put(self, name: str, payload: bytes, expires: float) -> None:
+        local = self.node.channels.get(name)
+        if local is None:
+            self.node.inbox._count_drop(name, "no such channel on this node", "no_channel")
+        elif local.full:
+            self.node.inbox._count_drop(name, "capacity", "capacity")
+        else:
+            local.put(payload, expires)
+            self.delivered += 1
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+__all__ = ["NodeQueue"]

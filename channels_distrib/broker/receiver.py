@@ -1,0 +1,104 @@
+"""Receiving from a normal channel's queue: taken only while a receive() waits, at most once.
+
+A consumer with acknowledgements could hand a message out twice (the broker re-queues what
+was delivered but whose ack was lost with the connection), and a consumer without them takes
+messages nobody waits for. So messages are fetched one at a time with ``basic.get`` in
+auto-ack mode, by one task per channel and event loop, and only while a receive waits: the
+broker removes a message in the same step that hands it out, so a connection lost meanwhile
+can lose that one message but never deliver it twice. The fetch runs in the task, not in the
+receive, so a cancelled receive never abandons a fetched message: it lands in the buffer for
+the next receive. An empty queue is polled again after a short wait (1 ms doubling to
+:data:`POLL_MAX`), the price of never taking a message without a receiver for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pamqp.commands import Basic
+
+from ..local import LocalChannel
+from ..transport import backoff
+
+if TYPE_CHECKING:
+    from .client import BrokerClient
+
+logger = logging.getLogger(__name__)
+
+#: Longest wait between two polls of an empty queue (s).
+POLL_MAX = 0.02
+#: How long close() lets an in-flight fetch finish before cancelling it (s).
+FINISH_GRACE = 0.5
+
+
+class NamedReceiver:
+    """One normal channel's receiving side on one event loop; owns its fetching task."""
+
+    def __init__(self, client: BrokerClient, channel: str) -> None:
+        self.client = client
+        self.channel = channel
+        self.buffer = LocalChannel(channel, 1 << 30)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def get(self) -> bytes:
+        """The next payload; cancellation-safe (a fetched message waits in the buffer)."""
+        if not self.buffer.items and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(
+                self._fetch_loop(), name=f"channels_distrib.broker.get.{self.channel}"
+            )
+        return await self.buffer.get()
+
+    async def _fetch_loop(self) -> None:
+        """Fetch while a receive waits and nothing is buffered for it; back off when empty."""
+        pause = 0.001
+        attempt = 0
+        while self.buffer.waiters and not self.buffer.items and not self._stopping:
+            try:
+                got = await self._fetch_one()
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                if attempt in (1, 10):
+                    logger.warning("Receive on %s lost RabbitMQ (%s); retrying", self.channel, exc)
+                await asyncio.sleep(backoff(attempt))
+                continue
+            if got:
+                pause = 0.001
+            else:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, POLL_MAX)
+
+    async def _fetch_one(self) -> bool:
+        queue = await self.client.declare_named(self.channel)
+        channel = await self.client.conn.channel()
+        try:
+            message = await channel.basic_get(queue, no_ack=True)
+        except Exception:
+            self.client.conn.forget(channel)
+            raise
+        if not isinstance(message.delivery, Basic.GetOk):
+            return False
+        # The broker drops expired messages itself (per-message TTL = expiry); what it hands
+        # out waits here at most ``expiry`` more.
+        self.buffer.put(message.body, time.monotonic() + self.client.config.expiry)
+        return True
+
+    async def close(self) -> None:
+        """Stop fetching: an in-flight fetch may finish (its message stays buffered)."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        await asyncio.wait({task}, timeout=FINISH_GRACE)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+__all__ = ["NamedReceiver"]
