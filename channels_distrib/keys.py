@@ -15,6 +15,7 @@ Under prefix ``P``::
     P:{g.<group>}:pm      hash    channel -> member record, presence members only
     P:{g.<group>}:q       zset    normal-channel members -> joined ms (for group_expiry)
     P:{g.<group>}:qc      hash    normal-channel member -> its capacity (read by GROUP_SEND)
+    P:{g.<group>}:bb      zset    with ``broker``: normal channels bound -> last add ms
     P:{g.<group>}:h       stream  room history: the room's last messages (history.py)
     P:{g.<group>}:hc      hash    room history settings, epoch and bookkeeping
     P:{c.<channel>}:q     list    a normal channel's queue; items b"<expire ms>:<payload>"
@@ -94,6 +95,11 @@ class Keys:
     def history_config(self, group: str) -> str:
         """A room's history settings, epoch and bookkeeping."""
         return self._group(group, "hc")
+
+    def broker_bindings(self, group: str) -> str:
+        """With ``broker``: normal channels bound to the group -> last group_add ms (so a
+        binding past group_expiry is removed even after the group's own keys expired)."""
+        return self._group(group, "bb")
 
     def group_keys(self, group: str) -> list[str]:
         """The six keys of one group, in the order the membership scripts take them."""

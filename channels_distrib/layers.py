@@ -226,6 +226,37 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         await self._transport().run(lambda c: c.pexpire(key, BROKER_NAMES_TTL_MS))
         self._remembered.add(name)
 
+    async def _bind_named(self, group: str, channel: str, broker: Any) -> None:
+        """A normal channel joined: bind its queue, and note when (for group_expiry)."""
+        transport = self._transport()
+        key = self.keys.broker_bindings(group)
+        if not transport.clock_synced:
+            await transport.sync_clock()
+        now_ms = (time.time() + transport.clock_offset) * 1000
+        await broker.bind_named(group, channel)
+        await transport.run(lambda c: c.zadd(key, {channel: now_ms}))
+        await transport.run(lambda c: c.pexpire(key, BROKER_NAMES_TTL_MS))
+
+    async def _unbind_named(self, group: str, channel: str, broker: Any) -> None:
+        key = self.keys.broker_bindings(group)
+        await broker.unbind_named(group, channel)
+        await self._transport().run(lambda c: c.zrem(key, channel))
+
+    async def _expire_named_members(self, group: str, broker: Any) -> None:
+        """Before a broker group send: normal-channel members past ``group_expiry`` leave
+        (Redis record and broker binding), as GROUP_SEND does on the Redis path; one round
+        trip when none has expired."""
+        transport = self._transport()
+        key = self.keys.broker_bindings(group)
+        if not transport.clock_synced:
+            await transport.sync_clock()
+        oldest = (time.time() + transport.clock_offset - self.config.group_expiry) * 1000
+        expired = await transport.run(lambda c: c.zrangebyscore(key, "-inf", oldest))
+        for item in expired:
+            channel = item.decode() if isinstance(item, bytes) else str(item)
+            await self.registry.discard(transport, group, channel, notify=True)
+            await self._unbind_named(group, channel, broker)
+
     async def _on_pruned(self, token: str) -> None:
         """A node this process pruned (or this node, stopping): delete its broker queue."""
         try:
@@ -391,6 +422,10 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 return
             broker = self._state().broker
             if broker is not None:
+                # The owner marks a channel that drops in Redis, as on the Redis path.
+                full_key = self.keys.full(token)
+                if await transport.run(lambda c: c.sismember(full_key, channel)):
+                    raise ChannelFull(channel)
                 await broker.send_direct(token, channel, payload)
                 self.counters.sent_direct += 1
                 return
@@ -495,7 +530,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return
         broker = self._state().broker
         if broker is not None and not token_of(channel):
-            await broker.bind_named(group, channel)
+            await self._bind_named(group, channel, broker)
         await self._announce(transport, group, channel, result, presence)
 
     async def _announce(
@@ -531,7 +566,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         record = await self.registry.discard(transport, group, channel, notify=True)
         broker = self._state().broker
         if broker is not None and not token_of(channel):
-            await broker.unbind_named(group, channel)
+            await self._unbind_named(group, channel, broker)
         if record is not None:
             await self.registry.send_presence(
                 transport, group, [], [presence_entry(channel, record)]
@@ -543,6 +578,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         payload = self._encode(message)
         broker = self._state().broker
         if broker is not None:
+            await self._expire_named_members(group, broker)
             # One publish and its confirm; the broker routes a copy to each bound queue.
             accepted = await broker.group_send(group, payload)
             self._count_group_send(group, 1, 0, 0 if accepted else 1)
@@ -738,6 +774,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         for state in self._loops.values():
             if state.broker is not None:
                 state.broker.conn.declared.clear()
+        node = self._node
+        if node is not None and node.broker_queue is not None:
+            node.loop.call_soon_threadsafe(node.broker_queue.on_flush)
 
     async def close(self) -> None:
         """Stop this process's node (removing it and its memberships) and close connections."""

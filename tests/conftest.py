@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -76,16 +77,86 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
+def amqp_answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether an AMQP 0-9-1 broker answers the protocol header at ``url`` (no login)."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or 5672), timeout=timeout
+        ) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            return sock.recv(1) == b"\x01"  # a method frame: connection.start
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    """RABBITMQ_URL, else the local RabbitMQ (guest/guest); the test is skipped, saying why,
+    when none answers (the README says how to start one)."""
+    url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    if not amqp_answers(url):
+        pytest.skip(
+            f"no RabbitMQ answers at {urlparse(url).hostname}:{urlparse(url).port or 5672} "
+            "(set RABBITMQ_URL, or start one: see README 'RabbitMQ')"
+        )
+    return url
+
+
 @pytest.fixture
-async def make_layer(redis_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
+def message_path(request: pytest.FixtureRequest) -> str:
+    """How messages travel in this test: "redis" (default) or "broker" (RabbitMQ).
+
+    A module that sets ``BOTH_MESSAGE_PATHS = True`` runs each of its tests that makes
+    layers (through ``make_layer``/``layer``) over both (see pytest_generate_tests); a test marked ``redis_internals`` (it inspects the Redis message path's own keys) runs
+    on the Redis path only.
+    """
+    path = getattr(request, "param", "redis")
+    if path == "broker" and request.node.get_closest_marker("redis_internals") is not None:
+        pytest.skip("inspects the Redis message path's keys; the broker path has none")
+    return str(path)
+
+
+#: Both ways messages can travel.
+MESSAGE_PATHS = ["redis", "broker"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the tests of modules with ``BOTH_MESSAGE_PATHS`` over Redis and over RabbitMQ."""
+    if getattr(metafunc.module, "BOTH_MESSAGE_PATHS", False) and (
+        "message_path" in metafunc.fixturenames
+    ):
+        metafunc.parametrize("message_path", MESSAGE_PATHS, indirect=True)
+
+
+def path_config(request: pytest.FixtureRequest, message_path: str) -> dict[str, Any]:
+    """The CONFIG entries that select the test's message path."""
+    if message_path == "broker":
+        return {"broker": request.getfixturevalue("broker_url")}
+    return {}
+
+
+@pytest.fixture
+def path_options(request: pytest.FixtureRequest, message_path: str) -> dict[str, Any]:
+    """The CONFIG entries of the test's message path ({} or {"broker": url})."""
+    return path_config(request, message_path)
+
+
+@pytest.fixture
+async def make_layer(
+    redis_url: str, prefix: str, message_path: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., Any]]:
     """Factory for layers on the test's prefix; every layer made is flushed once and closed."""
     from channels_distrib.layers import DistributedChannelLayer
 
     made: list[DistributedChannelLayer] = []
+    path = path_config(request, message_path)
 
     def factory(**config: Any) -> DistributedChannelLayer:
         config.setdefault("hosts", [redis_url])
         config.setdefault("prefix", prefix)
+        for key, value in path.items():
+            config.setdefault(key, value)
         layer = DistributedChannelLayer(**config)
         made.append(layer)
         return layer

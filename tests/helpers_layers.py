@@ -397,8 +397,13 @@ def run_proc_sync(args: list[str], optimize: bool = False, timeout: float = 40) 
 class ProcReceiver:
     """tests/layer_proc.py `receive` mode in a child process, read asynchronously."""
 
-    def __init__(self, redis_url: str, prefix: str, channel: str) -> None:
+    def __init__(
+        self, redis_url: str, prefix: str, channel: str, broker: str | None = None
+    ) -> None:
         self.args = ["receive", redis_url, prefix, channel]
+        self.env = proc_env()
+        if broker:
+            self.env["LAYER_PROC_BROKER"] = broker  # tests/layer_proc.py: CONFIG["broker"]
         self.proc: asyncio.subprocess.Process | None = None
         self.received: list[int] = []
         self.ready = asyncio.Event()
@@ -409,7 +414,7 @@ class ProcReceiver:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, os.path.join(ROOT, "tests", "layer_proc.py"), *self.args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=proc_env(),
+            stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=self.env,
         )
         self._reader = asyncio.create_task(self._read())
 

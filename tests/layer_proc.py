@@ -25,10 +25,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
 
+def path_options() -> dict[str, str]:
+    """CONFIG["broker"] from LAYER_PROC_BROKER, when the parent test runs on the broker path."""
+    broker = os.environ.get("LAYER_PROC_BROKER")
+    return {"broker": broker} if broker else {}
+
+
 async def receive_mode(url: str, prefix: str, channel: str) -> None:
     from channels_distrib.layers import DistributedChannelLayer
 
-    layer = DistributedChannelLayer(hosts=[url], prefix=prefix)
+    layer = DistributedChannelLayer(hosts=[url], prefix=prefix, **path_options())
     loop = asyncio.get_running_loop()
     stop = loop.run_in_executor(None, sys.stdin.read)  # returns at EOF
     try:

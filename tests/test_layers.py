@@ -38,6 +38,9 @@ from tests.helpers_layers import (
     url_host_port,
 )
 
+# Every test here runs with messages through Redis and through RabbitMQ (CONFIG["broker"]).
+BOTH_MESSAGE_PATHS = True
+
 CHANNEL_ERROR = "Channel name must be a valid unicode string"
 GROUP_ERROR = "Group name must be a valid unicode string"
 SPECIFIC_RE = re.compile(r"^specific\.[A-Za-z0-9_\-.]+![A-Za-z0-9_\-.]+$")
@@ -656,10 +659,11 @@ async def test_fifo_while_receiving_concurrently(make_layer):
 # ------------------------------------------------------------------ two OS processes
 
 
-async def test_normal_channel_two_receiver_processes(make_layer, redis_url, prefix):
+async def test_normal_channel_two_receiver_processes(make_layer, redis_url, prefix, path_options):
     """Each message to a shared queue goes to at most one receiver; none lost while both receive."""
     sender = make_layer(capacity=1000)
-    children = [ProcReceiver(redis_url, prefix, "work.shared") for _ in range(2)]
+    broker = path_options.get("broker")
+    children = [ProcReceiver(redis_url, prefix, "work.shared", broker) for _ in range(2)]
     try:
         for child in children:
             await child.start()
@@ -855,6 +859,9 @@ async def test_cancelled_receive_leaves_no_task_behind(make_layer):
     """The contract's words: a cancelled receive "leaves no task behind" (not only after close)."""
     layer = make_layer()
     local = await layer.new_channel()
+    # The layer's connections (a broker connection has a reader task) are opened first.
+    await layer.send("notask.named", msg(0))
+    assert await recv(layer, "notask.named") == msg(0)
     await asyncio.sleep(0.1)
     baseline = asyncio.all_tasks()  # the node's own long-lived tasks
     for channel in ("notask.named", local):
@@ -1054,6 +1061,7 @@ async def test_flush_leaves_no_message_or_group_keys(make_layer, redis_url, pref
 # ------------------------------------------------------------------ corrupt payloads
 
 
+@pytest.mark.redis_internals
 async def test_corrupt_payloads_are_logged_and_skipped(make_layer, redis_url, prefix, caplog):
     caplog.set_level(logging.DEBUG, logger="channels_distrib")
     layer, sender = make_layer(), make_layer()
@@ -1408,7 +1416,9 @@ async def test_flush_uses_scan_never_keys(own_redis, prefix):
 # ------------------------------------------------------------------ drop-in under Channels
 
 
-async def test_plain_channels_consumer_with_groups(settings, redis_url, prefix, make_layer):
+async def test_plain_channels_consumer_with_groups(
+    settings, redis_url, prefix, make_layer, path_options
+):
     """A stock Channels consumer (groups attribute, handler per type) works unchanged."""
     from channels.generic.websocket import AsyncJsonWebsocketConsumer
     from channels.layers import get_channel_layer
@@ -1422,7 +1432,7 @@ async def test_plain_channels_consumer_with_groups(settings, redis_url, prefix, 
 
     settings.CHANNEL_LAYERS = {"default": {
         "BACKEND": "channels_distrib.layers.DistributedChannelLayer",
-        "CONFIG": {"hosts": [redis_url], "prefix": prefix},
+        "CONFIG": {"hosts": [redis_url], "prefix": prefix, **path_options},
     }}
     layer = get_channel_layer()
     try:

@@ -50,6 +50,7 @@ class BrokerClient:
         self._ids = itertools.count()
         self._id_prefix = f"{node_token}.{secrets.token_hex(3)}."
         self._capacity_warned: set[str] = set()
+        self._declaring: dict[str, asyncio.Future[None]] = {}
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -135,6 +136,17 @@ class BrokerClient:
         queue = names.named_queue(self.prefix, channel)
         if queue in self.conn.declared:
             return queue
+        # A channel.open or queue.declare cut off by a cancelled send would leave the AMQP
+        # connection out of step (the broker then closes it): the declaration runs in a task
+        # of its own that the caller's cancellation does not reach, shared by concurrent sends.
+        task = self._declaring.get(queue)
+        if task is None or task.done():
+            task = self._declaring[queue] = asyncio.ensure_future(self._declare_named(channel, queue))
+            task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
+        return queue
+
+    async def _declare_named(self, channel: str, queue: str) -> None:
         await self.remember(f"q:{queue}")
         arguments: dict[str, Any] = {
             "x-max-length": self.config.capacity_for(channel),
@@ -156,7 +168,6 @@ class BrokerClient:
             if not side.is_closed:
                 await side.close()
         self.conn.declared.add(queue)
-        return queue
 
     async def bind_named(self, group: str, channel: str) -> None:
         """A normal channel joined ``group``: its queue gets the group's messages."""
@@ -191,6 +202,9 @@ class BrokerClient:
         await self._delete("queue", names.node_queue(self.prefix, token), if_unused=True)
 
     async def _delete(self, kind: str, name: str, *, if_unused: bool = False) -> None:
+        await asyncio.shield(asyncio.ensure_future(self._delete_now(kind, name, if_unused)))
+
+    async def _delete_now(self, kind: str, name: str, if_unused: bool) -> None:
         side = await self.conn.extra_channel()
         try:
             if kind == "queue":
@@ -217,6 +231,12 @@ class BrokerClient:
             await receiver.close()
         self.receivers.clear()
         await self.conn.close()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a shared task's outcome as seen (its callers re-raise it themselves)."""
+    if not future.cancelled():
+        future.exception()
 
 
 __all__ = ["BrokerClient"]

@@ -67,7 +67,9 @@ class BrokerConnection:
             return self._channel
         async with self._lock:  # one reconnect at a time; the others wait for its channel
             if not self._open():
-                await self._connect()
+                # Not cut short by a cancelled caller: a handshake abandoned half-way leaves
+                # a connection the broker closes later, under whoever uses it next.
+                await asyncio.shield(asyncio.ensure_future(self._connect()))
             assert self._channel is not None
             return self._channel
 

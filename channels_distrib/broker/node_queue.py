@@ -59,10 +59,13 @@ class NodeQueue:
         self.expires_ms = int(2 * node.config.node_timeout * 1000)
         self.bound: set[str] = set()
         self._consuming: AbstractChannel | None = None
+        self._consumer_tag: str | None = None
+        self._consumed_on: AbstractChannel | None = None  # kept across on_flush()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
         self._passed: asyncio.Future[None] = node.loop.create_future()
-        self.delivered = 0
+        self.received = 0  # broker messages taken from the queue (redeliveries skipped)
+        self.delivered = 0  # local deliveries they made (a group message: one per member)
 
     # -- the membership owner's listener --------------------------------------------------
 
@@ -133,10 +136,33 @@ class NodeQueue:
 
     async def _consume(self, channel: AbstractChannel) -> None:
         self.bound = set()
+        if self._consumer_tag is not None and channel is self._consumed_on:
+            # After a flush, on the same channel: never two consumers of one queue. The
+            # broker answers cancel-ok for a tag it has already cancelled itself.
+            await channel.basic_cancel(self._consumer_tag)
+        await self.remember()
         await channel.exchange_declare(self.exchange, exchange_type="direct")
         await channel.basic_qos(prefetch_count=PREFETCH)
-        await channel.basic_consume(self.queue, self._on_message, no_ack=False)
-        self._consuming = channel
+        ok = await channel.basic_consume(self.queue, self._on_message, no_ack=False)
+        self._consumer_tag = ok.consumer_tag
+        self._consuming = self._consumed_on = channel
+
+    async def remember(self) -> None:
+        """Keep the queue's and exchange's names in Redis, so flush() can delete them."""
+        node = self.node
+        key = node.keys.broker_names
+        entries = [f"q:{self.queue}", f"x:{self.exchange}"]
+        await node.transport.run(lambda c: c.sadd(key, *entries))
+        await node.transport.run(lambda c: c.pexpire(key, 7 * 86400 * 1000))
+
+    def on_flush(self) -> None:
+        """flush() deleted this prefix's broker objects: declare, consume and bind again.
+
+        Called on the node's loop (the layer hands it over when it flushes from another).
+        """
+        self._consuming = None
+        self.bound = set()
+        self._wake.set()
 
     async def _sync_bindings(self, channel: AbstractChannel) -> None:
         """Bind the groups the node holds, unbind the others (one RPC each)."""
@@ -160,12 +186,18 @@ class NodeQueue:
         message_id = properties.message_id or ""
         if not (message.delivery.redelivered and message_id in self._seen):  # type: ignore[union-attr]
             self._seen[message_id] = None
+            self.received += 1
             if len(self._seen) > SEEN:
                 self._seen.popitem(last=False)
             try:
                 self._dispatch(properties.headers or {}, message.body)
             except Exception:
                 logger.exception("Skipping a broker message of node %s", self.node.node_id)
+            inbox = self.node.inbox
+            if inbox._to_mark:
+                # Channels that dropped: marked full in Redis (as the Redis path does), so
+                # direct senders get ChannelFull; housekeeping withdraws the marks.
+                await inbox._mark_full()
         # Acknowledged after delivery: lost with the connection, it comes again (and is
         # recognised by its id above).
         tag = getattr(message.delivery, "delivery_tag", None)
@@ -194,7 +226,10 @@ class NodeQueue:
         if local is None:
             self.node.inbox._count_drop(name, "no such channel on this node", "no_channel")
         elif local.full:
-            self.node.inbox._count_drop(name, "capacity", "capacity")
+            inbox = self.node.inbox
+            if name not in inbox.marked_full:
+                inbox._to_mark.add(name)
+            inbox._count_drop(name, "capacity", "capacity")
         else:
             local.put(payload, expires)
             self.delivered += 1

@@ -90,15 +90,24 @@ class NamedReceiver:
         return True
 
     async def close(self) -> None:
-        """Stop fetching: an in-flight fetch may finish (its message stays buffered)."""
+        """Stop fetching; messages fetched for receives that were cancelled go back to the
+        queue (at its tail: the one place AMQP can put them), so none is lost."""
         self._stopping = True
         task, self._task = self._task, None
-        if task is None or task.done():
-            return
-        await asyncio.wait({task}, timeout=FINISH_GRACE)
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=FINISH_GRACE)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        now = time.monotonic()
+        left = [payload for expires, payload in self.buffer.items if expires > now]
+        self.buffer.clear()
+        for payload in left:
+            try:
+                await self.client.send_named(self.channel, payload)
+            except Exception as exc:  # the broker is gone: nothing more can be done
+                logger.warning("Could not return a message to %s: %s", self.channel, exc)
+                return
 
 
 __all__ = ["NamedReceiver"]

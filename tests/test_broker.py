@@ -1,0 +1,257 @@
+"""The broker path (CONFIG["broker"], channels_distrib/broker/) against the machine's RabbitMQ.
+
+The layer suite itself (tests/test_layers.py and the others with BOTH_MESSAGE_PATHS) runs on
+this path too; here is what only the broker path has: routing, bindings that follow the
+memberships, queue arguments, flush and pruning of broker objects, connection cuts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+from channels.exceptions import ChannelFull
+from django.core.exceptions import ImproperlyConfigured
+
+from channels_distrib.broker import names
+from channels_distrib.exceptions import BrokerUnavailable
+from channels_distrib.layers import DistributedChannelLayer
+from tests.helpers_broker import close_connections, exists, queue_arguments
+from tests.helpers_layers import ROOT, eventually, msg, nothing_arrives, proc_env, recv, recv_n
+
+
+@pytest.fixture
+def message_path() -> str:
+    return "broker"
+
+
+def test_nothing_of_the_broker_is_imported_without_the_option(redis_url, prefix):
+    """A layer without ``broker`` (node, sends, groups) never imports aiormq or broker/."""
+    code = f"""
+import asyncio, json, sys
+from channels_distrib.layers import DistributedChannelLayer
+async def main():
+    layer = DistributedChannelLayer(hosts=[{redis_url!r}], prefix={prefix + "imp"!r})
+    channel = await layer.new_channel()
+    await layer.group_add("g", channel)
+    await layer.group_send("g", {{"type": "x"}})
+    await layer.send("named.q", {{"type": "x"}})
+    await layer.receive(channel)
+    await layer.receive("named.q")
+    await layer.flush()
+    await layer.close()
+asyncio.run(main())
+print(json.dumps(sorted(m for m in sys.modules if "aiormq" in m or "pamqp" in m or ".broker" in m)))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env=proc_env(),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize(
+    "value", ["redis://127.0.0.1:6379", "http://x", 5, "amqp://user:s3cret@/vhost"]
+)
+def test_bad_broker_option_fails_at_startup(value, redis_url):
+    with pytest.raises(ImproperlyConfigured, match="amqp") as info:
+        DistributedChannelLayer(hosts=[redis_url], broker=value)
+    assert "s3cret" not in str(info.value)
+
+
+async def test_unreachable_broker_raises_within_retry_timeout(redis_url, prefix):
+    layer = DistributedChannelLayer(
+        hosts=[redis_url], prefix=prefix, broker="amqp://guest:guest@127.0.0.1:1/",
+        retry_timeout=0.5,
+    )
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(BrokerUnavailable, match="guest:\\*\\*\\*"):
+                await layer.send("unreachable.q", msg(1))
+    finally:
+        await layer.close()
+
+
+async def test_group_message_once_per_node_and_never_to_nodes_without_members(make_layer):
+    a, b, idle = make_layer(), make_layer(), make_layer()
+    a_channels = [await a.new_channel() for _ in range(3)]
+    b_channel = await b.new_channel()
+    idle_channel = await idle.new_channel()
+    for channel in a_channels:
+        await a.group_add("fan", channel)
+    await b.group_add("fan", b_channel)
+    await idle.group_add("other", idle_channel)
+    for i in range(5):
+        await idle.group_send("fan", msg(i))
+    for channel in a_channels:
+        assert [m["n"] for m in await recv_n(a, channel, 5)] == list(range(5))
+    assert [m["n"] for m in await recv_n(b, b_channel, 5)] == list(range(5))
+    assert a._node.broker_queue.received == 5  # once per node, fanned out locally to 3
+    assert b._node.broker_queue.received == 5
+    assert idle._node.broker_queue.received == 0  # bound to "other" only
+    assert await nothing_arrives(idle, idle_channel, 0.2)
+
+
+async def test_bindings_follow_the_memberships(make_layer):
+    layer, sender = make_layer(), make_layer()
+    one, two = await layer.new_channel(), await layer.new_channel()
+    queue = layer._node.broker_queue
+    await layer.group_add("follow", one)
+    await layer.group_add("follow", two)
+    assert queue.bound == {"follow"}
+    await layer.group_discard("follow", one)
+    assert queue.bound == {"follow"}  # two is still a member
+    await layer.group_discard("follow", two)
+
+    async def unbound() -> bool:
+        return queue.bound == set()
+
+    assert await eventually(unbound, 3)
+    before = queue.received
+    await sender.group_send("follow", msg(1))
+    await asyncio.sleep(0.3)
+    assert queue.received == before, "a node without members got the group message"
+
+
+async def test_node_queue_expires_with_node_timeout_and_pruning_deletes_it(make_layer, broker_url):
+    dead = make_layer(heartbeat_interval=0.2, node_timeout=0.8)
+    pruner = make_layer(heartbeat_interval=0.2, node_timeout=0.8)
+    await dead.new_channel()
+    await pruner.new_channel()
+    node = dead._node
+    name = names.node_queue(dead.prefix, node.token)
+    assert '"x-expires",1600' in (queue_arguments(name) or "")  # 2 x node_timeout
+    # Die without deregistering: tasks stop, the broker connection goes.
+    dead._node = None
+    await node.stop(deregister=False)
+    assert await exists(broker_url, name)
+
+    async def pruned() -> bool:
+        return not await exists(broker_url, name)
+
+    assert await eventually(pruned, 5), "the pruning node did not delete the dead node's queue"
+
+
+async def test_named_channel_capacity_nack_raises_channel_full(make_layer):
+    layer = make_layer(capacity=3)
+    for i in range(3):
+        await layer.send("full.q", msg(i))
+    with pytest.raises(ChannelFull):
+        await layer.send("full.q", msg(3))
+    assert [m["n"] for m in await recv_n(layer, "full.q", 3)] == [0, 1, 2]
+    await layer.send("full.q", msg(4))  # room again
+    assert (await recv(layer, "full.q"))["n"] == 4
+
+
+async def test_processes_with_different_capacities_share_a_named_channel(make_layer, caplog):
+    """The first declaration's x-max-length holds; a later process with another capacity
+    does not fail (PRECONDITION_FAILED -> passive declare) and gets ChannelFull at that limit."""
+    first, second = make_layer(capacity=2), make_layer(capacity=5)
+    await first.send("mixed.q", msg(0))
+    for i in range(1, 2):
+        await second.send("mixed.q", msg(i))
+    with pytest.raises(ChannelFull):
+        await second.send("mixed.q", msg(2))
+    assert "another capacity" in caplog.text
+    assert [m["n"] for m in await recv_n(second, "mixed.q", 2)] == [0, 1]
+
+
+async def test_named_channel_messages_expire(make_layer):
+    layer = make_layer(expiry=0.5)
+    await layer.send("ttl.q", msg(1))
+    await asyncio.sleep(0.8)
+    await layer.send("ttl.q", msg(2))
+    assert (await recv(layer, "ttl.q"))["n"] == 2
+
+
+async def test_named_message_taken_only_while_a_receive_waits(make_layer, broker_url):
+    """Cancelled receives leave every message in the broker's queue (or this process's
+    buffer for the next receive): 50 cancelled receives, then all 20 messages in order."""
+    layer = make_layer()
+    for round_ in range(50):
+        task = asyncio.ensure_future(layer.receive("wait.q"))
+        await asyncio.sleep(0.001 * (round_ % 5))
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for i in range(20):
+        await layer.send("wait.q", msg(i))
+    other = make_layer()
+    got = [m["n"] for m in await recv_n(other, "wait.q", 20)]
+    assert got == list(range(20))
+
+
+async def test_flush_removes_this_prefixs_queues_and_exchanges(make_layer, broker_url, prefix):
+    sender = make_layer()  # sends only: no node queue re-creates anything
+    await sender.group_add("flushed", "flushed.q")
+    await sender.group_send("flushed", msg(1))
+    exchange = names.exchange(prefix)
+    named = names.named_queue(prefix, "flushed.q")
+    assert await exists(broker_url, exchange, "exchange")
+    assert await exists(broker_url, named)
+    await sender.flush()
+    assert not await exists(broker_url, exchange, "exchange")
+    assert not await exists(broker_url, named)
+
+
+async def test_flush_deletes_a_live_nodes_queue_and_the_node_carries_on(
+    make_layer, broker_url, prefix
+):
+    layer = make_layer(heartbeat_interval=0.3, node_timeout=2)
+    channel = await layer.new_channel()
+    await layer.group_add("flushed", channel)
+    await layer.send(channel, msg(0))  # queued in memory, then dropped by the flush
+    queue = names.node_queue(prefix, layer._node.token)
+    assert await exists(broker_url, queue)
+    await layer.flush()
+    assert await nothing_arrives(layer, channel, 0.2)
+    await layer.group_add("after", channel)
+    await layer.group_send("after", msg(2))
+    await layer.group_send("flushed", msg(3))  # the flush ended that membership
+    assert (await recv(layer, channel))["n"] == 2
+    assert await nothing_arrives(layer, channel, 0.3)
+    assert layer._node.broker_queue.bound == {"after"}
+
+
+async def test_connection_cut_node_reconnects_and_gets_what_was_sent_meanwhile(make_layer):
+    """rabbitmqctl close_connection on a node's connection: its queue outlives the cut, the
+    node consumes it again and rebinds, and nothing is lost or duplicated."""
+    node, sender = make_layer(heartbeat_interval=0.3, node_timeout=3), make_layer()
+    channel = await node.new_channel()
+    await node.group_add("cut", channel)
+    await sender.send(channel, msg(0))
+    assert (await recv(node, channel))["n"] == 0
+    token = node._node.token
+    assert close_connections(f"distrib:{node.prefix}:node:{token}") == 1
+    for i in range(1, 21):  # while the node is reconnecting
+        await sender.send(channel, msg(i))
+        await sender.group_send("cut", msg(100 + i))
+    got = [m["n"] for m in await recv_n(node, channel, 40, 15)]
+    assert sorted(got) == sorted([*range(1, 21), *range(101, 121)])
+    assert [n for n in got if n < 100] == list(range(1, 21))  # FIFO per sender
+    assert await nothing_arrives(node, channel, 0.5)  # no duplicates
+    assert node.counters.reconnects >= 1
+
+
+async def test_sender_connection_cut_raises_or_reconnects_never_duplicates(make_layer):
+    """The sender's connection closed by the broker: the next send reconnects (nothing of it
+    was written), and every message whose send returned arrives exactly once."""
+    receiver, sender = make_layer(), make_layer()
+    channel = await receiver.new_channel()
+    await sender.send(channel, msg(0))
+    assert close_connections(f"distrib:{sender.prefix}\"") >= 1
+    await asyncio.sleep(0.2)
+    sent = [0]
+    for i in range(1, 11):
+        try:
+            await sender.send(channel, msg(i))
+            sent.append(i)
+        except BrokerUnavailable:
+            pass  # at most one: a publish written on the dying connection
+    assert len(sent) >= 10
+    got = [m["n"] for m in await recv_n(receiver, channel, len(sent))]
+    assert got == sent
+    assert await nothing_arrives(receiver, channel, 0.3)
