@@ -279,6 +279,8 @@ class Registry:
             removed, _leaves = await self.cluster.prune_token(t, token, own)
             if removed and not own:
                 self.counters.prunes += 1
+            if removed:
+                await self._tell_pruned(token)
             return removed
         args = [self.keys.prefix, token, self.retention_ms, "1" if own else "0"]
         result = await t.script("prune_node", keys, args)
@@ -287,9 +289,12 @@ class Registry:
         if not own:
             self.counters.prunes += 1
         await self.send_leave_diffs(t, list(result[1:]))
+        await self._tell_pruned(token)
+        return True
+
+    async def _tell_pruned(self, token: str) -> None:
         for listener in self.prune_listeners:
             await listener(token)
-        return True
 
     async def prune(self, t: Transport) -> list[str]:
         """Find nodes past their deadline (silent for longer than their own ``node_timeout``)

@@ -50,7 +50,7 @@ class NamedReceiver:
             self._task = asyncio.get_running_loop().create_task(
                 self._fetch_loop(), name=f"channels_distrib.broker.get.{self.channel}"
             )
-        return await self.buffer.get()
+        return (await self.buffer.get())[1]
 
     async def _fetch_loop(self) -> None:
         """Fetch while a receive waits and nothing is buffered for it; back off when empty."""
@@ -100,7 +100,7 @@ class NamedReceiver:
                 task.cancel()
                 await asyncio.wait({task})
         now = time.monotonic()
-        left = [payload for expires, payload in self.buffer.items if expires > now]
+        left = [payload for expires, payload, _shared in self.buffer.items if expires > now]
         self.buffer.clear()
         for payload in left:
             try:
