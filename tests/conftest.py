@@ -95,6 +95,10 @@ def broker_url() -> str:
     """RABBITMQ_URL, else the local RabbitMQ (guest/guest); the test is skipped, saying why,
     when none answers (the README says how to start one)."""
     url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        import aiormq  # noqa: F401
+    except ImportError:
+        pytest.skip("aiormq is not installed (pip install -e . --group test, or the rabbitmq extra)")
     if not amqp_answers(url):
         pytest.skip(
             f"no RabbitMQ answers at {urlparse(url).hostname}:{urlparse(url).port or 5672} "

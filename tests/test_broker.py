@@ -13,14 +13,17 @@ import subprocess
 import sys
 
 import pytest
-from channels.exceptions import ChannelFull
-from django.core.exceptions import ImproperlyConfigured
 
-from channels_distrib.broker import names
-from channels_distrib.exceptions import BrokerUnavailable
-from channels_distrib.layers import DistributedChannelLayer
-from tests.helpers_broker import close_connections, exists, queue_arguments
-from tests.helpers_layers import ROOT, eventually, msg, nothing_arrives, proc_env, recv, recv_n
+pytest.importorskip("aiormq", reason="the broker path needs aiormq (the test group has it)")
+
+from channels.exceptions import ChannelFull  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+
+from channels_distrib.broker import names  # noqa: E402
+from channels_distrib.exceptions import BrokerUnavailable  # noqa: E402
+from channels_distrib.layers import DistributedChannelLayer  # noqa: E402
+from tests.helpers_broker import close_connections, exists, queue_arguments  # noqa: E402
+from tests.helpers_layers import ROOT, eventually, msg, nothing_arrives, proc_env, recv, recv_n  # noqa: E402
 
 
 @pytest.fixture
