@@ -414,7 +414,7 @@ async def test_presence_leave_when_a_node_is_killed_or_stopped(cluster, ws, spaw
     # A clean stop removes the node at once: well before heartbeat pruning could (the node
     # runs the default 2 s / 6 s timings, so pruning needs at least 4 s after its last beat).
     diff = await watcher.expect("presence.diff", timeout=2.0, group=room)
-    assert [x["channel"] for x in diff["leaves"]] == [leaver_id]
+    assert [x["channel"] for x in diff["leaves"]] == [leaver_id], diff
 
 
 async def test_crashed_consumer_leaves_its_rooms_under_daphne(cluster, ws) -> None:
