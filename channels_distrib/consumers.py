@@ -37,6 +37,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from channels_distrib import api
 from channels_distrib import history as room_history
+from channels_distrib.encoded import PRESENCE_TEXTS, passes_presence_through
 from channels_distrib.exceptions import DistribError
 from channels_distrib.types import Member, Message, Meta
 
@@ -278,6 +279,8 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     max_message_size: ClassVar[int | None] = 64 * 1024
     allow_anonymous: ClassVar[bool] = True
     user_connection_limit: ClassVar[int | None] = None
+    #: No override of how presence diffs are sent (set per class; see encoded.py).
+    _presence_passthrough: ClassVar[bool] = False
     history: ClassVar[int] = 0
     history_ttl: ClassVar[float] = 300.0
     history_max_bytes: ClassVar[int] = 1024 * 1024
@@ -291,6 +294,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         """Check the class attributes when the class is defined, not at the first connect."""
         super().__init_subclass__(**kwargs)
         _check_bases(cls)
+        cls._presence_passthrough = passes_presence_through(cls, DistributedMixin)
         for attribute in ("rate_limit", "user_rate_limit"):
             value = getattr(cls, attribute)
             if value is None:
@@ -705,7 +709,10 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         if kind == api.ENVELOPE_TYPE:
             await self.distrib_message(message)
         elif kind == "presence.diff":
-            await self.presence_diff(message)
+            if self._presence_passthrough:
+                await self._forward_diff(message)  # what presence_diff does, text shared
+            else:
+                await self.presence_diff(message)
         elif kind == "presence.state":
             await self.presence_state(message)
         elif kind == api.DISCONNECT_TYPE:
@@ -762,6 +769,14 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         """Forward a joined room's ``presence.diff`` to the client as JSON; override to change."""
         if not self._closing and message.get("group") in self._rooms:
             await self.send_json(message)
+
+    async def _forward_diff(self, message: Message) -> None:
+        """:meth:`presence_diff` for classes that override none of its steps: the JSON
+        text is made once per node for every member the diff reached (encoded.py)."""
+        if not self._closing and message.get("group") in self._rooms:
+            lookup = getattr(self.channel_layer, "received_payload", None)
+            payload = lookup(self.channel_name, message) if lookup is not None else None
+            await self.send(text_data=PRESENCE_TEXTS.text(payload, message))
 
     # -- inbound frames ----------------------------------------------------------------
 

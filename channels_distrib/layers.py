@@ -464,11 +464,30 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             if item is None:
                 item = await local.get()
             shared = item[2]
-            # Decoded once for the node, and flat: a dict copy is this receiver's own message.
-            message = shared.copy() if shared is not None else self._decode(item[1], channel)
+            message: Message | None
+            if shared is not None:
+                # Decoded once for the node, and flat: a dict copy is this receiver's own.
+                message = shared.copy()
+            else:
+                message = self._decode(item[1], channel)
+                local.last_decoded = (message, item[1])
             if message is not None:
                 self.counters.delivered += 1
                 return message
+
+    def received_payload(self, channel: str, message: Message) -> bytes | None:
+        """The encoded payload that the last ``receive()`` on this node's ``channel``
+        decoded ``message`` (this very object) from, or None.
+
+        A message many of the node's channels receive (a presence diff) arrives as one
+        payload object shared by all of them, so a consumer can key by it whatever it
+        derives from the message, and derive it once per node (DistributedMixin encodes
+        a diff's JSON once).
+        """
+        node = self._node
+        local = node.channels.get(channel) if node is not None else None
+        last = local.last_decoded if local is not None else None
+        return last[1] if last is not None and last[0] is message else None
 
     async def _receive_named(self, channel: str) -> Message:
         state = self._state()

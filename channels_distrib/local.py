@@ -65,6 +65,7 @@ class LocalChannel:
         "creator",
         "deferred",
         "on_room",
+        "last_decoded",
     )
 
     def __init__(
@@ -85,6 +86,9 @@ class LocalChannel:
         # until the consumer has room again; FIFO: while any wait, new ones wait behind them.
         self.deferred: deque[bytes] = deque()
         self.on_room: Callable[[LocalChannel], None] | None = None  # set by the inbox reader
+        # The message the last receive() decoded on its own, and the payload it came from
+        # (see DistributedChannelLayer.received_payload).
+        self.last_decoded: tuple[dict[str, Any] | None, bytes] | None = None
 
     @property
     def full(self) -> bool:

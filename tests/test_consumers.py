@@ -582,6 +582,42 @@ async def test_presence_overrides_still_take_effect(connect) -> None:
     await a.assert_none("presence.diff", within=0.3)
 
 
+async def test_a_presence_diff_is_encoded_once_per_node(connect) -> None:
+    from channels_distrib.encoded import PRESENCE_TEXTS
+
+    members = [await connect(name=f"m{i}") for i in range(3)]  # one node ("default")
+    for member in members:
+        await member.request("join", room="once")
+        await member.expect("presence.state", group="once")
+    for member in members:  # settle: the earlier joins' diffs arrive and are set aside
+        await member.assert_none("no.such.frame", within=0.3)
+        member.backlog.clear()
+    joiner = await connect(OtherNodeProbe, name="joiner")
+    joiner_id = (await whoami(joiner))["client_id"]
+    before = PRESENCE_TEXTS.encoded
+    await joiner.request("join", room="once")
+    frames = [await member.expect("presence.diff", group="once") for member in members]
+    assert all([j["channel"] for j in f["joins"]] == [joiner_id] for f in frames)
+    assert frames[0] == frames[1] == frames[2]
+    assert PRESENCE_TEXTS.encoded - before == 1, "one JSON text for the node's three members"
+
+
+def test_only_classes_that_change_nothing_share_the_text() -> None:
+    from channels_distrib.consumers import DistributedMixin
+    from channels_distrib.encoded import passes_presence_through
+
+    assert ProbeConsumer._presence_passthrough
+    assert passes_presence_through(PlainConsumer, DistributedMixin)
+    assert not CustomPresence._presence_passthrough
+    assert not CustomEncoding._presence_passthrough
+
+    class OwnSendJson(ProbeConsumer):
+        async def send_json(self, content: Any, close: bool | int = False) -> None:
+            await super().send_json(content, close)
+
+    assert not OwnSendJson._presence_passthrough
+
+
 async def test_presence_goes_through_an_overridden_encode_json(connect) -> None:
     a = await connect(CustomEncoding, name="a")
     b = await connect(OtherNodeProbe, name="b")
