@@ -144,6 +144,13 @@ class RoomHistory:
         epoch = await t.script("history_configure", [self.keys.history_config(room)], args)
         return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
+    async def append(self, t: Transport, room: str, payload: bytes, exclude: str) -> str | None:
+        """Keep one room message (the broker path's history step); its offset, or None when
+        the room keeps no history."""
+        args = [payload, exclude, self.group_expiry_ms]
+        offset = await t.script("history_append", self.keys_of(room), args)
+        return _text(offset) if offset else None
+
     async def read(
         self, t: Transport, room: str, since: object, limit: int
     ) -> HistoryRead:
@@ -191,20 +198,16 @@ def _text(value: bytes | str) -> str:
 def replayed_already(floors: dict[str, tuple[int, int]], offset: str) -> bool:
     """Whether a live frame's offset was already replayed by a join (then it is dropped).
 
-    ``floors`` maps a room history's epoch to the newest position a replay covered. Frames
-    of one room arrive in offset order, so the first one past the floor retires it.
+    ``floors`` maps a room history's epoch to the newest position a replay covered (one
+    entry per room joined with ``since``). It is kept for the connection's life: over the
+    broker, frames of concurrent senders may arrive out of offset order.
     """
     position = offset_position(offset)
     if position is None:
         return False
     epoch, ms, seq = position
     floor = floors.get(epoch)
-    if floor is None:
-        return False
-    if (ms, seq) <= floor:
-        return True
-    del floors[epoch]
-    return False
+    return floor is not None and (ms, seq) <= floor
 
 
 async def replay(

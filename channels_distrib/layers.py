@@ -642,9 +642,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             self.require_valid_channel_name(exclude)
         check_room_message(message)
         payload = self._encode(message)
+        transport = self._transport()
+        broker = self._state().broker
+        if broker is not None:
+            offset = await self._broker_room_send(broker, transport, room, payload, exclude)
+            return offset
         keys, args = self.registry.group_send_args("g", room, payload, exclude or "")
         keys += self.history.keys_of(room)
-        transport = self._transport()
         if transport.cluster:  # two round trips there (channels_distrib.cluster)
             sent = await self.registry.fan_out(transport, [(keys, args)])
             written, queued, dropped, offset = sent[0]
@@ -654,6 +658,18 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if not offset:
             return None
         return offset.decode() if isinstance(offset, bytes) else str(offset)
+
+    async def _broker_room_send(
+        self, broker: Any, transport: Transport, room: str, payload: bytes, exclude: str | None
+    ) -> str | None:
+        """Over RabbitMQ: the history step in Redis (it assigns the offset), then the publish
+        with the offset in its headers; two round trips. A publish that fails leaves the
+        message in the history: a rejoin with ``since`` replays it (never delivered twice)."""
+        await self._expire_named_members(room, broker)
+        offset = await self.history.append(transport, room, payload, exclude or "")
+        accepted = await broker.group_send(room, payload, exclude or "", offset=offset)
+        self._count_group_send(room, 1, 0, 0 if accepted else 1)
+        return offset
 
     async def history_configure(
         self, room: str, *, count: int, ttl: float = 300.0, max_bytes: int = MIB

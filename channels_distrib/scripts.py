@@ -306,6 +306,19 @@ return {written, queued, dropped, offset or false}
 """
 )
 
+# HISTORY_APPEND: ROOM_SEND's history step alone, for the broker path (RabbitMQ carries the
+# message; Redis keeps the history and numbers it).
+# KEYS[1] P:{g.<room>}:h, KEYS[2] P:{g.<room>}:hc
+# ARGV[1] payload, ARGV[2] channel to exclude ('' for none), ARGV[3] group_expiry ms
+# Returns the message's offset, or false when the room keeps no history.
+HISTORY_APPEND = (
+    _PRELUDE
+    + _HISTORY
+    + """
+return hist_append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3])) or false
+"""
+)
+
 # HISTORY_CONFIGURE: make a room keep history (a connection of a class with history joins
 # it). Each setting only grows (the larger value wins); the epoch is drawn once, when the
 # settings hash is created.
@@ -978,6 +991,7 @@ ALL = {
     "group_send": GROUP_SEND,
     "room_send": ROOM_SEND,
     "history_configure": HISTORY_CONFIGURE,
+    "history_append": HISTORY_APPEND,
     "history_read": HISTORY_READ,
     "history_info": HISTORY_INFO,
     "group_add": GROUP_ADD,

@@ -24,6 +24,20 @@ from tests.helpers_layers import nothing_arrives, raw_redis, recv
 
 ROOM = "hroom"
 
+#: The layer-level tests run over Redis and over RabbitMQ (conftest.message_path); the
+#: consumer tests marked with ``over`` below too.
+BOTH_MESSAGE_PATHS = True
+
+
+@pytest.fixture(params=["redis", "broker"])
+def over(request: pytest.FixtureRequest, nodes: Callable[..., Any]) -> str:
+    """Installs the consumer tests' layers on the Redis message path or on RabbitMQ."""
+    if request.param == "broker":
+        nodes(broker=request.getfixturevalue("broker_url"))
+    else:
+        nodes()
+    return str(request.param)
+
 
 async def _member(layer: Any, room: str = ROOM) -> str:
     channel: str = await layer.new_channel()
@@ -92,6 +106,7 @@ async def test_room_sends_are_numbered_kept_and_delivered_with_their_offset(
     assert at_end.known and at_end.entries == []
 
 
+@pytest.mark.redis_internals
 async def test_offsets_survive_a_backlog_that_waits_in_redis(
     make_layer: Callable[..., Any],
 ) -> None:
@@ -286,7 +301,7 @@ async def test_frames_of_a_history_room_carry_offsets_other_frames_do_not(
 
 
 async def test_rejoin_with_since_replays_what_was_missed_then_live(
-    connect: Callable[..., Any],
+    connect: Callable[..., Any], over: str
 ) -> None:
     alice = await connect(HistoryConsumer)
     bob = await connect(HistoryConsumer)
@@ -371,7 +386,7 @@ async def test_replay_does_not_count_against_capacity(connect: Callable[..., Any
 
 
 async def test_join_while_the_room_receives_500_messages_a_second_has_no_gap_or_duplicate(
-    connect: Callable[..., Any],
+    connect: Callable[..., Any], over: str
 ) -> None:
     """A rejoin with since in the middle of a 500 msg/s stream: replay + live is exact."""
     total = 1500  # three seconds at 500/s

@@ -107,14 +107,20 @@ class BrokerClient:
         """
         await self._publish("", names.node_queue(self.prefix, token), payload, {"c": channel})
 
-    async def group_send(self, group: str, payload: bytes, exclude: str = "") -> bool:
+    async def group_send(
+        self, group: str, payload: bytes, exclude: str = "", offset: str | None = None
+    ) -> bool:
         """Through the group exchange: once to each node (and named queue) bound to ``group``.
 
-        Returns False when a named member's queue refused it (full); others still got it.
+        ``offset`` (a room send with history) travels as the ``h`` header; the receiving
+        node adds it to the message. Returns False when a named member's queue refused it
+        (full); others still got it.
         """
         headers: dict[str, Any] = {"g": group}
         if exclude:
             headers["x"] = exclude
+        if offset:
+            headers["h"] = offset
         return await self._publish(self.exchange, group, payload, headers)
 
     async def send_named(self, channel: str, payload: bytes) -> bool:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
+from ..history import payload_with_offset
 from ..tasks import cancellable
 from ..transport import backoff
 from . import names
@@ -216,6 +217,8 @@ class NodeQueue:
         members = node.memberships.members(group)
         if not members:
             return
+        if "h" in headers:  # a room send with history: its offset joins the message
+            payload = payload_with_offset(node.registry.serializer, payload, _text(headers["h"]))
         exclude = _text(headers.get("x", ""))
         for name in list(members):
             if name != exclude:
