@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -186,6 +187,39 @@ class RoomHistory:
             int(entries), int(size), int(memory), int(count), int(ttl_ms) / 1000.0,
             int(max_bytes), _text(epoch),
         )
+
+
+class KeptRooms:
+    """The history settings of the rooms this node's connections joined, so the node can
+    write them again when Redis lost them (a restart without persistence): without that, a
+    room would keep no history, and send no offsets, until a history connection joins again.
+
+    Owned by the node; entries for rooms where the node no longer has members are dropped at
+    each restore and each reconciliation, so it holds at most the node's rooms.
+    """
+
+    def __init__(self) -> None:
+        self.settings: dict[str, tuple[int, float, int]] = {}
+        self.history: RoomHistory | None = None  # set by the layer that made the node
+
+    def keep(self, room: str, count: int, ttl: float, max_bytes: int) -> None:
+        old = self.settings.get(room, (0, 0.0, 0))
+        self.settings[room] = (max(old[0], count), max(old[1], ttl), max(old[2], max_bytes))
+
+    def forget_unless(self, joined: Callable[[str], bool]) -> None:
+        """Drop the rooms where ``joined`` says the node has no member any more."""
+        for room in [room for room in self.settings if not joined(room)]:
+            del self.settings[room]
+
+    async def restore(self, t: Transport, joined: Callable[[str], bool]) -> int:
+        """Write the settings of every room the node still has members in (a new epoch where
+        the history was lost, so older offsets are refused); returns how many."""
+        self.forget_unless(joined)
+        if self.history is None:
+            return 0
+        for room, (count, ttl, max_bytes) in list(self.settings.items()):
+            await self.history.configure(t, room, count, ttl, max_bytes)
+        return len(self.settings)
 
 
 def _text(value: bytes | str) -> str:

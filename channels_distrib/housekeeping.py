@@ -33,6 +33,7 @@ class Housekeeper:
         self._wake = asyncio.Event()
         self._dead: set[str] = set()
         self._announce = False
+        self._restore_history = False
         self._passes = 0
 
     def wake(self, dead: list[str]) -> None:
@@ -44,6 +45,7 @@ class Housekeeper:
         """The next syncs re-add what the node holds; ``announce`` its presence joins (the
         node had been pruned, so their leaves were announced)."""
         self._announce = self._announce or announce
+        self._restore_history = True
 
     async def run(self) -> None:
         node = self.node
@@ -67,10 +69,16 @@ class Housekeeper:
         node.memberships.expire(now, node.config.group_expiry)
         if not await node.memberships.sync(announce=self._announce):
             self._announce = False
+        if self._restore_history:  # after the sync: the rooms' members are back first
+            await node.history_rooms.restore(node.transport, self._joined)
+            self._restore_history = False
         await node.inbox.refresh_marks()
         self._passes += 1
         if self._passes % RECONCILE_EVERY == 0:
             await self.reconcile()
+
+    def _joined(self, group: str) -> bool:
+        return bool(self.node.memberships.members(group))
 
     async def _prune(self) -> None:
         node = self.node
@@ -122,6 +130,7 @@ class Housekeeper:
             for k, v in index.items()
         }
         differ = node.memberships.reconcile(stored)
+        node.history_rooms.forget_unless(self._joined)
         if differ:
             logger.warning(
                 "Node %s found %d membership(s) out of step with Redis; repairing",

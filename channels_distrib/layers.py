@@ -365,6 +365,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 node_id=self.node_id,
             )
             node.figures = self._figures
+            node.history_rooms.history = self.history
             try:
                 await node.start()
                 return node
@@ -682,6 +683,10 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 raise ValueError(f"history {name} must be a positive int, not {value!r}")
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
             raise ValueError(f"history ttl must be a positive number of seconds, not {ttl!r}")
+        node = self._node
+        if node is not None and node.loop is asyncio.get_running_loop():
+            # The node writes these settings again should Redis lose them (data loss).
+            node.history_rooms.keep(room, count, float(ttl), max_bytes)
         return await self.history.configure(self._transport(), room, count, ttl, max_bytes)
 
     async def room_history(

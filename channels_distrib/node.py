@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import LayerConfig
 from .heartbeat import Heartbeat
+from .history import KeptRooms
 from .housekeeping import Housekeeper
 from .inbox import InboxReader
 from .keys import Keys
@@ -74,6 +75,7 @@ class Node:
         self.channels: dict[str, LocalChannel] = {}
         self.memberships = Memberships(self)
         self.presence = Presence(self)
+        self.history_rooms = KeptRooms()  # settings to write again after data loss
         self.flush_epoch = b""
         self.clock_offset = 0.0  # Redis time minus local time, seconds
         self.nodes_alive = 0  # live nodes at the last heartbeat, this node included

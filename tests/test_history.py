@@ -20,7 +20,7 @@ from channels_distrib import api
 from channels_distrib.history import parse_offset, text_with_offset
 from tests.consumer_app import HistoryConsumer, HistoryLobbyConsumer, ProbeConsumer
 from tests.consumer_fixtures import connect_fixture, nodes_fixture  # noqa: F401  (fixtures)
-from tests.helpers_layers import nothing_arrives, raw_redis, recv
+from tests.helpers_layers import eventually, nothing_arrives, raw_redis, recv
 
 ROOM = "hroom"
 
@@ -188,6 +188,41 @@ async def test_a_lost_history_or_another_rooms_offset_is_refused(
     await layer.room_send(ROOM, {"type": "m", "n": 3})
     read = await layer.room_history(ROOM, since=first)
     assert not read.known and read.entries == []
+
+
+async def test_a_node_writes_its_rooms_history_settings_again_after_redis_lost_them(
+    make_layer: Callable[..., Any], redis_url: str, prefix: str, message_path: str
+) -> None:
+    """Redis restarted empty: once the node has re-registered its members, the room keeps
+    history again (a new epoch), without waiting for another history connection to join."""
+    layer = make_layer(heartbeat_interval=0.2, node_timeout=1.0)
+    channel = await _member(layer)
+    await layer.history_configure(ROOM, count=10)
+    first = await layer.room_send(ROOM, {"type": "m", "n": 1})
+    assert first is not None and (await recv(layer, channel))["offset"] == first
+    async with raw_redis(redis_url) as client:  # every key of the prefix gone, as on a restart
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        await client.delete(*keys)
+    # Sent before the node noticed: Redis knows no member and no history of the room.
+    assert await layer.room_send(ROOM, {"type": "m", "n": 2}) is None
+
+    async def member_back() -> bool:
+        return channel in await layer.group_channels(ROOM)
+
+    async def kept_again() -> bool:
+        info = await layer.room_history_info(ROOM)
+        return info is not None and info.max_entries >= 10
+
+    assert await eventually(member_back, timeout=3), "the node did not re-register its member"
+    assert await eventually(kept_again, timeout=3), "the room's history settings were not restored"
+    third = await layer.room_send(ROOM, {"type": "m", "n": 3})
+    assert third is not None and parse_offset(third) is not None
+    assert parse_offset(third)[0] != parse_offset(first)[0]  # a new epoch: old offsets refused
+    assert not (await layer.room_history(ROOM, since=first)).known
+    if message_path == "broker":  # RabbitMQ kept the node's bindings: n=2 still arrived
+        assert (await recv(layer, channel))["n"] == 2
+    got = await recv(layer, channel)
+    assert got["n"] == 3 and got["offset"] == third
 
 
 async def test_bad_since_is_unknown_without_error_and_logs_at_debug_only(
