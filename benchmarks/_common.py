@@ -35,6 +35,7 @@ class LayerSpec:
     label: str
     path: str
     url: str | None = None  # a fixed server (the cluster column), else the run's Redis
+    config: tuple[tuple[str, Any], ...] = ()  # more CONFIG (the broker column's "broker")
 
     def load(self) -> Any:
         module, _, name = self.path.rpartition(".")
@@ -51,7 +52,7 @@ class LayerSpec:
     def make(self, url: str, prefix: str, **extra: Any) -> Any:
         """A layer instance on ``url`` (or this spec's own server) and ``prefix``, with the
         layer's defaults otherwise."""
-        return self.load()(hosts=[self.url or url], prefix=prefix, **extra)
+        return self.load()(hosts=[self.url or url], prefix=prefix, **dict(self.config), **extra)
 
     def server(self, url: str) -> str:
         """The server this layer runs on when the run's Redis is ``url``."""
@@ -101,6 +102,24 @@ def add_cluster_layer(url: str, path: str = "channels_distrib.layers.Distributed
 
 if os.environ.get("BENCH_CLUSTER_URL"):
     add_cluster_layer(os.environ["BENCH_CLUSTER_URL"])
+
+
+BROKER_KEY = "broker"
+
+
+def add_broker_layer(url: str) -> None:
+    """Register ``broker``: this library's layer with ``CONFIG["broker"] = url`` (messages
+    through RabbitMQ, registry in the run's Redis). Put in ``BENCH_BROKER_URL`` so spawned
+    node processes see it too."""
+    LAYERS[BROKER_KEY] = LayerSpec(
+        BROKER_KEY, "channels_distrib with RabbitMQ (`broker`)",
+        "channels_distrib.layers.DistributedChannelLayer", config=(("broker", url),),
+    )
+    os.environ["BENCH_BROKER_URL"] = url
+
+
+if os.environ.get("BENCH_BROKER_URL"):
+    add_broker_layer(os.environ["BENCH_BROKER_URL"])
 
 
 def run_prefix(key: str) -> str:

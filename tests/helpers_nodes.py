@@ -31,12 +31,14 @@ FAST = {"heartbeat_interval": 0.5, "node_timeout": 2.0}
 class NodeProcess:
     """One ``python -m tests.node_proc`` process; everything it prints is kept in ``events``."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], broker: str | None = None) -> None:
         self.argv = argv
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  (closed in cleanup())
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        if broker:
+            env["NODE_PROC_BROKER"] = broker  # tests/node_proc.py: CONFIG["broker"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.node_proc", *argv],
             cwd=ROOT,
@@ -214,8 +216,11 @@ def node_argv(
 
 
 @contextlib.asynccontextmanager
-async def node_spawner(redis_url: str, prefix: str) -> AsyncIterator[Callable[..., NodeProcess]]:
-    """Start node processes (``url`` defaults to ``redis_url``, the prefix to ``prefix``).
+async def node_spawner(
+    redis_url: str, prefix: str, broker: str | None = None
+) -> AsyncIterator[Callable[..., NodeProcess]]:
+    """Start node processes (``url`` defaults to ``redis_url``, the prefix to ``prefix``;
+    with ``broker``, their messages go through RabbitMQ).
 
     Test modules wrap this in a ``spawn_node`` fixture that depends on ``make_layer``, so the
     processes are killed before that fixture's teardown flushes the prefix. Only the pids
@@ -224,7 +229,7 @@ async def node_spawner(redis_url: str, prefix: str) -> AsyncIterator[Callable[..
     started: list[NodeProcess] = []
 
     def spawn(url: str | None = None, prefix_: str | None = None, **options: Any) -> NodeProcess:
-        node = NodeProcess(node_argv(url or redis_url, prefix_ or prefix, **options))
+        node = NodeProcess(node_argv(url or redis_url, prefix_ or prefix, **options), broker)
         started.append(node)
         return node
 

@@ -75,6 +75,8 @@ def layer_config(args: argparse.Namespace) -> dict[str, Any]:
             if name in ("expiry", "group_expiry") and float(value).is_integer():
                 value = int(value)
             config[name] = value
+    if os.environ.get("NODE_PROC_BROKER"):
+        config["broker"] = os.environ["NODE_PROC_BROKER"]  # the parent test's broker path
     return config
 
 

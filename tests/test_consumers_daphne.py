@@ -20,6 +20,7 @@ from channels.layers import channel_layers
 from django.test import RequestFactory, override_settings
 
 from channels_distrib import api
+from tests.conftest import MESSAGE_PATHS
 from tests.consumer_app import send_room_view
 from tests.consumer_clients import WsClient
 from tests.helpers_daphne import DaphneProcess, start_daphne
@@ -37,10 +38,19 @@ def node_env(redis_url: str, prefix: str, **config: Any) -> dict[str, str]:
     }
 
 
-async def _flush(redis_url: str, prefix: str) -> None:
+@pytest.fixture(scope="module", params=MESSAGE_PATHS)
+def daphne_path(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The module's daphne nodes run with messages through Redis, then through RabbitMQ:
+    the CONFIG entries of that path ({} or {"broker": url})."""
+    if request.param == "broker":
+        return {"broker": request.getfixturevalue("broker_url")}
+    return {}
+
+
+async def _flush(redis_url: str, prefix: str, path: dict[str, Any]) -> None:
     from channels_distrib.layers import DistributedChannelLayer
 
-    layer = DistributedChannelLayer(hosts=[redis_url], prefix=prefix)
+    layer = DistributedChannelLayer(hosts=[redis_url], prefix=prefix, **path)
     try:
         await layer.flush()
     finally:
@@ -48,18 +58,21 @@ async def _flush(redis_url: str, prefix: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster_prefix(redis_url: str) -> Iterator[str]:
+def cluster_prefix(redis_url: str, daphne_path: dict[str, Any]) -> Iterator[str]:
     prefix = f"d{uuid.uuid4().hex[:10]}"
     yield prefix
-    asyncio.run(_flush(redis_url, prefix))
+    asyncio.run(_flush(redis_url, prefix, daphne_path))
 
 
 @pytest.fixture(scope="module")
 def cluster(
-    redis_url: str, cluster_prefix: str, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str,
+    cluster_prefix: str,
+    daphne_path: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[list[DaphneProcess]]:
     """Two daphne nodes on one prefix and one SQLite file (users, sessions), for the module."""
-    env = node_env(redis_url, cluster_prefix)
+    env = node_env(redis_url, cluster_prefix, **daphne_path)
     env["DISTRIB_DB"] = str(tmp_path_factory.mktemp("consumer-db") / "db.sqlite3")
     started: list[DaphneProcess] = []
     try:
@@ -72,12 +85,14 @@ def cluster(
 
 
 @pytest.fixture
-def spawn(redis_url: str, cluster_prefix: str) -> Iterator[Callable[..., DaphneProcess]]:
+def spawn(
+    redis_url: str, cluster_prefix: str, daphne_path: dict[str, Any]
+) -> Iterator[Callable[..., DaphneProcess]]:
     """Start extra nodes on the cluster's prefix for one test; stopped by pid at teardown."""
     started: list[DaphneProcess] = []
 
     def start(**config: Any) -> DaphneProcess:
-        node = start_daphne(APP, node_env(redis_url, cluster_prefix, **config))
+        node = start_daphne(APP, node_env(redis_url, cluster_prefix, **daphne_path, **config))
         started.append(node)
         return node
 
@@ -212,7 +227,7 @@ async def test_send_to_user_reaches_the_user_on_both_nodes(cluster, ws) -> None:
 
 
 async def test_api_from_this_process_reaches_daphne_clients(
-    cluster, ws, redis_url, cluster_prefix
+    cluster, ws, redis_url, cluster_prefix, daphne_path
 ) -> None:
     node1, node2 = cluster
     user, room = unique("user"), unique("room")
@@ -220,7 +235,7 @@ async def test_api_from_this_process_reaches_daphne_clients(
     b = await ws(node2)
     await b.request("join", room=room)
     b_id = (await b.request("whoami"))["client_id"]
-    config = {"hosts": [redis_url], "prefix": cluster_prefix}
+    config = {"hosts": [redis_url], "prefix": cluster_prefix, **daphne_path}
     backend = "channels_distrib.layers.DistributedChannelLayer"
     with override_settings(CHANNEL_LAYERS={"default": {"BACKEND": backend, "CONFIG": config}}):
         try:
@@ -251,13 +266,15 @@ async def test_sync_view_send_to_room_over_http_on_the_other_node(cluster, ws) -
     assert await listener.expect("notice") == {"type": "notice", "text": "extra"}
 
 
-async def test_sync_view_called_from_a_plain_thread(cluster, ws, redis_url, cluster_prefix) -> None:
+async def test_sync_view_called_from_a_plain_thread(
+    cluster, ws, redis_url, cluster_prefix, daphne_path
+) -> None:
     """async_to_sync in a thread with no event loop: the layer runs on a fresh loop."""
     node1, _ = cluster
     room = unique("thread")
     listener = await ws(node1)
     await listener.request("join", room=room)
-    config = {"hosts": [redis_url], "prefix": cluster_prefix}
+    config = {"hosts": [redis_url], "prefix": cluster_prefix, **daphne_path}
     backend = "channels_distrib.layers.DistributedChannelLayer"
     request = RequestFactory().get("/send-room/", {"room": room, "text": "from a thread"})
     with override_settings(CHANNEL_LAYERS={"default": {"BACKEND": backend, "CONFIG": config}}):

@@ -21,11 +21,14 @@ from tests.helpers_nodes import (
     wait_until,
 )
 
+# Every test here that makes layers runs with messages through Redis and through RabbitMQ.
+BOTH_MESSAGE_PATHS = True
 
 @pytest.fixture
-async def spawn_node(redis_url, prefix, make_layer):
-    """Node processes on the test's prefix; killed (by pid) before make_layer's flush."""
-    async with node_spawner(redis_url, prefix) as spawn:
+async def spawn_node(redis_url, prefix, make_layer, path_options):
+    """Node processes on the test's prefix (and message path); killed (by pid) before
+    make_layer's flush."""
+    async with node_spawner(redis_url, prefix, path_options.get("broker")) as spawn:
         yield spawn
 
 

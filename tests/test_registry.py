@@ -29,6 +29,8 @@ from tests.helpers_nodes import (
     wait_until,
 )
 
+# Every test here that makes layers runs with messages through Redis and through RabbitMQ.
+BOTH_MESSAGE_PATHS = True
 
 @pytest.fixture
 async def spawn_node(redis_url, prefix, make_layer):
