@@ -36,6 +36,7 @@ class LayerSpec:
     path: str
     url: str | None = None  # a fixed server (the cluster column), else the run's Redis
     config: tuple[tuple[str, Any], ...] = ()  # more CONFIG (the broker column's "broker")
+    cluster: bool = False  # ``url`` is a Redis Cluster node
 
     def load(self) -> Any:
         module, _, name = self.path.rpartition(".")
@@ -52,7 +53,13 @@ class LayerSpec:
     def make(self, url: str, prefix: str, **extra: Any) -> Any:
         """A layer instance on ``url`` (or this spec's own server) and ``prefix``, with the
         layer's defaults otherwise."""
-        return self.load()(hosts=[self.url or url], prefix=prefix, **dict(self.config), **extra)
+        return self.load()(hosts=[self.host(url)], prefix=prefix, **dict(self.config), **extra)
+
+    def host(self, url: str) -> str | dict[str, Any]:
+        """The ``hosts`` entry: the URL, or the cluster entry for a Redis Cluster node."""
+        if self.cluster:
+            return {"address": self.server(url), "cluster": True}
+        return self.server(url)
 
     def server(self, url: str) -> str:
         """The server this layer runs on when the run's Redis is ``url``."""
@@ -92,11 +99,12 @@ CLUSTER_KEY = "cluster"
 
 
 def add_cluster_layer(url: str, path: str = "channels_distrib.layers.DistributedChannelLayer") -> None:
-    """Register ``cluster``: this library's layer with ``hosts=[url]`` (a Redis Cluster node),
-    whatever Redis the rest of the run uses. Put in ``BENCH_CLUSTER_URL`` so spawned node
-    processes see it too. The layer reads the cluster from its own ``hosts`` entry, so this
-    hook only decides which URL it gets."""
-    LAYERS[CLUSTER_KEY] = LayerSpec(CLUSTER_KEY, "channels_distrib on Redis Cluster", path, url)
+    """Register ``cluster``: this library's layer with the host entry ``{"address": url,
+    "cluster": True}`` (any Redis Cluster node), whatever Redis the rest of the run uses. Put
+    in ``BENCH_CLUSTER_URL`` so spawned node processes see it too. Redis-side figures (INFO)
+    come from that one node; cleanup (delete_prefix) covers every master."""
+    LAYERS[CLUSTER_KEY] = LayerSpec(CLUSTER_KEY, "channels_distrib on Redis Cluster", path, url,
+                                    cluster=True)
     os.environ["BENCH_CLUSTER_URL"] = url
 
 
@@ -231,14 +239,21 @@ def proc_rss_bytes(pid: int) -> int:
 
 
 def delete_prefix(url: str, prefix: str) -> int:
-    """Delete every key under ``prefix`` with SCAN (never KEYS); returns how many there were."""
+    """Delete every key under ``prefix`` with SCAN (never KEYS); returns how many there were.
+    On the cluster column's node, every master is scanned and keys are unlinked one by one
+    (they live in many slots)."""
     import redis
+    from redis.cluster import RedisCluster
 
-    client = redis.Redis.from_url(url)
+    cluster = url == os.environ.get("BENCH_CLUSTER_URL")
+    client: Any = RedisCluster.from_url(url) if cluster else redis.Redis.from_url(url)
     try:
         found = 0
         batch: list[bytes] = []
         for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            if cluster:
+                found += client.unlink(key)
+                continue
             batch.append(key)
             if len(batch) >= 500:
                 found += client.unlink(*batch)

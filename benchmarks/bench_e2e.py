@@ -153,7 +153,8 @@ def start_servers(spec: LayerSpec, url: str, prefix: str, count: int,
                   server: str = "daphne") -> list[tuple[int, subprocess.Popen[bytes]]]:
     """``count`` server processes on free ports, every one serving the layer ``spec``."""
     env = dict(os.environ, BENCH_BACKEND=spec.path, BENCH_REDIS=url, BENCH_PREFIX=prefix,
-               PYTHONPATH=ROOT)
+               BENCH_REDIS_CLUSTER="1" if spec.cluster else "",
+               BENCH_CONFIG=json.dumps(dict(spec.config)), PYTHONPATH=ROOT)
     nodes = []
     for _ in range(count):
         port = free_port()

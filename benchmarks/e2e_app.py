@@ -3,11 +3,14 @@
 The consumer is the same for every layer (no channels_distrib consumer features), so the
 figures compare layers, not consumers. ``/ws/<room>`` joins group ``<room>``; every
 ``room.message`` event is sent to the client as its ``text``. Configured from the
-environment: ``BENCH_BACKEND`` (dotted layer class), ``BENCH_REDIS``, ``BENCH_PREFIX``.
+environment: ``BENCH_BACKEND`` (dotted layer class), ``BENCH_REDIS``, ``BENCH_PREFIX``, and
+``BENCH_REDIS_CLUSTER`` (non-empty: ``BENCH_REDIS`` is a Redis Cluster node), ``BENCH_CONFIG``
+(JSON: more CONFIG, e.g. the broker column's ``broker``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -24,8 +27,13 @@ if not settings.configured:
             "default": {
                 "BACKEND": os.environ.get("BENCH_BACKEND", "channels.layers.InMemoryChannelLayer"),
                 "CONFIG": {
-                    "hosts": [os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")],
+                    "hosts": [
+                        {"address": os.environ["BENCH_REDIS"], "cluster": True}
+                        if os.environ.get("BENCH_REDIS_CLUSTER")
+                        else os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0")
+                    ],
                     "prefix": os.environ.get("BENCH_PREFIX", "bench-e2e-"),
+                    **json.loads(os.environ.get("BENCH_CONFIG") or "{}"),
                 },
             }
         },

@@ -99,3 +99,25 @@ def test_report_is_written_between_the_markers_and_nowhere_else(tmp_path: Path) 
     doc.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no .* block"):
         write_into(str(doc), "x")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_cluster_column_runs_on_the_cluster_and_leaves_no_key(tmp_path: Path, redis_cluster: Any) -> None:
+    from redis.cluster import RedisCluster
+
+    data = run_suite(tmp_path, "--scenarios", "layers,big", "--layers", "distrib",
+                     "--cluster-url", redis_cluster.url)
+    rounds = data["results"]["layers"]["rounds"]
+    assert set(rounds) == {"distrib", "cluster"}  # --cluster-url adds the column
+    (result,) = rounds["cluster"]
+    assert not result["skipped"]
+    for phase in (result["paced"], result["max"]):
+        all_delivered(phase)
+    big = {r["key"]: r for r in data["results"]["big"]["results"]}
+    assert big["cluster"]["received"] == big["cluster"]["expected"] == 200
+    client = RedisCluster.from_url(redis_cluster.url)
+    try:  # the run's keys were spread over the masters; none is left on any of them
+        assert list(client.scan_iter(match="bench-cluster-*", count=1000)) == []
+    finally:
+        client.close()
