@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.soak                 # 300 s of load, ~7 min in all
     .venv/bin/python -m benchmarks.soak --seconds 60    # the CI version, ~2.5 min
+    .venv/bin/python -m benchmarks.soak --seconds 60 --cluster  # on a 3-master Redis Cluster
 
 ``--nodes`` node processes (``benchmarks/_soak_node.py``, default 3) each hold ``--consumers``
 consumers and churn them (connect, join, leave, disconnect: ``--rate`` operations a second in
@@ -284,6 +285,57 @@ class RedisObserver:
         return killed
 
 
+class ClusterObserver:
+    """:class:`RedisObserver` over every master of a Redis Cluster: keys and TTLs gathered,
+    counts, memory and connections added up (``per_master`` keeps each master's memory)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.parts = [RedisObserver(url) for url in urls]
+        self.last_memory: dict[str, int] = {}
+        self.per_master: dict[str, int] = {}
+
+    async def aclose(self) -> None:
+        for part in self.parts:
+            await part.aclose()
+
+    async def keys(self, prefix: str) -> list[bytes]:
+        return [key for part in self.parts for key in await part.keys(prefix)]
+
+    async def ttls(self, prefix: str) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for part in self.parts:
+            merged.update(await part.ttls(prefix))
+        return merged
+
+    async def breakdown(self, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+        kinds: dict[str, list[int]] = {}
+        types: dict[str, str] = {}
+        clients = 0
+        for part in self.parts:
+            found, part_types = await part.breakdown(prefix)
+            for kind, figures in found["keys (count, bytes, entries)"].items():
+                entry = kinds.setdefault(kind, [0, 0, 0])
+                for i in range(3):
+                    entry[i] += figures[i]
+            clients += found["connected_clients"]
+            types.update(part_types)
+        return {"keys (count, bytes, entries)": kinds, "connected_clients": clients}, types
+
+    async def used_memory(self) -> int:
+        total = 0
+        self.last_memory = {}
+        for part in self.parts:
+            used = await part.used_memory()
+            self.per_master[part.url] = used
+            total += used
+            for key, value in part.last_memory.items():
+                self.last_memory[key] = self.last_memory.get(key, 0) + value
+        return total
+
+    async def kill_layer_clients(self, prefix: str) -> int:
+        return sum([await part.kill_layer_clients(prefix) for part in self.parts])
+
+
 # ---------------------------------------------------------------- the checker
 
 
@@ -365,6 +417,7 @@ class Options:
     retry_timeout: float = 2.0
     storm_seconds: float = 5.0
     tolerance: float = 0.05
+    cluster: bool = False  # a Redis Cluster: our own 3 masters, or --redis-url is a node of one
 
 
 @dataclass
@@ -412,7 +465,18 @@ class Soak:
 
     @property
     def hosts(self) -> list[Any]:
+        if self.o.cluster:
+            url = self.o.redis_urls[0] if self.o.redis_urls else self.server.url
+            return [{"address": url, "cluster": True}]
         return list(self.o.redis_urls) or [self.server.url]
+
+    def observer(self) -> RedisObserver | ClusterObserver:
+        """Observations of the Redis behind the layer; on a cluster, of each master."""
+        if not self.o.cluster:
+            return RedisObserver(self.hosts[0])
+        if self.server is not None:
+            return ClusterObserver([f"redis://127.0.0.1:{port}" for port in self.server.ports])
+        return ClusterObserver(self.o.redis_urls)
 
     def timings(self) -> dict[str, float]:
         return {"heartbeat_interval": self.o.heartbeat_interval,
@@ -444,7 +508,7 @@ class Soak:
         self.nodes[index] = fresh
         log(f"node {index} SIGKILLed (pid {victim.pid}) and restarted (pid {fresh.pid})")
 
-    async def client_kill_storm(self, observer: RedisObserver) -> None:
+    async def client_kill_storm(self, observer: RedisObserver | ClusterObserver) -> None:
         killed = 0
         end = time.monotonic() + self.o.storm_seconds
         while time.monotonic() < end:
@@ -453,15 +517,31 @@ class Soak:
         self.faults["client_kills"] += killed
         log(f"CLIENT KILL storm: {killed} connections killed in {self.o.storm_seconds:.0f} s")
 
-    async def restart_redis(self, observer: RedisObserver) -> None:
+    async def restart_redis(self, observer: RedisObserver | ClusterObserver) -> None:
         if self.server is None:
             log("Redis restart skipped: --redis-url given, the soak cannot restart it")
+            return
+        if self.o.cluster:
+            await self.restart_master()
             return
         self.server.kill()
         await asyncio.sleep(1.0)
         await asyncio.to_thread(self.server.restart)
         self.faults["redis_restarts"] += 1
         log("Redis killed and restarted empty")
+
+    async def restart_master(self) -> None:
+        """One master of our cluster killed and started again empty (each in turn)."""
+        from tests.helpers_cluster import wait_ok
+
+        index = self.faults["redis_restarts"] % self.server.masters
+        master = self.server.servers[index]
+        master.kill()
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(master.restart)
+        await asyncio.to_thread(wait_ok, master.port)
+        self.faults["redis_restarts"] += 1
+        log(f"cluster master {index} (port {master.port}) killed and restarted empty")
 
     # -- load ---------------------------------------------------------------------------
 
@@ -488,7 +568,7 @@ class Soak:
                 self.send_errors[name] = self.send_errors.get(name, 0) + 1
             await asyncio.sleep(interval)
 
-    async def snapshot(self, layer: Any, observer: RedisObserver) -> Snapshot:
+    async def snapshot(self, layer: Any, observer: RedisObserver | ClusterObserver) -> Snapshot:
         """Load stopped: reset every node to the reference shape, wait 2 x expiry, observe."""
         await asyncio.gather(*(n.command("reset", timeout=120) for n in self.nodes))
         await asyncio.sleep(2 * self.o.expiry)
@@ -501,7 +581,7 @@ class Soak:
         return Snapshot(len(keys), no_ttl, await observer.used_memory(), integrity, waited,
                         breakdown, names, kinds)
 
-    async def load(self, layer: Any, observer: RedisObserver) -> dict[str, int]:
+    async def load(self, layer: Any, observer: RedisObserver | ClusterObserver) -> dict[str, int]:
         """The load phase with its fault schedule; returns node 0's RSS samples."""
         stop = asyncio.Event()
         sender = asyncio.create_task(self.sender(layer, stop))
@@ -548,13 +628,15 @@ class Soak:
         from channels_distrib.layers import DistributedChannelLayer
 
         if not self.o.redis_urls:
+            from tests.helpers_cluster import start_cluster
             from tests.redis_server import start_server
 
             # Redis 7 allocates a latency histogram the first time it sees each command
             # (~36 KB each, kept for good): that diagnostic memory would show up as a
             # used_memory "leak" of the layer. It is off on the soak's own server.
-            self.server = start_server(["--latency-tracking", "no"])
-        observer = RedisObserver(self.hosts[0])
+            quiet = ["--latency-tracking", "no"]
+            self.server = start_cluster(3, extra_args=quiet) if self.o.cluster else start_server(quiet)
+        observer = self.observer()
         layer = DistributedChannelLayer(hosts=self.hosts, prefix=self.prefix,
                                         retry_timeout=self.o.retry_timeout)
         try:
@@ -588,6 +670,8 @@ class Soak:
             log(f"INFO memory fields that moved by more than 4 KiB: {moved}")
             stats = [await n.command("stats") for n in self.nodes]
             self.evaluate(empty_keys, before, after, rss, stats)
+            if isinstance(observer, ClusterObserver):
+                self.result.figures["used_memory per master after"] = dict(observer.per_master)
             await asyncio.gather(*(n.command("close") for n in self.nodes))
             await asyncio.sleep(2 * self.o.heartbeat_interval)
             self.result.figures["keys after every node closed"] = len(
@@ -685,12 +769,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--heartbeat-interval", type=float, default=defaults.heartbeat_interval)
     parser.add_argument("--node-timeout", type=float, default=defaults.node_timeout)
     parser.add_argument("--retry-timeout", type=float, default=defaults.retry_timeout)
+    parser.add_argument("--cluster", action="store_true",
+                        help="run on a 3-master Redis Cluster of our own (or --redis-url is a "
+                        "cluster node; then give every master's URL, the first is the layer's)")
     args = parser.parse_args(argv)
     return Options(seconds=args.seconds, redis_urls=args.redis_url, nodes=args.nodes,
                    consumers=args.consumers, rooms=args.rooms, rate=args.rate,
                    send_rate=args.send_rate, cycle=args.cycle, warmup=args.warmup,
                    expiry=args.expiry, heartbeat_interval=args.heartbeat_interval,
-                   node_timeout=args.node_timeout, retry_timeout=args.retry_timeout)
+                   node_timeout=args.node_timeout, retry_timeout=args.retry_timeout,
+                   cluster=args.cluster)
 
 
 def main(argv: list[str] | None = None) -> int:

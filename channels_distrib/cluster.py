@@ -21,15 +21,18 @@ a cluster a script reaches one slot only, so each is split by slot (scripts ``CL
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import RedisCluster
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ClusterDownError, NoScriptError, ResponseError
 
 from .scripts import ALL as SCRIPT_SOURCES
+from .transport import RECONNECT_CAP, backoff
 
 #: Approximate cap on inbox length (entries); older entries are trimmed by XADD.
 INBOX_MAXLEN = 100_000
@@ -58,37 +61,81 @@ def _noscript(result: object) -> bool:
 
 
 async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, ...]]]) -> list[Any]:
-    """Run scripts (and plain commands, as ``("command", (args...))``) in one pipeline.
+    """Run scripts (and plain commands, as ``("command", (key, args...))``) pipelined: one
+    pipeline per master, all sent concurrently (one round trip).
 
-    redis-py splits a cluster pipeline by master and sends the parts concurrently: one
-    round trip. A master restarted empty answers NOSCRIPT to the scripts it lost; those did
-    not run, so only they are sent again once the scripts are loaded everywhere.
+    At most once, per master: a master's part is retried only when its connection could not
+    be opened (nothing of it was written), while the other parts are not touched; a single
+    cross-master pipeline would resend what the reachable masters had already run. Commands
+    a master refused without running them (NOSCRIPT after it restarted empty, CLUSTERDOWN
+    while another master is away) are sent again, alone, until ``retry_timeout``.
     """
-    if not calls:
-        return []
+    results: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    started = time.monotonic()
+    attempt = 0
+    while todo:
+        parts = await _by_master(t, [_first_key(calls[i]) for i in todo])
 
-    async def send(client: Client, todo: Sequence[Any]) -> list[Any]:
-        async with client.pipeline(transaction=False) as pipe:
-            for call in todo:
-                if call[0] == "command":
-                    pipe.execute_command(*call[1])
-                else:
-                    name, keys, args = call
-                    # evalsha() is blocked on cluster pipelines; the command itself is routed by key.
-                    pipe.execute_command("EVALSHA", t.scripts[name].sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
 
-    results = await t.run(lambda c: send(c, calls))
-    missing = [i for i, result in enumerate(results) if _noscript(result)]
-    if missing:
-        await load_scripts(t)
-        again = await t.run(lambda c: send(c, [calls[i] for i in missing]))
-        for i, result in zip(missing, again, strict=True):
-            results[i] = result
+        def part_of(part: list[int], now: list[int]) -> Callable[[Client], Awaitable[list[Any]]]:
+            return lambda client: _send(t, client, [calls[now[i]] for i in part])
+
+        outcomes = await asyncio.gather(
+            *(t.run(part_of(part, todo)) for part in parts), return_exceptions=True
+        )
+        refused: list[int] = []
+        for part, outcome in zip(parts, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            for n, i in enumerate(part):
+                result = outcome if isinstance(outcome, BaseException) else outcome[n]
+                results[todo[i]] = result
+                if _noscript(result) or isinstance(result, ClusterDownError):
+                    refused.append(todo[i])
+        todo = refused
+        if any(_noscript(results[i]) for i in todo):
+            await load_scripts(t)
+        elif todo:
+            t.mark_stale()
+            attempt += 1
+            if time.monotonic() - started >= t.retry_timeout:
+                break
+            await asyncio.sleep(backoff(attempt, RECONNECT_CAP))
     for result in results:
-        if isinstance(result, Exception):
+        if isinstance(result, BaseException):
             raise result
     return results
+
+
+def _first_key(call: Any) -> str:
+    return str(call[1][1] if call[0] == "command" else call[1][0])
+
+
+async def _by_master(t: Transport, keys: list[str]) -> list[list[int]]:
+    """Positions of ``keys`` grouped by the master that serves each one's slot now."""
+    client = t.client
+    assert isinstance(client, RedisCluster)
+    if not client.nodes_manager.slots_cache:
+        await t.run(lambda c: client.initialize())
+    parts: dict[str, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        holders = client.nodes_manager.slots_cache.get(client.keyslot(key))
+        parts[holders[0].name if holders else ""].append(i)
+    return list(parts.values())
+
+
+async def _send(t: Transport, client: Client, todo: Sequence[Any]) -> list[Any]:
+    """One pipeline (of one master's commands); results, errors in place (not raised)."""
+    async with client.pipeline(transaction=False) as pipe:
+        for call in todo:
+            if call[0] == "command":
+                pipe.execute_command(*call[1])
+            else:
+                name, keys, args = call
+                # evalsha() is blocked on cluster pipelines; the command itself is routed by key.
+                pipe.execute_command("EVALSHA", t.scripts[name].sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
 
 
 async def load_scripts(t: Transport) -> None:
@@ -265,6 +312,8 @@ class ClusterOps:
         removed_entry = await t.script(
             "cluster_prune_table", k.table_keys(), [token, "1" if own else "0"]
         )
+        if int(removed_entry) or own:
+            await self._unmark(t, token)
         return bool(int(removed_entry)) or own, leaves
 
     # -- heartbeat ------------------------------------------------------------------------
@@ -298,6 +347,14 @@ class ClusterOps:
             logger.warning("A Redis Cluster master lost its data (node %s re-registers)", node_id)
         _ok, now_ms, flush, dead, alive = table
         return [int(existed), int(own[1]), now_ms, flush, dead, own[2], alive]
+
+    async def _unmark(self, t: Transport, token: str) -> None:
+        """Drop a removed node's field from every master's mark (the marks would otherwise
+        collect one field per node process ever started)."""
+        client = t.client
+        assert isinstance(client, RedisCluster)
+        marks = [self.keys.master_mark(i) for i in master_tags(client, self.keys.prefix)]
+        await pipelined(t, [("command", ("HDEL", mark, token)) for mark in marks])
 
     async def _marks(self, t: Transport, token: str) -> bool:
         """Set this node's field in every master's mark; True when one had to be created."""

@@ -121,7 +121,13 @@ class Heartbeat:
         """Act on a beat's reply: refusals, the clock, a flush, pruning or data loss."""
         node = self.node
         self._refused(int(result[0]), result)
-        self.last_beat = time.monotonic()
+        now = time.monotonic()
+        # After a gap in this node's own beats (Redis, or on a cluster the node table's
+        # master, was away: a restart, a failover), the other nodes missed their beats for
+        # the same reason: their deadlines passing says nothing yet. Prune from the next
+        # beat on, once they have had an interval to beat again.
+        cut_off = bool(self.last_beat) and now - self.last_beat > 2 * node.config.heartbeat_interval
+        self.last_beat = now
         existed, pruned, now_ms = int(result[0]), int(result[1]), int(result[2])
         flush, dead, newest = result[3], result[4], result[5]
         if len(result) > 6:
@@ -140,6 +146,9 @@ class Heartbeat:
             node.memberships.mark_all_dirty()
             node.presence.reset()
             node.housekeeper.reregister(announce=bool(pruned))
+        if cut_off and dead:
+            logger.info("Node %s beats again after a gap; judging dead nodes next beat", node.node_id)
+            dead = []
         node.housekeeper.wake([t.decode() if isinstance(t, bytes) else t for t in dead])
 
     def _refused(self, code: int, result: list[object]) -> None:

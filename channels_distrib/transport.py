@@ -25,7 +25,12 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -213,6 +218,7 @@ class Transport:
         # Whether the server's kind was checked (see _check_kind).
         self._checked = host.cluster or host.address in _CHECKED
         self._stale_slots = False
+        self._stale_map = False  # the client's slot map may be out of date (see _once)
         self._last_used = 0.0
         self.clock_offset = 0.0
         self.clock_synced = False
@@ -303,13 +309,38 @@ class Transport:
         try:
             if not self._checked:
                 await self._check_kind()
+            if self._stale_map:
+                await self._refresh_map()
             return await operation(self.client)
         except RedisClusterException as exc:
             raise self._not_a_cluster(exc) from exc
+        except ClusterDownError as exc:
+            # CLUSTERDOWN: a master of the cluster is away (restarting, failing over). The
+            # server refused the command without running it, so it is retried like a
+            # refused connect (a pipeline's refusals are its callers' to judge: they read
+            # results with raise_on_error=False, see channels_distrib.cluster.pipelined).
+            self._stale_map = True
+            raise NotConnected(f"{self.host.address}: {exc}") from exc
+        except RedisConnectionError:
+            # A master went away or a failover is under way: redis-py refreshes its slot map
+            # after a failed single command but not after a failed pipeline, so every
+            # failure marks it stale here and the next attempt asks the cluster first.
+            self._stale_map = self.cluster
+            raise
         except ResponseError as exc:
             if not self.cluster and str(exc).startswith(CLUSTER_REPLIES):
                 raise self._a_cluster() from exc
             raise
+
+    def mark_stale(self) -> None:
+        """The cluster's slot map may be out of date: the next command re-reads it first."""
+        self._stale_map = self.cluster
+
+    async def _refresh_map(self) -> None:
+        """Re-read the cluster's slot map (CLUSTER SLOTS from a node that answers)."""
+        assert isinstance(self.client, RedisCluster)
+        await self.client.nodes_manager.initialize()
+        self._stale_map = False
 
     async def _check_kind(self) -> None:
         """Once per transport, before the first command: a standalone host entry must not

@@ -123,20 +123,46 @@ def wait_ok(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"cluster node {port} did not reach cluster_state:ok in {timeout} s")
 
 
-def start_cluster(masters: int = 3, replicas: int = 0) -> Cluster:
-    """Start ``masters`` masters (each with ``replicas`` replicas) and join them."""
+def _wait_replicas(servers: list[RedisProcess], count: int, timeout: float = 30.0) -> None:
+    """Wait until ``count`` replicas are linked to their masters (cluster_state:ok comes
+    before the replicas have even been told whom to follow)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        linked = sum(
+            "master_link_status:up" in _cli("-p", str(s.port), "info", "replication")
+            for s in servers
+        )
+        if linked >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"fewer than {count} replicas linked within {timeout} s")
+
+
+def start_cluster(
+    masters: int = 3, replicas: int = 0, extra_args: list[str] | None = None
+) -> Cluster:
+    """Start ``masters`` masters (each with ``replicas`` replicas) and join them;
+    ``extra_args`` go to every redis-server."""
     count = masters * (1 + replicas)
     extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", "2000"]
+             "--cluster-node-timeout", "2000", *(extra_args or [])]
     servers: list[RedisProcess] = []
     try:
-        for port in cluster_ports(count):
+        while len(servers) < count:
+            port = cluster_ports(1)[0]
             workdir = tempfile.mkdtemp(prefix="distrib-cluster-")
-            servers.append(RedisProcess(port, _spawn(port, workdir, extra), workdir, extra))
+            try:
+                servers.append(RedisProcess(port, _spawn(port, workdir, extra), workdir, extra))
+            except RuntimeError:  # the port (or its bus port) was taken meanwhile: another
+                shutil.rmtree(workdir, ignore_errors=True)
+                if len(servers) + 1 > 3 * count:
+                    raise
         _cli("--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
              "--cluster-replicas", str(replicas), "--cluster-yes")
         for server in servers:
             wait_ok(server.port)
+        if replicas:
+            _wait_replicas(servers, masters * replicas)
     except BaseException:
         for server in servers:
             server.stop()
