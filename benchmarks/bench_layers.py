@@ -18,6 +18,7 @@ report shows how many cores each side used.
 
     python -m benchmarks.bench_layers                  # all available layers
     python -m benchmarks.bench_layers --layers pubsub,distrib --profile /tmp/prof
+    python -m benchmarks.bench_layers --layers distrib --cluster  # + channels_distrib on a 3-master Redis Cluster
 """
 
 from __future__ import annotations
@@ -331,6 +332,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
     parser.add_argument("--cluster-url", help="also offer channels_distrib on this Redis "
                         "Cluster node as the layer 'cluster' (add it to --layers)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="start a private 3-master Redis Cluster and add the layer "
+                        "'cluster' (channels_distrib on it) to --layers")
     parser.add_argument("--extra-layer", action="append", default=[], metavar="KEY=PATH",
                         help="also offer this layer class as KEY for --layers (e.g. a "
                         "subclass under trial; its module must be importable)")
@@ -359,7 +363,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.cluster_url:
         add_cluster_layer(args.cluster_url)
     keys = args.layers.split(",")
-    unknown = set(keys) - set(LAYERS)
+    if args.cluster and "cluster" not in keys:
+        keys.append("cluster")
+        args.layers = ",".join(keys)
+    unknown = set(keys) - set(LAYERS) - ({"cluster"} if args.cluster else set())
     if unknown:
         parser.error(f"unknown layers: {', '.join(sorted(unknown))}")
     if len(set(keys)) != len(keys):
@@ -370,10 +377,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    if args.redis_url:
-        return run_all(args.redis_url, args, started)
-    with private_redis() as url:
-        return run_all(url, args, started)
+    cluster = None
+    if args.cluster:
+        from tests.helpers_cluster import start_cluster
+
+        cluster = start_cluster(3)
+        add_cluster_layer(cluster.url)
+    try:
+        if args.redis_url:
+            return run_all(args.redis_url, args, started)
+        with private_redis() as url:
+            return run_all(url, args, started)
+    finally:
+        if cluster is not None:
+            cluster.stop()
 
 
 def run_all(url: str, args: argparse.Namespace, started: float) -> int:
