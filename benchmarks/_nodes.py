@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from benchmarks._common import LAYERS
+from benchmarks._common import LAYERS, LayerSpec, delete_prefix
 
 WARMUP, PACED, MAX = 0, 1, 2
 PHASES = (WARMUP, PACED, MAX)
@@ -132,6 +133,33 @@ async def node_main(key: str, url: str, prefix: str, group: str, channels: int,
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.wait_for(close_layer(layer), 10)
+
+
+async def flush_prefix(spec: LayerSpec, url: str, prefix: str) -> None:
+    """``flush()`` the layer's prefix (not pub/sub's: its flush only drops local state)."""
+    layer = spec.make(url, prefix)
+    try:
+        if spec.key != "pubsub":
+            await layer.flush()
+    finally:
+        await close_layer(layer)
+
+
+def clean_up(spec: LayerSpec, url: str, prefix: str, timeout: float = 30.0) -> int:
+    """After a run: flush the layer, then delete whatever is left under ``prefix``. Returns
+    how many keys were left, or -1 when Redis could not be cleaned; a failure is printed
+    (credentials scrubbed), never raised, so one broken layer keeps the others' figures."""
+    from channels_distrib.masking import scrub
+
+    try:
+        asyncio.run(asyncio.wait_for(flush_prefix(spec, url, prefix), timeout))
+    except Exception as exc:
+        print(scrub(f"{spec.key}: flush failed: {exc!r}"), file=sys.stderr)
+    try:
+        return delete_prefix(url, prefix)
+    except Exception as exc:
+        print(scrub(f"{spec.key}: cleanup failed: {exc!r}"), file=sys.stderr)
+        return -1
 
 
 def start_scraper(layer: Any, every: float) -> None:

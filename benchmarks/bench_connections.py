@@ -31,16 +31,14 @@ from benchmarks._common import (
     LAYERS,
     LayerSpec,
     add_cluster_layer,
-    delete_prefix,
     machine_description,
     private_redis,
     proc_rss_bytes,
     run_prefix,
 )
-from benchmarks._nodes import close_layer
+from benchmarks._nodes import clean_up, close_layer
 from benchmarks.bench_e2e import (
     client_urls,
-    flush,
     start_clients,
     start_servers,
     stop_clients,
@@ -135,9 +133,7 @@ def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> ConnResult
         stop_clients(proc, conn)
         for _port, server in servers:
             stop_process(server)
-        if spec.key != "pubsub":
-            asyncio.run(flush(spec, url, prefix))
-        delete_prefix(url, prefix)
+        clean_up(spec, url, prefix)
     return out
 
 

@@ -35,7 +35,6 @@ from benchmarks._common import (
     ROOT,
     LayerSpec,
     add_cluster_layer,
-    delete_prefix,
     free_port,
     machine_description,
     ping_tcp,
@@ -43,7 +42,7 @@ from benchmarks._common import (
     proc_cpu_seconds,
     run_prefix,
 )
-from benchmarks._nodes import close_layer
+from benchmarks._nodes import clean_up, close_layer
 
 SERVERS = ("daphne", "uvicorn")
 
@@ -300,18 +299,8 @@ def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace, server: str =
         stop_clients(proc, parent)
         for _port, daphne in daphnes:
             stop_process(daphne)
-        if spec.key != "pubsub":
-            asyncio.run(flush(spec, url, prefix))
-        delete_prefix(url, prefix)
+        clean_up(spec, url, prefix)
     return out
-
-
-async def flush(spec: LayerSpec, url: str, prefix: str) -> None:
-    layer = spec.make(url, prefix)
-    try:
-        await layer.flush()
-    finally:
-        await close_layer(layer)
 
 
 def report(results: list[E2EResult], machine: str, args: argparse.Namespace) -> str:

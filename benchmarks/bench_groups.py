@@ -35,18 +35,16 @@ from benchmarks._common import (
     LAYERS,
     LayerSpec,
     add_cluster_layer,
-    delete_prefix,
     machine_description,
     private_redis,
     run_prefix,
 )
-from benchmarks._nodes import MAX, WARMUP, close_layer, member_group
+from benchmarks._nodes import MAX, WARMUP, clean_up, close_layer, member_group
 from benchmarks._results import PhaseResult, fmt_int, fmt_ms, percentile
 from benchmarks.bench_layers import (
     GROUP,
     Node,
     cpu_sample,
-    flush_prefix,
     max_phase,
     paced_phase,
     send_one,
@@ -179,11 +177,7 @@ def run_one(spec: LayerSpec, url: str, nargs: argparse.Namespace,
         out.skipped = f"failed: {type(exc).__name__}: {exc}"
     finally:
         stop_nodes(nodes)
-        try:
-            asyncio.run(asyncio.wait_for(flush_prefix(spec, url, prefix), 30))
-        except Exception as exc:
-            print(f"{spec.key}: flush failed: {exc!r}", file=sys.stderr)
-        delete_prefix(url, prefix)
+        clean_up(spec, url, prefix)
 
 
 def run_big(url: str, keys: list[str], args: argparse.Namespace) -> list[BigResult]:

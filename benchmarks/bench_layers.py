@@ -46,7 +46,6 @@ from benchmarks._common import (
     LayerSpec,
     add_cluster_layer,
     add_extra_layers,
-    delete_prefix,
     machine_busy_seconds,
     machine_description,
     private_redis,
@@ -54,7 +53,7 @@ from benchmarks._common import (
     run_prefix,
     wait_quiet,
 )
-from benchmarks._nodes import MAX, PACED, WARMUP, close_layer, node_process
+from benchmarks._nodes import MAX, PACED, WARMUP, clean_up, close_layer, node_process
 from benchmarks._results import (
     LayerResult,
     PhaseResult,
@@ -288,15 +287,6 @@ async def drive(spec: LayerSpec, url: str, prefix: str, nodes: list[Node],
         await close_layer(layer)
 
 
-async def flush_prefix(spec: LayerSpec, url: str, prefix: str) -> None:
-    layer = spec.make(url, prefix)
-    try:
-        if spec.key != "pubsub":  # pub/sub's flush only drops local state
-            await layer.flush()
-    finally:
-        await close_layer(layer)
-
-
 def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> LayerResult:
     out = LayerResult(spec.key, spec.label)
     reason = spec.available()
@@ -317,11 +307,7 @@ def run_layer(spec: LayerSpec, url: str, args: argparse.Namespace) -> LayerResul
         out.skipped = f"failed: {type(exc).__name__}: {exc}"
     finally:
         stop_nodes(nodes)
-        try:
-            asyncio.run(asyncio.wait_for(flush_prefix(spec, url, prefix), 15))
-        except Exception as exc:
-            print(f"{spec.key}: flush failed: {exc!r}", file=sys.stderr)
-        out.keys_left = delete_prefix(url, prefix)
+        out.keys_left = clean_up(spec, url, prefix)
     return out
 
 

@@ -27,13 +27,12 @@ if not __package__:  # run as a script: make `benchmarks` importable
 from benchmarks._common import (
     LAYERS,
     LayerSpec,
-    delete_prefix,
     machine_description,
     private_redis,
     redis_info,
     run_prefix,
 )
-from benchmarks._nodes import close_layer
+from benchmarks._nodes import clean_up, close_layer
 
 BATCH = 50  # group_adds in flight at once (channels_redis core's pool allows 100)
 
@@ -119,18 +118,8 @@ def measure(spec: LayerSpec, url: str, memberships: int, groups: int) -> MemoryR
     except Exception as exc:
         out.skipped = f"failed: {type(exc).__name__}: {exc}"
     finally:
-        if spec.key != "pubsub":
-            asyncio.run(flush(spec, url, prefix))
-        delete_prefix(url, prefix)
+        clean_up(spec, url, prefix)
     return out
-
-
-async def flush(spec: LayerSpec, url: str, prefix: str) -> None:
-    layer = spec.make(url, prefix)
-    try:
-        await layer.flush()
-    finally:
-        await close_layer(layer)
 
 
 def report(results: list[MemoryResult], machine: str) -> str:

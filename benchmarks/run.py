@@ -19,7 +19,8 @@ Scenarios, in this order (``--scenarios`` picks a subset):
 
 Every layer goes through the same harness with its defaults, on the run's Redis (a private
 ``redis-server`` unless ``--redis-url``). ``--cluster-url URL`` adds a column: this
-library's layer on that Redis Cluster node. Writes ``results.json``, ``results.md`` and
+library's layer on that Redis Cluster node; ``--broker-url amqp://...`` adds ``broker``, its
+messages through RabbitMQ. Writes ``results.json``, ``results.md`` and
 ``chart.png`` into ``--out`` and, with ``--chart``, the chart there too. A progress line per
 phase goes to stderr; the markdown report goes to stdout.
 """
@@ -42,15 +43,18 @@ if not __package__:  # run as a script: make `benchmarks` importable
 
 from benchmarks import bench_connections, bench_e2e, bench_groups, bench_layers, bench_memory
 from benchmarks._common import (
+    BROKER_KEY,
     CLUSTER_KEY,
     LAYERS,
     ROOT,
+    add_broker_layer,
     add_cluster_layer,
     machine_description,
     private_redis,
     wait_quiet,
 )
 from benchmarks._report import render
+from channels_distrib.masking import scrub
 
 SCENARIOS = ("layers", "memory", "big", "rooms", "e2e", "connections", "presence")
 
@@ -105,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
     parser.add_argument("--cluster-url", help="add the layer 'cluster': channels_distrib on "
                         "this Redis Cluster node, as another column")
+    parser.add_argument("--broker-url", help="add the layer 'broker': channels_distrib with "
+                        "its messages through this RabbitMQ (amqp://...), as another column")
     parser.add_argument("--out", default="bench-results",
                         help="directory for results.json, results.md and chart.png")
     parser.add_argument("--chart", help="also write the chart (PNG) here, e.g. "
@@ -121,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add_cluster_layer(args.cluster_url)
         if CLUSTER_KEY not in args.layers.split(","):
             args.layers += f",{CLUSTER_KEY}"
+    if args.broker_url:
+        add_broker_layer(args.broker_url)
+        if BROKER_KEY not in args.layers.split(","):
+            args.layers += f",{BROKER_KEY}"
     unknown = set(args.layers.split(",")) - set(LAYERS)
     if unknown:
         parser.error(f"unknown layers: {', '.join(sorted(unknown))}")
@@ -242,7 +252,10 @@ def run_all(url: str, args: argparse.Namespace, started: float) -> int:
     header = {"machine": machine, "commit": at, "size": args.size,
               "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
               "seconds": round(time.monotonic() - started)}
-    data = plain({"header": header, "results": results, "errors": errors})
+    # Credentials in a URL (--redis-url, --broker-url, an error quoting one) never reach the
+    # report or the files: the whole result is scrubbed as text.
+    data = json.loads(scrub(json.dumps(plain(
+        {"header": header, "results": results, "errors": errors}))))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(data, fh, indent=1)

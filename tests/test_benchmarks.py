@@ -121,3 +121,25 @@ def test_cluster_column_runs_on_the_cluster_and_leaves_no_key(tmp_path: Path, re
         assert list(client.scan_iter(match="bench-cluster-*", count=1000)) == []
     finally:
         client.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_column_keeps_the_others_and_no_password_is_printed(tmp_path: Path) -> None:
+    from benchmarks._common import free_port
+
+    url = f"redis://bench:topsecret@127.0.0.1:{free_port()}/"  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--size", "smoke", "--scenarios", "memory",
+         "--layers", "distrib", "--cluster-url", url, "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=50,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the run says it is incomplete
+    rows = {r["key"]: r for r in json.loads((tmp_path / "results.json").read_text())
+            ["results"]["memory"]}
+    assert not rows["distrib"]["skipped"] and rows["distrib"]["used_delta"] > 0
+    assert rows["cluster"]["skipped"].startswith("failed:")
+    assert "bench:***@" in proc.stdout  # the command line, masked
+    for text in (proc.stdout, proc.stderr, (tmp_path / "results.json").read_text(),
+                 (tmp_path / "results.md").read_text()):
+        assert "topsecret" not in text
