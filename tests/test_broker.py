@@ -8,9 +8,11 @@ memberships, queue arguments, flush and pruning of broker objects, connection cu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -258,3 +260,67 @@ async def test_sender_connection_cut_raises_or_reconnects_never_duplicates(make_
     got = [m["n"] for m in await recv_n(receiver, channel, len(sent))]
     assert got == sent
     assert await nothing_arrives(receiver, channel, 0.3)
+
+
+@pytest.mark.faults
+async def test_broker_restarted_while_messages_flow(redis_url, prefix):
+    """A private RabbitMQ restarted (its non-durable queues gone) under a node that receives
+    and a sender that keeps sending: the node re-creates its queue and bindings, sends wait
+    for the broker (or raise BrokerUnavailable, never twice), and every message sent after
+    the restart arrives once, in order."""
+    from tests.rabbitmq_server import private_rabbitmq
+
+    with private_rabbitmq() as broker:
+        config = {"hosts": [redis_url], "prefix": prefix, "broker": broker.url}
+        node = DistributedChannelLayer(
+            **config, heartbeat_interval=0.3, node_timeout=3, capacity=1000
+        )
+        sender = DistributedChannelLayer(**config, retry_timeout=30)
+        try:
+            await _restart_under_traffic(broker, node, sender)
+        finally:  # while the private broker still runs
+            await node.flush()
+            await node.close()
+            await sender.close()
+
+
+async def _restart_under_traffic(broker: Any, node: Any, sender: Any) -> None:
+    """The body of the test above, on layers the private broker outlives."""
+    channel = await node.new_channel()
+    await node.group_add("restart", channel)
+    returned: list[int] = []
+    failed: list[int] = []
+    restarted = asyncio.Event()
+
+    async def keep_sending() -> None:
+        for i in range(400):
+            try:
+                await sender.group_send("restart", msg(i))
+                returned.append(i)
+            except BrokerUnavailable:
+                failed.append(i)
+            await asyncio.sleep(0.01)
+            if i == 100:
+                await asyncio.to_thread(broker.restart)
+                restarted.set()
+
+    flow = asyncio.ensure_future(keep_sending())
+    await restarted.wait()
+    first_after = len(returned) + len(failed)  # every send from here on ran after it
+    await flow
+    assert len(failed) <= 1, failed  # at most the publish written on the dying connection
+
+    async def bound_again() -> bool:
+        return node._node.broker_queue.bound == {"restart"}
+
+    assert await eventually(bound_again, 10)
+    got: list[int] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            while not got or got[-1] != 399:
+                got.append((await node.receive(channel))["n"])
+    assert len(got) == len(set(got)), "a message arrived twice"
+    after = [n for n in returned if n >= first_after]
+    assert [n for n in got if n >= first_after] == after, "lost after the restart"
+    assert node._node.broker_queue.conn.reconnects >= 1
+    assert sender._state().broker.conn.reconnects >= 1

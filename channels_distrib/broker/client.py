@@ -96,7 +96,9 @@ class BrokerClient:
 
     async def _declare_exchange(self, channel: AbstractChannel) -> None:
         await self.remember(f"x:{self.exchange}")
-        await channel.exchange_declare(self.exchange, exchange_type="direct")
+        # Durable, like the queues (their messages are not): the objects and their bindings
+        # survive a broker restart; the messages queued at that moment do not.
+        await channel.exchange_declare(self.exchange, exchange_type="direct", durable=True)
         self.conn.declared.add(self.exchange)
 
     async def send_direct(self, token: str, channel: str, payload: bytes) -> None:
@@ -160,7 +162,7 @@ class BrokerClient:
         }
         side = await self.conn.extra_channel()
         try:
-            await side.queue_declare(queue, arguments=arguments)
+            await side.queue_declare(queue, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed:
             if channel not in self._capacity_warned:
                 self._capacity_warned.add(channel)

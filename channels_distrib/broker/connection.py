@@ -46,7 +46,8 @@ class BrokerConnection:
         self.retry_timeout = retry_timeout
         self.name = name
         self.declared: set[str] = set()
-        self.reconnects = 0
+        self.reconnects = 0  # connections made after the first one
+        self._connected_before = False
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
@@ -100,8 +101,9 @@ class BrokerConnection:
                     logger.warning("RabbitMQ at %s unreachable (%s); retrying", self.address, exc)
                 await asyncio.sleep(min(backoff(attempt), max(0.0, self.retry_timeout - waited)))
                 continue
-            if self._connection is not None or self.reconnects:
+            if self._connected_before:
                 self.reconnects += 1
+            self._connected_before = True
             self._connection, self._channel = connection, channel
             self.declared = set()
             return

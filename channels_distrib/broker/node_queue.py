@@ -124,8 +124,10 @@ class NodeQueue:
 
     async def _keep(self) -> None:
         channel = await self.conn.channel()
+        # Durable (the messages are not): queue and bindings survive a broker restart, so
+        # what is sent once the broker is back is routed here before this node reconnects.
         declared = await channel.queue_declare(
-            self.queue, arguments={"x-expires": self.expires_ms}
+            self.queue, durable=True, arguments={"x-expires": self.expires_ms}
         )
         if channel is not self._consuming or not declared.consumer_count:
             # A new connection, or the queue was deleted under us (flush, prune): consume
@@ -142,7 +144,7 @@ class NodeQueue:
             # broker answers cancel-ok for a tag it has already cancelled itself.
             await channel.basic_cancel(self._consumer_tag)
         await self.remember()
-        await channel.exchange_declare(self.exchange, exchange_type="direct")
+        await channel.exchange_declare(self.exchange, exchange_type="direct", durable=True)
         await channel.basic_qos(prefetch_count=PREFETCH)
         ok = await channel.basic_consume(self.queue, self._on_message, no_ack=False)
         self._consumer_tag = ok.consumer_tag
