@@ -532,8 +532,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             # node's presence owner queues the state and batches the diff.
             if not await self._on_node_loop(node, node.presence.join(group, channel, meta, presence)):
                 logger.debug("group_add of %s to %s ignored: this node is not live", channel, group)
-            elif node.broker_queue is not None:
-                # Return only once the node's queue is bound to the group: a group_send
+            if node.broker_queue is not None:
+                # Return only once the node's queue is bound to the group (whenever the node
+                # holds the membership, even one Redis has yet to get back): a group_send
                 # right after this call reaches the new member.
                 bound = node.broker_queue.wait_bound(group, self.config.retry_timeout)
                 if not await self._on_node_loop(node, bound):
