@@ -1,4 +1,5 @@
-"""The ASGI app bench_e2e serves with daphne: one plain Channels consumer per WebSocket.
+"""The ASGI app bench_e2e and bench_connections serve (daphne or uvicorn): one plain Channels
+consumer per WebSocket.
 
 The consumer is the same for every layer (no channels_distrib consumer features), so the
 figures compare layers, not consumers. ``/ws/<room>`` joins group ``<room>``; every
