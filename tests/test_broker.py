@@ -81,6 +81,26 @@ async def test_unreachable_broker_raises_within_retry_timeout(redis_url, prefix)
         await layer.close()
 
 
+async def test_send_cancelled_while_the_broker_is_unreachable_leaves_nothing_running(
+    redis_url, prefix
+):
+    """A send waiting for an unreachable broker, cancelled: the send and the layer's close
+    both end within a second (no connect loop left retrying for retry_timeout)."""
+    layer = DistributedChannelLayer(
+        hosts=[redis_url], prefix=prefix, broker="amqp://guest:guest@127.0.0.1:1/",
+        retry_timeout=30,
+    )
+    before = asyncio.all_tasks()
+    task = asyncio.ensure_future(layer.send("unreachable.q", msg(1)))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    async with asyncio.timeout(1):
+        await asyncio.gather(task, return_exceptions=True)
+        await layer.close()
+    await asyncio.sleep(0.1)
+    assert not [t for t in asyncio.all_tasks() if t not in before and not t.done()]
+
+
 async def test_group_message_once_per_node_and_never_to_nodes_without_members(make_layer):
     a, b, idle = make_layer(), make_layer(), make_layer()
     a_channels = [await a.new_channel() for _ in range(3)]

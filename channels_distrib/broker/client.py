@@ -151,7 +151,12 @@ class BrokerClient:
         if task is None or task.done():
             task = self._declaring[queue] = asyncio.ensure_future(self._declare_named(channel, queue))
             task.add_done_callback(_retrieve)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not self.conn.connected:
+                task.cancel()  # still waiting for the broker: nothing is half-way, stop it
+            raise
         return queue
 
     async def _declare_named(self, channel: str, queue: str) -> None:
@@ -235,6 +240,11 @@ class BrokerClient:
             receiver.buffer.clear()
 
     async def close(self) -> None:
+        pending = [task for task in self._declaring.values() if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
         for receiver in self.receivers.values():
             await receiver.close()
         self.receivers.clear()

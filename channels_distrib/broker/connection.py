@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
@@ -51,11 +52,17 @@ class BrokerConnection:
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Future[Any]] = set()
 
     @property
     def address(self) -> str:
         """The broker's URL without credentials (for logs and errors)."""
         return mask_url(self.url)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection and its publishing channel are open now."""
+        return self._open()
 
     def _open(self) -> bool:
         channel = self._channel
@@ -68,9 +75,7 @@ class BrokerConnection:
             return self._channel
         async with self._lock:  # one reconnect at a time; the others wait for its channel
             if not self._open():
-                # Not cut short by a cancelled caller: a handshake abandoned half-way leaves
-                # a connection the broker closes later, under whoever uses it next.
-                await asyncio.shield(asyncio.ensure_future(self._connect()))
+                await self._connect()
             assert self._channel is not None
             return self._channel
 
@@ -80,13 +85,15 @@ class BrokerConnection:
         while True:
             try:
                 await self._drop()
-                connection = await aiormq.connect(
-                    self.url, client_properties={"connection_name": self.name}
-                )
+                # One attempt is not cut short by a cancelled caller (a handshake abandoned
+                # half-way leaves a connection the broker closes later, under whoever uses
+                # it next); the waits between attempts are, so a cancelled caller's connect
+                # ends with the attempt under way.
+                attempt_task = asyncio.ensure_future(self._attempt())
                 try:
-                    channel = await connection.channel(publisher_confirms=True)
-                except BaseException:
-                    await connection.close()
+                    connection, channel = await asyncio.shield(attempt_task)
+                except asyncio.CancelledError:
+                    attempt_task.add_done_callback(self._discard_attempt)
                     raise
             except asyncio.CancelledError:
                 raise
@@ -107,6 +114,26 @@ class BrokerConnection:
             self._connection, self._channel = connection, channel
             self.declared = set()
             return
+
+    async def _attempt(self) -> tuple[AbstractConnection, AbstractChannel]:
+        connection = await aiormq.connect(self.url, client_properties={"connection_name": self.name})
+        try:
+            return connection, await connection.channel(publisher_confirms=True)
+        except BaseException:
+            await connection.close()
+            raise
+
+    def _discard_attempt(
+        self, task: asyncio.Future[tuple[AbstractConnection, AbstractChannel]]
+    ) -> None:
+        """An attempt whose caller was cancelled: close what it opened (the task is kept
+        until it is done, and close() waits for it)."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        connection, _channel = task.result()
+        closing = asyncio.ensure_future(connection.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def extra_channel(self, *, confirms: bool = False) -> AbstractChannel:
         """Another channel on this connection (a channel error closes only that channel)."""
@@ -134,6 +161,8 @@ class BrokerConnection:
     async def close(self) -> None:
         async with self._lock:
             await self._drop()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=1.0)
 
 
 
