@@ -168,6 +168,7 @@ class ClusterOps:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.keys = registry.keys
+        self._suspects: set[str] = set()  # tokens found gone without trace once (purge_orphans)
 
     # -- group send -----------------------------------------------------------------------
 
@@ -315,6 +316,54 @@ class ClusterOps:
         if int(removed_entry) or own:
             await self._unmark(t, token)
         return bool(int(removed_entry)) or own, leaves
+
+    async def purge_orphans(self, t: Transport, groups: set[str], own: str) -> int:
+        """Remove from ``groups`` the memberships of nodes gone without trace (see
+        CLUSTER_PURGE_TOKEN), and announce their leaves; returns how many were removed.
+
+        A token counts as gone when it is absent from the node table and its live mark is
+        missing or past its deadline, twice in a row (calls are a reconcile period apart): a
+        live node whose master just lost its keys writes them again within a heartbeat.
+        """
+        names = sorted(groups)
+        if not names:
+            return 0
+        k = self.keys
+        listed = await pipelined(t, [("command", ("HKEYS", k.group_nodes(g))) for g in names])
+        by_group = {g: {_text(tok) for tok in toks} - {own} for g, toks in zip(names, listed, strict=True)}
+        tokens = set().union(*by_group.values())
+        now_ms, deadlines, _info = await self.registry._node_table(t)
+        unknown = sorted(tokens - set(deadlines))
+        if not unknown:
+            self._suspects = set()
+            return 0
+        marks = await pipelined(t, [("command", ("GET", k.live(tok))) for tok in unknown])
+        gone = {
+            tok
+            for tok, mark in zip(unknown, marks, strict=True)
+            if mark is None or int(mark) < now_ms
+        }
+        confirmed, self._suspects = gone & self._suspects, gone - self._suspects
+        calls: list[Call] = [
+            ("cluster_purge_token", k.group_keys(g), [g, tok])
+            for g in names
+            for tok in sorted(by_group[g] & confirmed)
+        ]
+        removed = 0
+        leaves: list[Any] = []
+        for (_name, _keys, (group, _tok)), flat in zip(calls, await pipelined(t, calls), strict=True):
+            removed += len(flat) // 2
+            for i in range(0, len(flat), 2):
+                if flat[i + 1]:
+                    leaves += [group, flat[i], flat[i + 1]]
+        if removed:
+            logger.warning(
+                "Removed %d membership(s) of %d node(s) gone without trace (a master lost its data)",
+                removed,
+                len(confirmed),
+            )
+        await self.registry.send_leave_diffs(t, leaves)
+        return removed
 
     # -- heartbeat ------------------------------------------------------------------------
 

@@ -76,6 +76,9 @@ class Housekeeper:
         self._passes += 1
         if self._passes % RECONCILE_EVERY == 0:
             await self.reconcile()
+            if node.transport.cluster:
+                groups = {g for held in node.memberships.by_channel.values() for g in held}
+                await node.registry.cluster.purge_orphans(node.transport, groups, node.token)
 
     def _joined(self, group: str) -> bool:
         return bool(self.node.memberships.members(group))

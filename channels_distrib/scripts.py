@@ -985,6 +985,34 @@ return removed
 )
 
 
+# CLUSTER_PURGE_TOKEN: remove from one group every membership of a node that is gone without
+# trace (no node table entry, no live mark or a past one: a master lost its table entry or
+# its index before or while it was pruned, so pruning cannot find these), as a pruner would.
+# KEYS[1..6] the group's m, n, p, pm, q, qc
+# ARGV[1] group, ARGV[2] the node's token
+# Returns flat channel / presence record ('' when none) pairs of what was removed.
+CLUSTER_PURGE_TOKEN = (
+    _PRELUDE
+    + _MEMBERSHIP
+    + """
+local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
+local token = ARGV[2]
+local result = {}
+local marker = '.' .. token .. '!'
+for _, channel in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local bang = string.find(channel, '!', 1, true)
+  local head = bang and string.sub(channel, 1, bang) or ''
+  if string.sub('.' .. head, -#marker) == marker then
+    local removed, presence = remove_member(g, false, ARGV[1], channel, token)
+    if removed then table.insert(result, channel); table.insert(result, presence or '') end
+  end
+end
+redis.call('HDEL', KEYS[2], token)
+redis.call('HDEL', KEYS[3], token)
+return result
+"""
+)
+
 ALL = {
     "send_queue": SEND_QUEUE,
     "send_inbox": SEND_INBOX,
@@ -1015,4 +1043,5 @@ ALL = {
     "cluster_beat_node": CLUSTER_BEAT_NODE,
     "cluster_prune_claim": CLUSTER_PRUNE_CLAIM,
     "cluster_prune_table": CLUSTER_PRUNE_TABLE,
+    "cluster_purge_token": CLUSTER_PURGE_TOKEN,
 }

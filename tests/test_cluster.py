@@ -428,3 +428,51 @@ async def test_a_master_failover_keeps_the_registry_and_delivery(prefix: str) ->
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(layer.close(), 10)
         cluster.stop()
+
+
+@pytest.mark.cluster
+async def test_memberships_of_a_dead_node_whose_master_lost_its_index_are_purged(
+    redis_cluster: Any, make_cluster_layer: Any, spawn_cluster_node: Any, prefix: str
+) -> None:
+    """SIGKILL a node, then restart empty the master holding its own keys: the pruner finds
+    no index, so its memberships in groups on the other masters would stay; the survivors'
+    housekeeping removes them (as a pruner would, leaves announced)."""
+    import time
+
+    from redis.asyncio import Redis
+
+    from tests.helpers_nodes import FAST
+
+    groups = [f"orphan{i}" for i in range(12)]
+    victim = spawn_cluster_node(channels=0, idle=2, group=groups, presence=True, **FAST)
+    await victim.ready()
+    survivor = make_cluster_layer(**FAST)
+    mine = await survivor.new_channel()
+    for group in groups:
+        await survivor.group_add(group, mine, presence=True)
+    token = victim.channels[0].split("!")[0].rsplit(".", 1)[-1]
+    probe = Redis(host="127.0.0.1", port=redis_cluster.ports[0])
+    try:
+        slot = await probe.execute_command("CLUSTER", "KEYSLOT", f"{prefix}:{{n.{token}}}:in")
+    finally:
+        await probe.aclose()
+    holder = None
+    for i in range(redis_cluster.masters):
+        client = Redis(host="127.0.0.1", port=redis_cluster.ports[i])
+        try:
+            for start, end, *_rest in await client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    holder = _rest[0][1]
+        finally:
+            await client.aclose()
+    index = redis_cluster.ports.index(int(holder))
+    victim.kill()
+    redis_cluster.restart_empty(index)
+    killed = time.monotonic()
+    while True:
+        left = {g: await survivor.group_channels(g) for g in groups}
+        if all(channels == {mine} for channels in left.values()):
+            break
+        assert time.monotonic() - killed < 30, f"orphans left 30 s after the kill: {left}"
+        await asyncio.sleep(0.2)
+    print(f"\norphaned memberships purged {time.monotonic() - killed:.2f} s after the kill")
