@@ -83,6 +83,12 @@ def _connect_failure(exc: Exception) -> RedisConnectionError:
     return NotConnected(str(exc))
 
 
+#: What a failed connect raises. AttributeError: on a cluster, when a failure elsewhere makes
+#: redis-py drop a connection that another task is still opening, its handshake finds the
+#: writer gone ("'NoneType' object has no attribute 'writelines'"); nothing was written.
+_CONNECT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, AttributeError)
+
+
 class _MarksConnectFailures:
     """Mixin for redis-py connection classes: failures while connecting raise NotConnected.
 
@@ -98,7 +104,7 @@ class _MarksConnectFailures:
             raise
         except (NotConnected, CredentialsRejected):
             raise
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except _CONNECT_ERRORS as exc:
             raise _connect_failure(exc) from exc
 
     async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
@@ -108,7 +114,7 @@ class _MarksConnectFailures:
             raise
         except (NotConnected, CredentialsRejected):
             raise
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except _CONNECT_ERRORS as exc:
             raise _connect_failure(exc) from exc
 
 
@@ -314,6 +320,13 @@ class Transport:
             return await operation(self.client)
         except RedisClusterException as exc:
             raise self._not_a_cluster(exc) from exc
+        except AttributeError as exc:
+            # On a cluster, redis-py may drop a connection's writer (another task's failure
+            # handling) between connecting and writing: nothing was sent, so it is retried.
+            if not self.cluster or "writelines" not in str(exc):
+                raise
+            self._stale_map = True
+            raise NotConnected(f"{self.host.address}: connection dropped before writing") from exc
         except ClusterDownError as exc:
             # CLUSTERDOWN: a master of the cluster is away (restarting, failing over). The
             # server refused the command without running it, so it is retried like a
