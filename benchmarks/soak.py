@@ -10,7 +10,8 @@ Run from the repository root::
 consumers and churn them (connect, join, leave, disconnect: ``--rate`` operations a second in
 total) while this process sends group messages to the rooms and direct messages to live
 channels. Every ``--cycle`` seconds (60) the faults come once each, in this order: a Redis
-restart (kill, then an empty server on the same port; only with the soak's own server), a
+restart (kill, then an empty server on the same port; only with the soak's own server; with
+``--cluster``, one master of the soak's own 3-master cluster, each in turn), a
 CLIENT KILL storm against every connection named ``distrib:<prefix>``, and one node SIGKILLed
 and started again (never node 0, so one node lives through the whole run for the RSS figure;
 last, so what the dead node leaves behind is still there for the checker).
