@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 from tests.redis_server import RedisProcess, _spawn, server_binary
 
-#: Where cluster ports are picked (bus = port + 10000 must stay a valid, free port too).
-PORT_RANGE = (20000, 45000)
+#: Where cluster ports are picked: bus = port + 10000 stays a valid, free port too, and both
+#: lie below the kernel's ephemeral range (32768 up), where an outgoing connection could take
+#: them before the server binds.
+PORT_RANGE = (10000, 22000)
 
 
 def _free(port: int) -> bool:
