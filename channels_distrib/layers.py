@@ -95,7 +95,19 @@ class _LoopState:
         self.queues.clear()
         if self.broker is not None:
             await self.broker.close()
+            await _settle_leftovers()
         await self.transport.close()
+
+
+async def _settle_leftovers(timeout: float = 1.0) -> None:
+    """Let the tasks still pending on a loop that is about to close finish (at most
+    ``timeout``). aiormq starts a clean-up task from a done callback when its reader task is
+    cancelled (as ``asyncio.run`` cancels every task before closing the loop); closed at once,
+    that task would be destroyed while pending."""
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    if others:
+        await asyncio.wait(others, timeout=timeout)
 
 
 class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]

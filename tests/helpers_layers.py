@@ -398,12 +398,19 @@ class ProcReceiver:
     """tests/layer_proc.py `receive` mode in a child process, read asynchronously."""
 
     def __init__(
-        self, redis_url: str, prefix: str, channel: str, broker: str | None = None
+        self,
+        redis_url: str,
+        prefix: str,
+        channel: str,
+        broker: str | None = None,
+        capacity: int | None = None,
     ) -> None:
         self.args = ["receive", redis_url, prefix, channel]
         self.env = proc_env()
         if broker:
             self.env["LAYER_PROC_BROKER"] = broker  # tests/layer_proc.py: CONFIG["broker"]
+        if capacity is not None:
+            self.env["LAYER_PROC_CAPACITY"] = str(capacity)
         self.proc: asyncio.subprocess.Process | None = None
         self.received: list[int] = []
         self.ready = asyncio.Event()

@@ -20,15 +20,22 @@ import contextlib
 import json
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
 
-def path_options() -> dict[str, str]:
-    """CONFIG["broker"] from LAYER_PROC_BROKER, when the parent test runs on the broker path."""
-    broker = os.environ.get("LAYER_PROC_BROKER")
-    return {"broker": broker} if broker else {}
+def path_options() -> dict[str, Any]:
+    """CONFIG["broker"] from LAYER_PROC_BROKER, when the parent test runs on the broker path,
+    and CONFIG["capacity"] from LAYER_PROC_CAPACITY (on the broker path a named channel's
+    limit is the one its first declarer gave, which may be this receiver)."""
+    options: dict[str, Any] = {}
+    if broker := os.environ.get("LAYER_PROC_BROKER"):
+        options["broker"] = broker
+    if capacity := os.environ.get("LAYER_PROC_CAPACITY"):
+        options["capacity"] = int(capacity)
+    return options
 
 
 async def receive_mode(url: str, prefix: str, channel: str) -> None:

@@ -663,7 +663,11 @@ async def test_normal_channel_two_receiver_processes(make_layer, redis_url, pref
     """Each message to a shared queue goes to at most one receiver; none lost while both receive."""
     sender = make_layer(capacity=1000)
     broker = path_options.get("broker")
-    children = [ProcReceiver(redis_url, prefix, "work.shared", broker) for _ in range(2)]
+    # The receivers have the sender's capacity too: on the broker path the queue's limit is
+    # its first declarer's, and the receivers declare it first.
+    children = [
+        ProcReceiver(redis_url, prefix, "work.shared", broker, capacity=1000) for _ in range(2)
+    ]
     try:
         for child in children:
             await child.start()
@@ -1369,7 +1373,9 @@ async def test_cancelled_sends_leave_connections_sane(make_layer):
             task = asyncio.ensure_future(sender.send(local, msg(i)))
         else:
             task = asyncio.ensure_future(sender.group_send("cancelsend", msg(i)))
-        delay = rnd.choice([None, 0, 0.0001, 0.0005, 0.001, 0.002])
+        # Up to 20 ms: a send through the broker waits for its confirm, which takes far
+        # longer than a Redis round trip (more so in asyncio's debug mode).
+        delay = rnd.choice([None, 0, 0.0001, 0.0005, 0.001, 0.002, 0.005, 0.02])
         if delay is not None:
             await asyncio.sleep(delay)
         task.cancel()
