@@ -53,6 +53,9 @@ class BrokerConnection:
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Future[Any]] = set()
+        # Connection attempts still running (a cancelled caller's included): close() waits
+        # for them, so none opens a connection after it that nobody would close.
+        self._attempts: set[asyncio.Future[Any]] = set()
 
     @property
     def address(self) -> str:
@@ -90,6 +93,8 @@ class BrokerConnection:
                 # it next); the waits between attempts are, so a cancelled caller's connect
                 # ends with the attempt under way.
                 attempt_task = asyncio.ensure_future(self._attempt())
+                self._attempts.add(attempt_task)
+                attempt_task.add_done_callback(self._attempts.discard)
                 try:
                     connection, channel = await asyncio.shield(attempt_task)
                 except asyncio.CancelledError:
@@ -159,6 +164,9 @@ class BrokerConnection:
         self._channel = None
 
     async def close(self) -> None:
+        if self._attempts:  # their done callbacks close what a cancelled caller left
+            await asyncio.wait(set(self._attempts), timeout=2.0)
+            await asyncio.sleep(0)
         async with self._lock:
             await self._drop()
         if self._closing:
