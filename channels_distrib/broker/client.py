@@ -215,7 +215,20 @@ class BrokerClient:
         await self._delete("queue", names.node_queue(self.prefix, token), if_unused=True)
 
     async def _delete(self, kind: str, name: str, *, if_unused: bool = False) -> None:
-        await asyncio.shield(asyncio.ensure_future(self._delete_now(kind, name, if_unused)))
+        """Delete a queue or exchange; shielded, so a cancelled caller leaves no half-done
+        delete. aiormq cancels the RPCs of a channel or connection that closes under them:
+        such a delete (idempotent) is tried again on a new channel, twice at most."""
+        for attempt in range(3):
+            job = asyncio.ensure_future(self._delete_now(kind, name, if_unused))
+            try:
+                await asyncio.shield(job)
+                return
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                caller_cancelled = current is not None and getattr(current, "cancelling", int)()
+                if not job.cancelled() or caller_cancelled or attempt == 2:
+                    raise  # our caller was cancelled (the job runs on), or it keeps failing
+                logger.debug("Deleting %s %s was cut off; trying again", kind, name)
 
     async def _delete_now(self, kind: str, name: str, if_unused: bool) -> None:
         side = await self.conn.extra_channel()
