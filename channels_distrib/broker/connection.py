@@ -102,9 +102,9 @@ class BrokerConnection:
                     raise
             except asyncio.CancelledError:
                 raise
-            except aiormq.exceptions.AuthenticationError as exc:
-                raise BrokerUnavailable(self.address, 0.0, exc) from None
             except CONNECT_ERRORS as exc:
+                if _refused(exc):
+                    raise BrokerUnavailable(self.address, 0.0, exc) from None
                 attempt += 1
                 waited = time.monotonic() - started
                 if waited >= self.retry_timeout:
@@ -172,6 +172,15 @@ class BrokerConnection:
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=1.0)
 
+
+
+def _refused(exc: BaseException) -> bool:
+    """The broker offered no login mechanism we have: retrying cannot help. aiormq raises the
+    same AuthenticationError with no mechanisms at all (None) when the handshake was cut
+    short, which is a connection failure like any other."""
+    return isinstance(exc, aiormq.exceptions.AuthenticationError) and (
+        not exc.args or exc.args[0] is not None
+    )
 
 
 __all__ = ["CONNECT_ERRORS", "BrokerConnection"]
