@@ -112,10 +112,17 @@ def _first_key(call: Any) -> str:
     return str(call[1][1] if call[0] == "command" else call[1][0])
 
 
+def cluster_client(t: Transport) -> RedisCluster:
+    """The transport's RedisCluster client; only cluster-mode code calls this."""
+    client = t.client
+    if not isinstance(client, RedisCluster):
+        raise TypeError(f"a Redis Cluster client was expected, not {type(client).__name__}")
+    return client
+
+
 async def _by_master(t: Transport, keys: list[str]) -> list[list[int]]:
     """Positions of ``keys`` grouped by the master that serves each one's slot now."""
-    client = t.client
-    assert isinstance(client, RedisCluster)
+    client = cluster_client(t)
     if not client.nodes_manager.slots_cache:
         await t.run(lambda c: client.initialize())
     parts: dict[str, list[int]] = defaultdict(list)
@@ -400,15 +407,13 @@ class ClusterOps:
     async def _unmark(self, t: Transport, token: str) -> None:
         """Drop a removed node's field from every master's mark (the marks would otherwise
         collect one field per node process ever started)."""
-        client = t.client
-        assert isinstance(client, RedisCluster)
+        client = cluster_client(t)
         marks = [self.keys.master_mark(i) for i in master_tags(client, self.keys.prefix)]
         await pipelined(t, [("command", ("HDEL", mark, token)) for mark in marks])
 
     async def _marks(self, t: Transport, token: str) -> bool:
         """Set this node's field in every master's mark; True when one had to be created."""
-        client = t.client
-        assert isinstance(client, RedisCluster)
+        client = cluster_client(t)
         await t.run(lambda c: client.initialize())
         ttl = self.registry.table_ttl_ms
         calls: list[Any] = []

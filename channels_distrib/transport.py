@@ -238,7 +238,8 @@ class Transport:
         able to close it under a stuck call). Replace it after a connection error: redis-py
         reconnects a held connection to the address it had, so behind Sentinel it would keep
         dialling the old master after a failover, where a new one asks the sentinels."""
-        assert isinstance(self.blocking, Redis), "on a cluster, use connection_for(key)"
+        if not isinstance(self.blocking, Redis):
+            raise TypeError("own_connection() is for one Redis; on a cluster use connection_for(key)")
         return Redis(connection_pool=self.blocking.connection_pool, single_connection_client=True)
 
     async def connection_for(self, key: str) -> Redis:
@@ -351,7 +352,8 @@ class Transport:
 
     async def _refresh_map(self) -> None:
         """Re-read the cluster's slot map (CLUSTER SLOTS from a node that answers)."""
-        assert isinstance(self.client, RedisCluster)
+        if not isinstance(self.client, RedisCluster):
+            return  # one Redis: no slot map
         await self.client.nodes_manager.initialize()
         self._stale_map = False
 

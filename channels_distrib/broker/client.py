@@ -37,7 +37,8 @@ class BrokerClient:
     """Publishes direct, group and named-channel messages; owns the named receivers."""
 
     def __init__(self, config: LayerConfig, remember: Remember, *, node_token: str) -> None:
-        assert config.broker is not None
+        if config.broker is None:
+            raise ValueError("BrokerClient needs CONFIG['broker'] (an amqp:// URL)")
         self.config = config
         self.prefix = config.prefix
         self.conn = BrokerConnection(

@@ -73,14 +73,16 @@ class BrokerConnection:
 
     async def channel(self) -> AbstractChannel:
         """The open publishing channel, connecting (within ``retry_timeout``) when needed."""
-        if self._open():
-            assert self._channel is not None
-            return self._channel
+        channel = self._channel
+        if channel is not None and self._open():
+            return channel
         async with self._lock:  # one reconnect at a time; the others wait for its channel
             if not self._open():
                 await self._connect()
-            assert self._channel is not None
-            return self._channel
+            channel = self._channel
+            if channel is None:  # _connect() returns only with a channel set
+                raise BrokerUnavailable(self.address, 0.0, None)
+            return channel
 
     async def _connect(self) -> None:
         started = time.monotonic()
@@ -143,8 +145,10 @@ class BrokerConnection:
     async def extra_channel(self, *, confirms: bool = False) -> AbstractChannel:
         """Another channel on this connection (a channel error closes only that channel)."""
         await self.channel()
-        assert self._connection is not None
-        return await self._connection.channel(publisher_confirms=confirms)
+        connection = self._connection
+        if connection is None:  # closed by another task meanwhile
+            raise BrokerUnavailable(self.address, 0.0, None)
+        return await connection.channel(publisher_confirms=confirms)
 
     def forget(self, channel: AbstractChannel) -> None:
         """``channel`` failed: the next :meth:`channel` opens a new one (the connection may be fine)."""
