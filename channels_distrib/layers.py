@@ -12,7 +12,7 @@ import difflib
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import msgpack
@@ -269,6 +269,20 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             await self.registry.discard(transport, group, channel, notify=True)
             await self._unbind_named(group, channel, broker)
 
+    def _group_has_receivers(
+        self, transport: Transport, group: str, exclude: str = ""
+    ) -> Callable[[], Awaitable[bool]]:
+        """For the broker path: asked when RabbitMQ routed a group message to no queue."""
+        return lambda: self.registry.has_receivers(transport, group, exclude)
+
+    def _node_is_live(self, transport: Transport, token: str) -> Callable[[], Awaitable[bool]]:
+        """For the broker path: asked when a node's queue is missing on RabbitMQ."""
+
+        async def live() -> bool:
+            return token in await self.registry.live_tokens(transport)
+
+        return live
+
     async def _on_pruned(self, token: str) -> None:
         """A node this process pruned (or this node, stopping): delete its broker queue."""
         try:
@@ -439,8 +453,9 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 full_key = self.keys.full(token)
                 if await transport.run(lambda c: c.sismember(full_key, channel)):
                     raise ChannelFull(channel)
-                await broker.send_direct(token, channel, payload)
-                self.counters.sent_direct += 1
+                live = self._node_is_live(transport, token)
+                if await broker.send_direct(token, channel, payload, live):
+                    self.counters.sent_direct += 1
                 return
             keys = [self.keys.inbox(token), self.keys.full(token)]
             args = [channel, payload, INBOX_MAXLEN]
@@ -613,7 +628,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if broker is not None:
             await self._expire_named_members(group, broker)
             # One publish and its confirm; the broker routes a copy to each bound queue.
-            accepted = await broker.group_send(group, payload)
+            receivers = self._group_has_receivers(self._transport(), group)
+            accepted = await broker.group_send(group, payload, receivers)
             self._count_group_send(group, 1, 0, 0 if accepted else 1)
             return
         keys, args = self.registry.group_send_args("g", group, payload)
@@ -681,7 +697,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         message in the history: a rejoin with ``since`` replays it (never delivered twice)."""
         await self._expire_named_members(room, broker)
         offset = await self.history.append(transport, room, payload, exclude or "")
-        accepted = await broker.group_send(room, payload, exclude or "", offset=offset)
+        receivers = self._group_has_receivers(transport, room, exclude or "")
+        accepted = await broker.group_send(room, payload, receivers, exclude or "", offset=offset)
         self._count_group_send(room, 1, 0, 0 if accepted else 1)
         return offset
 

@@ -338,6 +338,20 @@ class Registry:
         members.sort(key=lambda m: (m.joined_at, m.channel))
         return members
 
+    async def has_receivers(self, t: Transport, group: str, exclude: str = "") -> bool:
+        """Whether a message to ``group`` (sent excluding ``exclude``) should reach someone:
+        a normal-channel member, or a member on a live node. Asked by the broker path when
+        RabbitMQ routed a group message to no queue (one or two round trips)."""
+        tokens = {token_of(name) for name in await self.group_channels(t, group) if name != exclude}
+        if "" in tokens:
+            return True
+        return bool(tokens) and bool(tokens & await self.live_tokens(t))
+
+    async def live_tokens(self, t: Transport) -> set[str]:
+        """The tokens of the nodes whose heartbeat deadline has not passed."""
+        now_ms, deadlines, _info = await self._node_table(t)
+        return {token for token, deadline in deadlines.items() if deadline >= now_ms}
+
     async def channel_groups(self, t: Transport, channel: str) -> set[str]:
         token = token_of(channel)
         if token:

@@ -24,7 +24,7 @@ from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from channels_distrib.broker import names  # noqa: E402
 from channels_distrib.exceptions import BrokerUnavailable  # noqa: E402
 from channels_distrib.layers import DistributedChannelLayer  # noqa: E402
-from tests.helpers_broker import close_connections, exists, queue_arguments  # noqa: E402
+from tests.helpers_broker import amqp, close_connections, exists, queue_arguments  # noqa: E402
 from tests.helpers_layers import ROOT, eventually, msg, nothing_arrives, proc_env, recv, recv_n  # noqa: E402
 
 
@@ -239,6 +239,54 @@ async def test_flush_deletes_a_live_nodes_queue_and_the_node_carries_on(
     assert (await recv(layer, channel))["n"] == 2
     assert await nothing_arrives(layer, channel, 0.3)
     assert layer._node.broker_queue.bound == {"after"}
+
+
+async def _delete_queue(url: str, name: str) -> None:
+    """Delete a queue from outside, as a broker restarted without its state loses it."""
+    async with amqp(url) as connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+        await channel.close()
+
+
+async def test_messages_sent_while_the_broker_lost_a_nodes_queue_wait_for_it(
+    make_layer, broker_url, prefix
+):
+    """The node's queue (and so its bindings) vanish from the broker, as in a restart that
+    kept nothing: group, room and direct messages sent before the node re-creates them are
+    published again once it has (the broker returned them unroutable, so none is queued
+    twice), and arrive once each, in order."""
+    node = make_layer(heartbeat_interval=1.0, node_timeout=5)
+    sender = make_layer(retry_timeout=10)
+    channel = await node.new_channel()
+    await node.group_add("lost", channel)
+    await sender.send(channel, msg(0))
+    assert (await recv(node, channel))["n"] == 0
+    await _delete_queue(broker_url, names.node_queue(prefix, node._node.token))
+    await sender.group_send("lost", msg(1))  # the node re-declares within a heartbeat
+    await sender.send(channel, msg(2))
+    await sender.room_send("lost", msg(3))
+    assert [m["n"] for m in await recv_n(node, channel, 3)] == [1, 2, 3]
+    assert await nothing_arrives(node, channel, 0.3)
+    assert node._node.broker_queue.bound == {"lost"}
+    assert sender._state().broker.unrouted == 0
+
+
+async def test_unroutable_messages_with_no_receiver_return_at_once(make_layer):
+    """A group with no members, or whose only member is excluded, and a channel of a node
+    that is gone: the broker routes these nowhere and the send returns without waiting for
+    ``retry_timeout`` (nobody should get them)."""
+    layer = make_layer(retry_timeout=20)
+    member = await layer.new_channel()
+    await layer.group_add("alone", member)
+    gone = member.replace(layer._node.token, "f" * len(layer._node.token))
+    started = asyncio.get_running_loop().time()
+    await layer.group_send("nobody-here", msg(1))
+    await layer.room_send("alone", msg(2), exclude=member)
+    await layer.send(gone, msg(3))
+    assert asyncio.get_running_loop().time() - started < 5
+    assert layer._state().broker.unrouted == 0
+    assert await nothing_arrives(layer, member, 0.2)
 
 
 async def test_connection_cut_node_reconnects_and_gets_what_was_sent_meanwhile(make_layer):

@@ -4,8 +4,10 @@ Every publish waits for the broker's confirm. A nack (a named queue at ``x-max-l
 with ``x-overflow: reject-publish``) is reported to the caller; a connection that breaks
 before the confirm raises :class:`~channels_distrib.exceptions.BrokerUnavailable` and the
 message is never published again (it may have been queued: at most once, never twice).
-Only a publish that provably reached no queue (the exchange was missing, the broker closed
-the channel with 404) is repeated, after declaring the exchange.
+Only a publish that provably reached no queue is repeated: the exchange was missing (the
+broker closed the channel with 404; declared again first), or the broker returned a
+``mandatory`` message as unroutable while Redis says it has a receiver (a broker that lost
+its queues or bindings in a restart, before the receiving node re-created them).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +26,8 @@ from pamqp.commands import Basic
 
 from ..config import LayerConfig
 from ..exceptions import BrokerUnavailable
+from ..throttle import Throttle
+from ..transport import backoff
 from . import names
 from .connection import CONNECT_ERRORS, BrokerConnection
 from .receiver import NamedReceiver
@@ -31,6 +36,14 @@ logger = logging.getLogger(__name__)
 
 #: Records names this prefix declared (in Redis, for flush()); the layer provides it.
 Remember = Callable[[str], Awaitable[None]]
+#: Asked (one Redis read) when the broker routed a message to no queue: whether someone
+#: should have got it (a member on a live node, a named member, a live target node).
+Receivers = Callable[[], Awaitable[bool]]
+
+#: What one publish came to.
+ACKED, NACKED, UNROUTED = "acked", "nacked", "unrouted"
+#: The longest pause between publishes of a message still unroutable (jittered backoff).
+UNROUTED_PAUSE = 0.5
 
 
 class BrokerClient:
@@ -52,6 +65,8 @@ class BrokerClient:
         self._id_prefix = f"{node_token}.{secrets.token_hex(3)}."
         self._capacity_warned: set[str] = set()
         self._declaring: dict[str, asyncio.Future[None]] = {}
+        self._unrouted_log = Throttle()
+        self.unrouted = 0  # messages given up on: unroutable for retry_timeout with receivers
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -64,9 +79,16 @@ class BrokerClient:
         )
 
     async def _publish(
-        self, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any] | None
-    ) -> bool:
-        """Publish and wait for the confirm: True when acked, False when nacked."""
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any] | None,
+        *,
+        mandatory: bool = False,
+    ) -> str:
+        """Publish and wait for the confirm: ACKED, NACKED (a queue refused it) or, for a
+        ``mandatory`` publish, UNROUTED (it reached no queue)."""
         for _ in range(2):
             channel = await self.conn.channel()  # BrokerUnavailable after retry_timeout
             if exchange and exchange not in self.conn.declared:
@@ -77,10 +99,13 @@ class BrokerClient:
                     exchange=exchange,
                     routing_key=routing_key,
                     properties=self._properties(headers),
+                    mandatory=mandatory,
                 )
-                return True
+                return ACKED
+            except aiormq.exceptions.PublishError:
+                return UNROUTED  # basic.return: no queue is bound for this routing key
             except aiormq.exceptions.DeliveryError:
-                return False  # nacked: a queue refused it (reject-publish), nothing was queued
+                return NACKED  # a queue refused it (reject-publish), nothing was queued
             except aiormq.exceptions.ChannelNotFoundEntity:
                 # The exchange was deleted (a flush): the broker routed the message nowhere
                 # and closed the channel, so publishing again cannot duplicate it.
@@ -95,6 +120,46 @@ class BrokerClient:
                 raise BrokerUnavailable(self.conn.address, 0.0, exc) from None
         raise BrokerUnavailable(self.conn.address, 0.0)
 
+    async def _publish_routed(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any],
+        receivers: Receivers,
+    ) -> str:
+        """A ``mandatory`` publish, repeated while the broker finds no queue for it but
+        ``receivers()`` says someone should get it, for up to ``retry_timeout``.
+
+        A returned message reached no queue, so publishing it again cannot duplicate it.
+        This covers a broker restarted without its queues or bindings (until the receiving
+        node re-creates them) and a binding still being made. A routing key that reaches
+        some queues but not all is not returned: a node that has yet to re-bind after a
+        broker restart misses what was sent to the others meanwhile. UNROUTED after the
+        wait (counted in ``unrouted``, a rate-limited warning); with no receivers, an
+        unroutable message had nobody to reach and counts as ACKED.
+        """
+        deadline = time.monotonic() + self.config.retry_timeout
+        attempt = 0
+        while True:
+            outcome = await self._publish(exchange, routing_key, body, headers, mandatory=True)
+            if outcome != UNROUTED:
+                return outcome
+            if not await receivers():
+                return ACKED
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.unrouted += 1
+                if self._unrouted_log.ready():
+                    logger.warning(
+                        "RabbitMQ routed a message for %r to no queue for %.1fs although it has "
+                        "receivers; dropped (%d in all)",
+                        routing_key, self.config.retry_timeout, self.unrouted,
+                    )
+                return UNROUTED
+            attempt += 1
+            await asyncio.sleep(min(backoff(attempt, cap=UNROUTED_PAUSE), remaining))
+
     async def _declare_exchange(self, channel: AbstractChannel) -> None:
         await self.remember(f"x:{self.exchange}")
         # Durable, like the queues (their messages are not): the objects and their bindings
@@ -102,34 +167,45 @@ class BrokerClient:
         await channel.exchange_declare(self.exchange, exchange_type="direct", durable=True)
         self.conn.declared.add(self.exchange)
 
-    async def send_direct(self, token: str, channel: str, payload: bytes) -> None:
+    async def send_direct(
+        self, token: str, channel: str, payload: bytes, receivers: Receivers
+    ) -> bool:
         """To a process-local channel of another node: into that node's queue.
 
         A node that is gone has no queue; the message is then dropped by the broker, as a
-        message to a dead node's inbox is never read on the Redis path.
+        message to a dead node's inbox is never read on the Redis path. ``receivers`` says
+        whether the node is live (its queue is then waited for, see :meth:`_publish_routed`).
+        False when the message was dropped.
         """
-        await self._publish("", names.node_queue(self.prefix, token), payload, {"c": channel})
+        queue = names.node_queue(self.prefix, token)
+        return await self._publish_routed("", queue, payload, {"c": channel}, receivers) == ACKED
 
     async def group_send(
-        self, group: str, payload: bytes, exclude: str = "", offset: str | None = None
+        self,
+        group: str,
+        payload: bytes,
+        receivers: Receivers,
+        exclude: str = "",
+        offset: str | None = None,
     ) -> bool:
         """Through the group exchange: once to each node (and named queue) bound to ``group``.
 
         ``offset`` (a room send with history) travels as the ``h`` header; the receiving
         node adds it to the message. Returns False when a named member's queue refused it
-        (full); others still got it.
+        (full; others still got it) or when it stayed unroutable although ``receivers()``
+        said the group has members (see :meth:`_publish_routed`).
         """
         headers: dict[str, Any] = {"g": group}
         if exclude:
             headers["x"] = exclude
         if offset:
             headers["h"] = offset
-        return await self._publish(self.exchange, group, payload, headers)
+        return await self._publish_routed(self.exchange, group, payload, headers, receivers) == ACKED
 
     async def send_named(self, channel: str, payload: bytes) -> bool:
         """Into a normal channel's queue; False when the queue is full (nacked)."""
         queue = await self.declare_named(channel)
-        return await self._publish("", queue, payload, None)
+        return await self._publish("", queue, payload, None) == ACKED
 
     # -- named queues ---------------------------------------------------------------------
 
