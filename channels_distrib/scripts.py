@@ -495,6 +495,30 @@ return changes
 """
 )
 
+# The node table's part of a beat, shared by HEARTBEAT and CLUSTER_BEAT_TABLE. KEYS[1..4]
+# are P:{x}:nodes (token -> deadline), ni (token -> info), nid (node id -> token) and tid
+# (token -> node id) in both scripts.
+_NODE_TABLE = """
+local function id_taken(token, node_id, now)
+  -- {-1, other token} when another live process holds node_id; nil otherwise.
+  local other = redis.call('HGET', KEYS[3], node_id)
+  if other and other ~= token then
+    local other_deadline = redis.call('ZSCORE', KEYS[1], other)
+    if other_deadline and tonumber(other_deadline) >= now then return {-1, other} end
+  end
+  return nil
+end
+local function beat_table(token, node_id, info, deadline, now, table_ttl)
+  -- Record the beat; returns the tokens whose deadline has passed (at most 16 per beat).
+  redis.call('ZADD', KEYS[1], deadline, token)
+  redis.call('HSET', KEYS[2], token, info)
+  redis.call('HSET', KEYS[3], node_id, token)
+  redis.call('HSET', KEYS[4], token, node_id)
+  for i = 1, 4 do extend(KEYS[i], table_ttl) end
+  return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
+end
+"""
+
 # HEARTBEAT: record that a node is alive, and report what it needs to know.
 # KEYS[1..4] P:{x}:nodes, ni, nid, tid; KEYS[5] the node's tombstone; KEYS[6] P:{x}:flush;
 # KEYS[7] the node's inbox; KEYS[8] its full set; KEYS[9] its channel hash; KEYS[10..] node
@@ -508,6 +532,7 @@ return changes
 # dead tokens (at most 16 per beat), newest inbox entry id}.
 HEARTBEAT = (
     _PRELUDE
+    + _NODE_TABLE
     + """
 local token, node_id = ARGV[1], ARGV[2]
 local now = now_ms()
@@ -522,34 +547,26 @@ if ARGV[5] == '1' then
      or redis.call('EXISTS', KEYS[5], KEYS[7]) > 0 then
     return {-2}
   end
-  local other = redis.call('HGET', KEYS[3], node_id)
-  if other and other ~= token then
-    local other_deadline = redis.call('ZSCORE', KEYS[1], other)
-    if other_deadline and tonumber(other_deadline) >= now then return {-1, other} end
-  end
+  local taken = id_taken(token, node_id, now)
+  if taken then return taken end
 end
 local existed = redis.call('ZSCORE', KEYS[1], token) and 1 or 0
 local pruned = redis.call('EXISTS', KEYS[5])
-redis.call('ZADD', KEYS[1], deadline, token)
-redis.call('HSET', KEYS[2], token, ARGV[3])
-redis.call('HSET', KEYS[3], node_id, token)
-redis.call('HSET', KEYS[4], token, node_id)
+local dead = beat_table(token, node_id, ARGV[3], deadline, now, tonumber(ARGV[7]))
 if pruned == 1 then redis.call('DEL', KEYS[5]) end
 if redis.call('EXISTS', KEYS[7]) == 0 then
   -- Only the live node creates its inbox; sends never do (NOMKSTREAM). 'o' 'n' is a no-op.
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[8], '*', 'o', 'n')
 end
-local node_ttl, table_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local node_ttl = tonumber(ARGV[6])
 for i = 7, 9 do
   if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], node_ttl) end
 end
-for i = 1, 4 do extend(KEYS[i], table_ttl) end
 -- Entries older than expiry can only be expired messages: trim them (a quiet inbox would
 -- otherwise keep up to its MAXLEN for good).
 redis.call('XTRIM', KEYS[7], 'MINID', '~', now - tonumber(ARGV[9]))
 local newest = redis.call('XREVRANGE', KEYS[7], '+', '-', 'COUNT', 1)
 local newest_id = newest[1] and newest[1][1] or '0-0'
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
 return {existed, pruned, now, redis.call('GET', KEYS[6]) or '', dead, newest_id,
         redis.call('ZCOUNT', KEYS[1], now, '+inf')}
 """
@@ -875,6 +892,7 @@ return changes
 # tokens (at most 16), live node count}.
 CLUSTER_BEAT_TABLE = (
     _PRELUDE
+    + _NODE_TABLE
     + """
 local token, node_id = ARGV[1], ARGV[2]
 local now = now_ms()
@@ -882,18 +900,10 @@ if ARGV[5] == '1' then
   if redis.call('ZSCORE', KEYS[1], token) or redis.call('HEXISTS', KEYS[4], token) == 1 then
     return {-2}
   end
-  local other = redis.call('HGET', KEYS[3], node_id)
-  if other and other ~= token then
-    local other_deadline = redis.call('ZSCORE', KEYS[1], other)
-    if other_deadline and tonumber(other_deadline) >= now then return {-1, other} end
-  end
+  local taken = id_taken(token, node_id, now)
+  if taken then return taken end
 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), token)
-redis.call('HSET', KEYS[2], token, ARGV[3])
-redis.call('HSET', KEYS[3], node_id, token)
-redis.call('HSET', KEYS[4], token, node_id)
-for i = 1, 4 do extend(KEYS[i], tonumber(ARGV[6])) end
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0, 16)
+local dead = beat_table(token, node_id, ARGV[3], now + tonumber(ARGV[4]), now, tonumber(ARGV[6]))
 return {1, now, redis.call('GET', KEYS[5]) or '', dead, redis.call('ZCOUNT', KEYS[1], now, '+inf')}
 """
 )
