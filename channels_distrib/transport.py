@@ -8,10 +8,11 @@ A failure after the command was written raises, because it may have run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
@@ -98,24 +99,25 @@ class _MarksConnectFailures:
     """
 
     async def connect(self, *args: Any, **kwargs: Any) -> None:
-        try:
+        with _connect_failures_marked():
             await super().connect(*args, **kwargs)  # type: ignore[misc]
-        except asyncio.CancelledError:
-            raise
-        except (NotConnected, CredentialsRejected):
-            raise
-        except _CONNECT_ERRORS as exc:
-            raise _connect_failure(exc) from exc
 
     async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
-        try:
+        with _connect_failures_marked():
             await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
-        except asyncio.CancelledError:
-            raise
-        except (NotConnected, CredentialsRejected):
-            raise
-        except _CONNECT_ERRORS as exc:
-            raise _connect_failure(exc) from exc
+
+
+@contextlib.contextmanager
+def _connect_failures_marked() -> Iterator[None]:
+    """Re-raise a failure to connect as NotConnected (cancellation and our own errors pass)."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except (NotConnected, CredentialsRejected):
+        raise
+    except _CONNECT_ERRORS as exc:
+        raise _connect_failure(exc) from exc
 
 
 class _TcpConnection(_MarksConnectFailures, Connection):
