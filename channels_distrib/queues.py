@@ -16,6 +16,7 @@ import functools
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -29,6 +30,17 @@ logger = logging.getLogger(__name__)
 
 #: TTL of an in-flight list (ms), renewed by its receiver at least every BLOCK_SECONDS.
 INFLIGHT_TTL_MS = 30_000
+
+
+@dataclass
+class _Run:
+    """One popping run's state: its in-flight list, its own connection, and the item that is
+    in the buffer but not yet acknowledged (removed from the in-flight list)."""
+
+    inflight: str
+    conn: Redis
+    delivered: bytes | None = None
+    client_id: int | None = None  # of ``conn``, for CLIENT UNBLOCK when a pop is abandoned
 
 
 class NamedQueue:
@@ -76,75 +88,80 @@ class NamedQueue:
         inflight = self.keys.inflight(self.channel, secrets.token_hex(4))
         if previous:
             await asyncio.wait(previous)
-        conn: Redis = await self.transport.connection_for(self.key)
-        delivered: bytes | None = None  # in the buffer, not yet removed from the in-flight list
-        client_id: int | None = None
-        attempt = 0
+        run = _Run(inflight, await self.transport.connection_for(self.key))
         clean = False
         try:
             if not self.transport.clock_synced:
                 await self.transport.sync_clock()
             await self.transport.script("inflight_open", [inflight], [INFLIGHT_TTL_MS])
-
-            async def cut() -> None:
-                if conn.connection is not None:
-                    await conn.connection.disconnect()
-
+            attempt = 0
             # Pop only while a receive here is unserved: never take what others could receive.
             while self.buffer.waiters:
                 try:
-                    if client_id is None:
-                        client_id = int(await conn.client_id())
-                    item = await cancellable(
-                        functools.partial(
-                            conn.blmove, self.key, inflight, int(BLOCK_SECONDS), "LEFT", "RIGHT"
-                        ),
-                        on_stuck=cut,
-                    )
-                    if item is not None:
-                        delivered = item if isinstance(item, bytes) else item.encode()
-                        self._deliver(delivered)
-                        await self.transport.script("inflight_ack", [inflight], [INFLIGHT_TTL_MS])
-                        delivered = None
-                    else:
-                        await self.transport.run(lambda c: c.pexpire(inflight, INFLIGHT_TTL_MS))
+                    await self._pop_one(run)
                     attempt = 0
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    attempt += 1
-                    if attempt == 1:
-                        self.transport.counters.reconnects += 1
-                    if attempt in (1, 10):
-                        logger.warning(
-                            "Receive on %s lost Redis (%s); reconnecting", self.channel, exc
-                        )
-                    # Until the restore is known to have run, remember what was delivered:
-                    # restoring later without it would hand that message out again.
-                    while not await self._restore(inflight, delivered, client_id, reopen=True):
-                        attempt += 1
-                        await asyncio.sleep(backoff(attempt))
-                    delivered, client_id = None, None
-                    await conn.aclose()
-                    conn = await self.transport.connection_for(self.key)  # see Transport.own_connection
-                    await asyncio.sleep(backoff(attempt))
+                    attempt = await self._reconnect(run, exc, attempt + 1)
             clean = True  # every item moved was delivered and acknowledged
         finally:
             if self.popping is asyncio.current_task():
                 self.popping = None  # from here on a new receive starts a new run
-            # Runs on cancellation too. Further cancels (several receivers giving up at once)
-            # must not cut the clean-up short: it finishes, then the cancellation goes on.
-            finish = asyncio.ensure_future(
-                self._finish(conn, inflight, None if clean else (delivered, client_id))
-            )
-            cancelled = False
-            while not finish.done():
-                try:
-                    await asyncio.shield(finish)
-                except asyncio.CancelledError:
-                    cancelled = True
-            if cancelled and not finish.cancelled():
-                raise asyncio.CancelledError
+            await self._finish_whole(run, clean)
+
+    async def _pop_one(self, run: _Run) -> None:
+        """One blocking move into the in-flight list; a moved item is delivered, then acked."""
+        conn = run.conn
+        if run.client_id is None:
+            run.client_id = int(await conn.client_id())
+
+        async def cut() -> None:
+            if conn.connection is not None:
+                await conn.connection.disconnect()
+
+        item = await cancellable(
+            functools.partial(conn.blmove, self.key, run.inflight, int(BLOCK_SECONDS), "LEFT", "RIGHT"),
+            on_stuck=cut,
+        )
+        if item is None:
+            await self.transport.run(lambda c: c.pexpire(run.inflight, INFLIGHT_TTL_MS))
+            return
+        run.delivered = item if isinstance(item, bytes) else item.encode()
+        self._deliver(run.delivered)
+        await self.transport.script("inflight_ack", [run.inflight], [INFLIGHT_TTL_MS])
+        run.delivered = None
+
+    async def _reconnect(self, run: _Run, exc: Exception, attempt: int) -> int:
+        """Redis failed mid-run: put back what is in flight, then a new connection."""
+        if attempt == 1:
+            self.transport.counters.reconnects += 1
+        if attempt in (1, 10):
+            logger.warning("Receive on %s lost Redis (%s); reconnecting", self.channel, exc)
+        # Until the restore is known to have run, remember what was delivered: restoring
+        # later without it would hand that message out again.
+        while not await self._restore(run.inflight, run.delivered, run.client_id, reopen=True):
+            attempt += 1
+            await asyncio.sleep(backoff(attempt))
+        run.delivered, run.client_id = None, None
+        await run.conn.aclose()
+        run.conn = await self.transport.connection_for(self.key)  # see Transport.own_connection
+        await asyncio.sleep(backoff(attempt))
+        return attempt
+
+    async def _finish_whole(self, run: _Run, clean: bool) -> None:
+        """The run's clean-up, on cancellation too. Further cancels (several receivers giving
+        up at once) must not cut it short: it finishes, then the cancellation goes on."""
+        abandoned = None if clean else (run.delivered, run.client_id)
+        finish = asyncio.ensure_future(self._finish(run.conn, run.inflight, abandoned))
+        cancelled = False
+        while not finish.done():
+            try:
+                await asyncio.shield(finish)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled and not finish.cancelled():
+            raise asyncio.CancelledError
 
     async def _finish(
         self, conn: Redis, inflight: str, abandoned: tuple[bytes | None, int | None] | None
