@@ -434,7 +434,6 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         """Send to one channel; raises ChannelFull when the channel is known to be at capacity."""
         self.require_valid_channel_name(channel)
         payload = self._encode(message)
-        transport = self._transport()
         token = token_of(channel)
         if token:
             node = self._node
@@ -447,32 +446,34 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                 local.put(payload, time.monotonic() + self.config.expiry)
                 self.counters.sent_direct += 1
                 return
-            broker = self._state().broker
-            if broker is not None:
-                # The owner marks a channel that drops in Redis, as on the Redis path.
-                full_key = self.keys.full(token)
-                if await transport.run(lambda c: c.sismember(full_key, channel)):
-                    raise ChannelFull(channel)
-                live = self._node_is_live(transport, token)
-                if await broker.send_direct(token, channel, payload, live):
-                    self.counters.sent_direct += 1
-                return
-            keys = [self.keys.inbox(token), self.keys.full(token)]
-            args = [channel, payload, INBOX_MAXLEN]
-            if not await transport.script("send_inbox", keys, args):
-                raise ChannelFull(channel)
-            self.counters.sent_direct += 1
+            await self._send_to_node(token, channel, payload)
             return
         broker = self._state().broker
         if broker is not None:
             if not await broker.send_named(channel, payload):
                 raise ChannelFull(channel)
-            self.counters.sent_named += 1
-            return
-        args = [payload, self.config.capacity_for(channel), int(self.config.expiry * 1000)]
-        if not await transport.script("send_queue", [self.keys.queue(channel)], args):
-            raise ChannelFull(channel)
+        else:
+            args = [payload, self.config.capacity_for(channel), int(self.config.expiry * 1000)]
+            if not await self._transport().script("send_queue", [self.keys.queue(channel)], args):
+                raise ChannelFull(channel)
         self.counters.sent_named += 1
+
+    async def _send_to_node(self, token: str, channel: str, payload: bytes) -> None:
+        """A process-local channel of another node: into its inbox (or its broker queue)."""
+        transport = self._transport()
+        broker = self._state().broker
+        if broker is None:
+            keys = [self.keys.inbox(token), self.keys.full(token)]
+            if not await transport.script("send_inbox", keys, [channel, payload, INBOX_MAXLEN]):
+                raise ChannelFull(channel)
+            self.counters.sent_direct += 1
+            return
+        # The owner marks a channel that drops in Redis, as on the Redis path.
+        full_key = self.keys.full(token)
+        if await transport.run(lambda c: c.sismember(full_key, channel)):
+            raise ChannelFull(channel)
+        if await broker.send_direct(token, channel, payload, self._node_is_live(transport, token)):
+            self.counters.sent_direct += 1
 
     async def receive(self, channel: str) -> Message:
         """Wait for the next message on a channel; cancellation-safe, never a connection error."""
