@@ -289,6 +289,30 @@ async def test_unroutable_messages_with_no_receiver_return_at_once(make_layer):
     assert await nothing_arrives(layer, member, 0.2)
 
 
+async def test_a_receiver_that_never_binds_costs_one_wait_per_retry_timeout(make_layer, caplog):
+    """Redis lists a member on a live node that has no binding for the group (here a
+    membership recorded for a channel the node does not hold): the first send waits
+    ``retry_timeout`` for a binding that never comes, is dropped and counted, and the next
+    sends within ``retry_timeout`` drop at once instead of each waiting again."""
+    owner, sender = make_layer(), make_layer(retry_timeout=1.5)
+    held = await owner.new_channel()
+    stranger = held + "x"  # on the owner's (live) node, but not one of its channels
+    await sender.group_add("unbound", stranger)
+    assert stranger in await sender.group_channels("unbound")
+    clock = asyncio.get_running_loop().time
+    started = clock()
+    await sender.group_send("unbound", msg(1))
+    first = clock() - started
+    started = clock()
+    for i in range(3):
+        await sender.group_send("unbound", msg(2 + i))
+    rest = clock() - started
+    assert 1.4 < first < 4, first
+    assert rest < 1.0, rest
+    assert sender._state().broker.unrouted == 4
+    assert "routed messages for 'unbound' to no queue" in caplog.text
+
+
 async def test_connection_cut_node_reconnects_and_gets_what_was_sent_meanwhile(make_layer):
     """rabbitmqctl close_connection on a node's connection: its queue outlives the cut, the
     node consumes it again and rebinds, and nothing is lost or duplicated."""

@@ -44,6 +44,8 @@ Receivers = Callable[[], Awaitable[bool]]
 ACKED, NACKED, UNROUTED = "acked", "nacked", "unrouted"
 #: The longest pause between publishes of a message still unroutable (jittered backoff).
 UNROUTED_PAUSE = 0.5
+#: Routing keys remembered as given up on (see BrokerClient._recently_given_up).
+GIVEN_UP_KEYS = 1024
 
 
 class BrokerClient:
@@ -67,6 +69,7 @@ class BrokerClient:
         self._declaring: dict[str, asyncio.Future[None]] = {}
         self._unrouted_log = Throttle()
         self.unrouted = 0  # messages given up on: unroutable for retry_timeout with receivers
+        self._given_up: dict[str, float] = {}  # routing key -> when a send last waited in vain
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -136,29 +139,48 @@ class BrokerClient:
         node re-creates them) and a binding still being made. A routing key that reaches
         some queues but not all is not returned: a node that has yet to re-bind after a
         broker restart misses what was sent to the others meanwhile. UNROUTED after the
-        wait (counted in ``unrouted``, a rate-limited warning); with no receivers, an
-        unroutable message had nobody to reach and counts as ACKED.
+        wait (counted in ``unrouted``, a rate-limited warning), and at once for a key given
+        up on less than ``retry_timeout`` ago; with no receivers, an unroutable message had
+        nobody to reach and counts as ACKED.
         """
-        deadline = time.monotonic() + self.config.retry_timeout
+        window = self.config.retry_timeout
+        deadline = time.monotonic() + window
         attempt = 0
         while True:
             outcome = await self._publish(exchange, routing_key, body, headers, mandatory=True)
             if outcome != UNROUTED:
+                self._given_up.pop(routing_key, None)
                 return outcome
             if not await receivers():
                 return ACKED
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.unrouted += 1
-                if self._unrouted_log.ready():
-                    logger.warning(
-                        "RabbitMQ routed a message for %r to no queue for %.1fs although it has "
-                        "receivers; dropped (%d in all)",
-                        routing_key, self.config.retry_timeout, self.unrouted,
-                    )
+            if remaining <= 0 or self._recently_given_up(routing_key, window):
+                self._give_up(routing_key, waited=remaining <= 0)
                 return UNROUTED
             attempt += 1
             await asyncio.sleep(min(backoff(attempt, cap=UNROUTED_PAUSE), remaining))
+
+    def _recently_given_up(self, routing_key: str, window: float) -> bool:
+        """A key given up on within ``window``: its receiver is broken (a node cut off from
+        the broker for longer than its queue's x-expires), so later sends do not each wait."""
+        since = self._given_up.get(routing_key)
+        return since is not None and time.monotonic() - since < window
+
+    def _give_up(self, routing_key: str, *, waited: bool) -> None:
+        """Count a dropped message; a send that waited the whole window starts a new one."""
+        if waited:
+            if routing_key not in self._given_up and len(self._given_up) >= GIVEN_UP_KEYS:
+                self._given_up.clear()  # bounded memory; the worst case is one more wait per key
+            self._given_up[routing_key] = time.monotonic()
+        self.unrouted += 1
+        if self._unrouted_log.ready():
+            logger.warning(
+                "RabbitMQ routed messages for %r to no queue for %.1fs although it has "
+                "receivers; dropped (%d in all)",
+                routing_key,
+                self.config.retry_timeout,
+                self.unrouted,
+            )
 
     async def _declare_exchange(self, channel: AbstractChannel) -> None:
         await self.remember(f"x:{self.exchange}")
