@@ -46,6 +46,8 @@ T = TypeVar("T")
 
 #: Life of the Redis set of broker names (renewed by each new name; flush() deletes it).
 BROKER_NAMES_TTL_MS = 7 * 86400 * 1000
+#: Presence diffs published at once (each waits for its confirm) with ``broker``.
+DIFF_BATCH = 100
 
 
 def _require_broker_client() -> None:
@@ -205,6 +207,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if self.config.broker is not None:
             _require_broker_client()
             self.registry.prune_listeners.append(self._on_pruned)
+            self.registry.diff_sender = self._broker_diffs
 
     # -- connections per event loop -------------------------------------------------------
 
@@ -282,6 +285,40 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return token in await self.registry.live_tokens(transport)
 
         return live
+
+    async def _broker_diffs(self, transport: Transport, sends: list[tuple[str, bytes, str]]) -> None:
+        """Presence diffs through RabbitMQ (the registry's ``diff_sender``): each published to
+        its group's presence key, concurrently, each confirmed."""
+        broker = self._state().broker
+
+        def receivers(group: str) -> Callable[[], Awaitable[bool]]:
+            return lambda: self.registry.has_presence_receivers(transport, group)
+
+        for start in range(0, len(sends), DIFF_BATCH):
+            batch = sends[start : start + DIFF_BATCH]
+            # return_exceptions: every publish has ended before an error is raised (none is
+            # left running); a cancelled caller cancels them all.
+            results = await asyncio.gather(
+                *(broker.send_presence(g, p, receivers(g), x) for g, p, x in batch),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+    async def _broker_note(
+        self, token: str, op: str, group: str, channel: str, record: bytes = b"", presence: bool = False
+    ) -> None:
+        """With ``broker``: tell node ``token`` of a membership change another process made
+        (the Redis path writes it into the node's inbox inside GROUP_ADD/GROUP_DISCARD). For
+        an add, the note goes first and the binding after it, so whatever the binding routes
+        to the node arrives after the note (the node then knows the member)."""
+        broker = self._state().broker
+        live = self._node_is_live(self._transport(), token)
+        if not await broker.send_note(token, op, group, channel, live, record=record, presence=presence):
+            logger.warning("Node token %s missed a membership note for %s", token, group)
+        if op == "a":
+            await broker.bind_node(token, group, presence=presence)
 
     async def _on_pruned(self, token: str) -> None:
         """A node this process pruned (or this node, stopping): delete its broker queue."""
@@ -569,17 +606,20 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
                     raise BrokerUnavailable(node.broker_queue.conn.address, self.config.retry_timeout)
             return
         node_id = await self.registry.owner_id(transport, channel)
+        broker = self._state().broker
         result = await self.registry.add(
-            transport, group, channel, node_id, meta, presence, notify=True
+            transport, group, channel, node_id, meta, presence, notify=broker is None
         )
         if result is None:
             # A process-local channel whose node is not live (a stale or made-up name): never
             # recorded. (For our own channels: this node was pruned; its heartbeat re-adds it.)
             logger.debug("group_add of %s to %s ignored: its node is not live", channel, group)
             return
-        broker = self._state().broker
-        if broker is not None and not token_of(channel):
+        token = token_of(channel)
+        if broker is not None and not token:
             await self._bind_named(group, channel, broker)
+        elif broker is not None:
+            await self._broker_note(token, "a", group, channel, result.record, presence)
         await self._announce(transport, group, channel, result, presence)
 
     async def _announce(
@@ -612,10 +652,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             # A failed write raises, and the membership owner retries it until Redis confirms.
             await self._on_node_loop(node, node.presence.leave(group, channel))
             return
-        record = await self.registry.discard(transport, group, channel, notify=True)
         broker = self._state().broker
-        if broker is not None and not token_of(channel):
+        record = await self.registry.discard(transport, group, channel, notify=broker is None)
+        token = token_of(channel)
+        if broker is not None and not token:
             await self._unbind_named(group, channel, broker)
+        elif broker is not None:
+            await self._broker_note(token, "d", group, channel)
         if record is not None:
             await self.registry.send_presence(
                 transport, group, [], [presence_entry(channel, record)]

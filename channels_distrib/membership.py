@@ -73,8 +73,11 @@ class Memberships:
         # Keys changed or written since a reconciliation snapshot was started (None: none is).
         self._touched: set[Key] | None = None
         # Told (no arguments, no await) whenever a group gains its first member here or loses
-        # its last: the broker's bindings follow the groups this owner holds (broker/).
+        # its last, and likewise for its presence members: the broker's bindings follow the
+        # groups this owner holds (broker/).
         self.listener: Callable[[], None] | None = None
+        # Groups with presence members here -> how many (the broker binds their diffs' key).
+        self.presence_groups: dict[str, int] = {}
 
     # -- reading --------------------------------------------------------------------------
 
@@ -111,7 +114,9 @@ class Memberships:
         group, channel = key
         if membership is None:
             members = self.groups.get(group)
-            if members is not None and members.pop(channel, None) is not None:
+            old = members.pop(channel, None) if members is not None else None
+            if members is not None and old is not None:
+                self._count_presence(group, old.presence, False)
                 if not members:
                     del self.groups[group]
                     if self.listener is not None:
@@ -126,9 +131,24 @@ class Memberships:
                 members = self.groups[group] = {}
                 if self.listener is not None:
                     self.listener()
+            old = members.get(channel)
+            self._count_presence(group, old is not None and old.presence, membership.presence)
             members[channel] = membership
             self.by_channel.setdefault(channel, set()).add(group)
         return self._bump(key)
+
+    def _count_presence(self, group: str, was: bool, now: bool) -> None:
+        """Keep :attr:`presence_groups` in step; tell the listener when a group gains its
+        first presence member here or loses its last (the broker binds its presence key)."""
+        if was == now:
+            return
+        count = self.presence_groups.get(group, 0) + (1 if now else -1)
+        if count > 0:
+            self.presence_groups[group] = count
+        else:
+            self.presence_groups.pop(group, None)
+        if ((count == 1 and now) or count <= 0) and self.listener is not None:
+            self.listener()
 
     def _settle(self, key: Key, gen: int, confirmed: bool) -> None:
         """A write of generation ``gen`` ended: clean only if it is the latest and the last."""
@@ -192,6 +212,7 @@ class Memberships:
         """After a flush: hold nothing. Writes still in flight settle as dirty removals."""
         self.groups.clear()
         self.by_channel.clear()
+        self.presence_groups.clear()
         self._gens.clear()
         self._dirty.clear()
         if self.listener is not None:

@@ -474,7 +474,7 @@ class Presence:
         node = self.node
         registry = node.registry
         serializer = registry.serializer
-        sends: list[tuple[list[str], list[Any]]] = []
+        sends: list[tuple[str, bytes, str]] = []
         private: list[tuple[str, bytes]] = []
         for group, window in due.items():
             joins, leaves = net_changes(window.changes)
@@ -487,9 +487,7 @@ class Presence:
                 "leaves": list(leaves.values()),
             }
             joiners = self._joiners(window.changes)
-            sends.append(
-                registry.group_send_args("p", group, serializer.dumps(diff), " ".join(joiners))
-            )
+            sends.append((group, serializer.dumps(diff), " ".join(joiners)))
             for channel, position in joiners.items():
                 if not self._holds_presence(group, channel):
                     continue
@@ -503,7 +501,7 @@ class Presence:
                     }
                     private.append((channel, serializer.dumps(mine)))
         if sends:
-            await node.registry.fan_out(node.transport, sends)
+            await registry.send_diff_payloads(node.transport, sends)
             self.diffs_sent += len(sends)
         expires = time.monotonic() + node.config.expiry
         for channel, payload in private:

@@ -74,6 +74,10 @@ class AddResult:
     state: list[dict[str, Any]]
 
 
+#: Sends (group, ``presence.diff`` payload, excluded channels) triples on the calling loop.
+DiffSender = Callable[[Transport, list[tuple[str, bytes, str]]], Awaitable[None]]
+
+
 class Registry:
     """Registry operations for one prefix; each takes the Transport of the calling loop."""
 
@@ -94,6 +98,9 @@ class Registry:
         # Awaited with the token of each node this process pruned (or deregistered): with
         # ``broker``, the layer deletes that node's broker queue. Their errors are theirs.
         self.prune_listeners: list[Callable[[str], Awaitable[None]]] = []
+        # With ``broker``: sends presence diffs, as (group, payload, exclude) triples, through
+        # RabbitMQ instead of the nodes' Redis inboxes (set by the layer).
+        self.diff_sender: DiffSender | None = None
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -213,7 +220,7 @@ class Registry:
         payload = self.serializer.dumps(
             {"type": "presence.diff", "group": group, "joins": joins, "leaves": leaves}
         )
-        await self.fan_out(t, [self.group_send_args("p", group, payload, exclude)])
+        await self.send_diff_payloads(t, [(group, payload, exclude)])
 
     async def send_diffs(
         self,
@@ -233,8 +240,16 @@ class Registry:
                 "joins": joins.get(group, []),
                 "leaves": leaves.get(group, []),
             }
-            sends.append(self.group_send_args("p", group, self.serializer.dumps(diff)))
-        await self.fan_out(t, sends)
+            sends.append((group, self.serializer.dumps(diff), ""))
+        await self.send_diff_payloads(t, sends)
+
+    async def send_diff_payloads(self, t: Transport, sends: list[tuple[str, bytes, str]]) -> None:
+        """Encoded presence diffs as (group, payload, exclude) to each group's presence
+        members: through the nodes' inboxes in one pipeline, or through RabbitMQ."""
+        if self.diff_sender is not None:
+            await self.diff_sender(t, sends)
+            return
+        await self.fan_out(t, [self.group_send_args("p", *send) for send in sends])
 
     async def fan_out(
         self, t: Transport, sends: list[tuple[list[str], list[Any]]], script: str = "group_send"
@@ -345,6 +360,13 @@ class Registry:
         tokens = {token_of(name) for name in await self.group_channels(t, group) if name != exclude}
         if "" in tokens:
             return True
+        return bool(tokens) and bool(tokens & await self.live_tokens(t))
+
+    async def has_presence_receivers(self, t: Transport, group: str) -> bool:
+        """Whether a live node has presence members in ``group`` (asked by the broker path
+        when RabbitMQ routed a presence diff to no queue; two round trips)."""
+        key = self.keys.group_presence_nodes(group)
+        tokens = {_text(token) for token in await t.run(lambda c: c.hkeys(key))}
         return bool(tokens) and bool(tokens & await self.live_tokens(t))
 
     async def live_tokens(self, t: Transport) -> set[str]:

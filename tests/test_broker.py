@@ -25,7 +25,16 @@ from channels_distrib.broker import names  # noqa: E402
 from channels_distrib.exceptions import BrokerUnavailable  # noqa: E402
 from channels_distrib.layers import DistributedChannelLayer  # noqa: E402
 from tests.helpers_broker import amqp, close_connections, exists, queue_arguments  # noqa: E402
-from tests.helpers_layers import ROOT, eventually, msg, nothing_arrives, proc_env, recv, recv_n  # noqa: E402
+from tests.helpers_layers import (  # noqa: E402
+    ROOT,
+    eventually,
+    msg,
+    nothing_arrives,
+    proc_env,
+    raw_redis,
+    recv,
+    recv_n,
+)
 
 
 @pytest.fixture
@@ -140,6 +149,71 @@ async def test_bindings_follow_the_memberships(make_layer):
     await sender.group_send("follow", msg(1))
     await asyncio.sleep(0.3)
     assert queue.received == before, "a node without members got the group message"
+
+
+async def _inbox_entries(redis_url: str, layer: Any) -> list[dict[bytes, bytes]]:
+    async with raw_redis(redis_url) as client:
+        entries = await client.xrange(layer.keys.inbox(layer._node.token))
+    return [fields for _id, fields in entries]
+
+
+async def test_no_message_travels_through_the_redis_inboxes(make_layer, redis_url):
+    """Presence diffs (a node's own batched ones, another process's join and leave, a
+    pruned node's leaves), presence states, membership notes of another process's
+    group_add/group_discard, group, room and direct messages: all go through RabbitMQ. The
+    nodes' Redis inboxes keep only the heartbeat's marker that made them."""
+    a, b = make_layer(heartbeat_interval=0.2, node_timeout=1.0), make_layer()
+    other = make_layer()
+    watcher, mine = await a.new_channel(), await a.new_channel()
+    theirs = await b.new_channel()
+    await a.group_add("room", watcher, presence=True)
+    assert (await recv(a, watcher))["type"] == "presence.state"
+    await other.group_add("room", theirs, presence=True, meta={"n": 1})  # a note to b
+    diff = await recv(a, watcher)
+    assert diff["type"] == "presence.diff" and diff["joins"][0]["channel"] == theirs
+    assert (await recv(b, theirs))["type"] == "presence.state"
+    await other.group_add("room", mine)  # a note to a, of a plain member
+    await other.group_send("room", msg(1))
+    await other.room_send("room", msg(2))
+    await other.send(mine, msg(3))
+    assert [m["n"] for m in await recv_n(a, mine, 3)] == [1, 2, 3]
+    assert [m.get("n") for m in await recv_n(a, watcher, 2)] == [1, 2]
+    assert [m.get("n") for m in await recv_n(b, theirs, 2)] == [1, 2]
+    await other.group_discard("room", theirs)  # a note to b, a leave to a
+    diff = await recv(a, watcher)
+    assert diff["type"] == "presence.diff" and diff["leaves"][0]["channel"] == theirs
+    assert not b._node.memberships.members("room")
+    await b.group_add("room", theirs, presence=True)  # b's own join, batched by b
+    assert (await recv(b, theirs))["type"] == "presence.state"
+    assert (await recv(a, watcher))["joins"][0]["channel"] == theirs
+    node = b._node  # dies: a prunes it and announces the leave
+    b._node = None
+    await node.stop(deregister=False)
+    async with asyncio.timeout(10):
+        diff = await a.receive(watcher)
+    assert diff["leaves"][0]["channel"] == theirs
+    for layer in (a,):
+        assert await _inbox_entries(redis_url, layer) == [{b"o": b"n"}]
+    b._node = node
+    assert await _inbox_entries(redis_url, b) in ([], [{b"o": b"n"}])
+    b._node = None
+
+
+async def test_another_process_group_add_binds_the_nodes_queue_before_returning(make_layer):
+    """A process adds node B's channel to a group node A already receives: a group_send
+    right after the call reaches B too, although the broker routes it to A's queue (so it
+    is not returned as unroutable) before B has read the membership's note."""
+    a, b, other = make_layer(), make_layer(), make_layer()
+    on_a, on_b = await a.new_channel(), await b.new_channel()
+    await a.group_add("both", on_a)
+    for i in range(20):
+        group = f"both{i}"
+        await a.group_add(group, on_a)
+        await other.group_add(group, on_b)
+        await other.group_send(group, msg(i))
+    got = sorted(m["n"] for m in await recv_n(b, on_b, 20))
+    assert got == list(range(20))
+    assert [m["n"] for m in await recv_n(a, on_a, 20)] == list(range(20))
 
 
 async def test_node_queue_expires_with_node_timeout_and_pruning_deletes_it(make_layer, broker_url):
@@ -416,3 +490,4 @@ async def _restart_under_traffic(broker: Any, node: Any, sender: Any) -> None:
     assert [n for n in got if n >= first_after] == after, "lost after the restart"
     assert node._node.broker_queue.conn.reconnects >= 1
     assert sender._state().broker.conn.reconnects >= 1
+

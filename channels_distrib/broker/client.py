@@ -51,6 +51,9 @@ GIVEN_UP_KEYS = 1024
 class BrokerClient:
     """Publishes direct, group and named-channel messages; owns the named receivers."""
 
+    #: AMQP delivery mode of every publish: 1 transient, 2 persistent (see README "RabbitMQ").
+    delivery_mode = 1
+
     def __init__(self, config: LayerConfig, remember: Remember, *, node_token: str) -> None:
         if config.broker is None:
             raise ValueError("BrokerClient needs CONFIG['broker'] (an amqp:// URL)")
@@ -75,7 +78,7 @@ class BrokerClient:
 
     def _properties(self, headers: dict[str, Any] | None) -> Basic.Properties:
         return Basic.Properties(
-            delivery_mode=1,
+            delivery_mode=self.delivery_mode,
             expiration=self.expiration,
             headers=headers,
             message_id=f"{self._id_prefix}{next(self._ids)}",
@@ -223,6 +226,62 @@ class BrokerClient:
         if offset:
             headers["h"] = offset
         return await self._publish_routed(self.exchange, group, payload, headers, receivers) == ACKED
+
+    async def send_presence(
+        self, group: str, payload: bytes, receivers: Receivers, exclude: str = ""
+    ) -> bool:
+        """A ``presence.diff`` to the nodes with presence members in ``group`` (bound with its
+        presence key); ``exclude`` names the joiners that get their own (space-separated).
+        False when it stayed unroutable although ``receivers()`` said someone should get it."""
+        headers: dict[str, Any] = {"p": group}
+        if exclude:
+            headers["x"] = exclude
+        key = names.presence_key(group)
+        return await self._publish_routed(self.exchange, key, payload, headers, receivers) == ACKED
+
+    async def send_note(
+        self,
+        token: str,
+        op: str,
+        group: str,
+        channel: str,
+        receivers: Receivers,
+        *,
+        record: bytes = b"",
+        presence: bool = False,
+    ) -> bool:
+        """Tell node ``token`` that another process added (``op`` "a": the member ``record``
+        travels as the body, ``presence`` as the ``pr`` header) or removed ("d") its
+        ``channel`` in ``group``.
+
+        Into the node's queue, so the node reads it in order with the messages sent after it.
+        False when the node's queue stayed missing although ``receivers()`` (the node is
+        live) said it should be there.
+        """
+        headers: dict[str, Any] = {"o": op, "g": group, "c": channel, "pr": "1" if presence else "0"}
+        queue = names.node_queue(self.prefix, token)
+        return await self._publish_routed("", queue, record, headers, receivers) == ACKED
+
+    async def bind_node(self, token: str, group: str, *, presence: bool) -> None:
+        """Bind node ``token``'s queue with ``group`` (and with ``presence``, its presence
+        key) for it; the node binds them too once it reads the membership's note
+        (idempotent), but a group send right after another process's ``group_add`` then
+        reaches the node whatever its pace. A missing queue (the node is gone, or has yet to
+        re-declare it after a broker restart) is left alone."""
+        keys = [group, names.presence_key(group)] if presence else [group]
+        queue = names.node_queue(self.prefix, token)
+        publisher = await self.conn.channel()
+        if self.exchange not in self.conn.declared:
+            await self._declare_exchange(publisher)
+        side = await self.conn.extra_channel()
+        try:
+            for key in keys:
+                await side.queue_bind(queue, self.exchange, routing_key=key)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            logger.debug("Queue of node token %s is missing; not bound", token)
+        finally:
+            if not side.is_closed:
+                await side.close()
 
     async def send_named(self, channel: str, payload: bytes) -> bool:
         """Into a normal channel's queue; False when the queue is full (nacked)."""

@@ -59,6 +59,7 @@ class NodeQueue:
         self.exchange = names.exchange(prefix)
         self.expires_ms = int(2 * node.config.node_timeout * 1000)
         self.bound: set[str] = set()
+        self._foreign: set[str] = set()  # keys another process may have bound (see _note)
         self._consuming: AbstractChannel | None = None
         self._consumer_tag: str | None = None
         self._consumed_on: AbstractChannel | None = None  # kept across on_flush()
@@ -74,10 +75,11 @@ class NodeQueue:
         """The node's set of groups changed (called by Memberships): sync the bindings."""
         self._wake.set()
 
-    async def wait_bound(self, group: str, timeout: float) -> bool:
-        """Wait until the bindings include ``group`` (or the node no longer holds it)."""
+    async def wait_bound(self, group: str, timeout: float, *, presence: bool = False) -> bool:
+        """Wait until the bindings include ``group`` (and, with ``presence``, its presence
+        key), or the node no longer holds what asked for them."""
         deadline = time.monotonic() + timeout
-        while group not in self.bound and self.node.memberships.members(group):
+        while self._missing(group, presence):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -87,6 +89,22 @@ class NodeQueue:
             except asyncio.TimeoutError:
                 return False
         return True
+
+    def _missing(self, group: str, presence: bool) -> bool:
+        """Whether a binding the node wants for ``group`` is not made yet."""
+        memberships = self.node.memberships
+        if group not in self.bound and memberships.members(group):
+            return True
+        key = names.presence_key(group)
+        return presence and key not in self.bound and group in memberships.presence_groups
+
+    def wanted(self) -> set[str]:
+        """The routing keys the queue is to be bound with: every group the node holds, and
+        the presence key of every group it has presence members in."""
+        memberships = self.node.memberships
+        keys = set(memberships.groups)
+        keys.update(names.presence_key(group) for group in memberships.presence_groups)
+        return keys
 
     # -- the keeper task -------------------------------------------------------------------
 
@@ -168,14 +186,21 @@ class NodeQueue:
         self._wake.set()
 
     async def _sync_bindings(self, channel: AbstractChannel) -> None:
-        """Bind the groups the node holds, unbind the others (one RPC each)."""
-        wanted = set(self.node.memberships.groups)
-        for group in sorted(wanted - self.bound):
-            await channel.queue_bind(self.queue, self.exchange, routing_key=group)
-            self.bound.add(group)
-        for group in sorted(self.bound - wanted):
-            await channel.queue_unbind(self.queue, self.exchange, routing_key=group)
-            self.bound.discard(group)
+        """Bind the keys :meth:`wanted` names, unbind the others (one RPC each)."""
+        wanted = self.wanted()
+        for key in sorted(wanted - self.bound):
+            await channel.queue_bind(self.queue, self.exchange, routing_key=key)
+            self.bound.add(key)
+        foreign, self._foreign = self._foreign, set()
+        try:
+            for key in sorted((self.bound | foreign) - wanted):
+                # Unbinding a key that is not bound is a no-op for RabbitMQ.
+                await channel.queue_unbind(self.queue, self.exchange, routing_key=key)
+                self.bound.discard(key)
+                foreign.discard(key)
+        except BaseException:
+            self._foreign |= foreign - wanted  # still to check on the next pass
+            raise
 
     async def stop(self) -> None:
         """Close the connection (the node then deletes its queue through pruning itself)."""
@@ -208,9 +233,16 @@ class NodeQueue:
             await message.channel.basic_ack(tag)
 
     def _dispatch(self, headers: dict[str, Any], payload: bytes) -> None:
-        """Queue one message for the node's local channels, never waiting (a full channel drops)."""
+        """Queue one message for the node's local channels, never waiting (a full channel
+        drops), or apply a membership note (``o``) or a presence diff (``p``)."""
         node = self.node
+        if "o" in headers:
+            self._note(headers, payload)
+            return
         expires = time.monotonic() + node.config.expiry
+        if "p" in headers:
+            self._presence_diff(_text(headers["p"]), _text(headers.get("x", "")), payload, expires)
+            return
         channel = headers.get("c")
         if channel is not None:
             self._put(_text(channel), payload, expires)
@@ -225,6 +257,43 @@ class NodeQueue:
         for name in list(members):
             if name != exclude:
                 self._put(name, payload, expires)
+
+    def _note(self, headers: dict[str, Any], record: bytes) -> None:
+        """Another process added (``o`` = ``a``; the body is the member record) or removed one
+        of this node's channels in a group; already written to Redis (the Redis path's inbox
+        control entry)."""
+        group, channel = _text(headers["g"]), _text(headers["c"])
+        memberships = self.node.memberships
+        if _text(headers["o"]) == "a":
+            presence = _text(headers.get("pr", "0")) == "1"
+            # The adder bound these keys to this queue itself: the next sync unbinds them
+            # unless the node wants them (a channel it no longer has, say).
+            self._foreign.add(group)
+            if presence:
+                self._foreign.add(names.presence_key(group))
+            self._wake.set()
+            memberships.adopt(group, channel, record, presence)
+        else:
+            memberships.forget_remote(group, channel)
+
+    def _presence_diff(self, group: str, exclude: str, payload: bytes, expires: float) -> None:
+        """A ``presence.diff``: into the node's replica first, then to its presence members
+        (not the joiners named in ``exclude``, space-separated, nor members whose state
+        already held it), as the Redis path's inbox reader does."""
+        node = self.node
+        known = node.presence.on_diff(group, payload)
+        members = node.memberships.members(group)
+        if not members:
+            return
+        excluded = set(exclude.split(" ")) if exclude else set()
+        for name, membership in list(members.items()):
+            if (
+                name in excluded
+                or not membership.presence
+                or (known is not None and known[0].get(name, -1) >= known[1])
+            ):
+                continue
+            self._put(name, payload, expires)
 
     def _put(self, name: str, payload: bytes, expires: float) -> None:
         local = self.node.channels.get(name)
