@@ -371,7 +371,10 @@ async def test_a_receiver_that_never_binds_costs_one_wait_per_retry_timeout(make
     owner, sender = make_layer(), make_layer(retry_timeout=1.5)
     held = await owner.new_channel()
     stranger = held + "x"  # on the owner's (live) node, but not one of its channels
-    await sender.group_add("unbound", stranger)
+    # Written to Redis alone: a group_add would also bind the owner's queue (and tell it).
+    await sender.registry.add(
+        sender._transport(), "unbound", stranger, None, None, False, notify=False
+    )
     assert stranger in await sender.group_channels("unbound")
     clock = asyncio.get_running_loop().time
     started = clock()
