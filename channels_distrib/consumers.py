@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import time
 import weakref
 from collections import deque
@@ -37,8 +36,16 @@ from django.core.exceptions import ImproperlyConfigured
 
 from channels_distrib import api
 from channels_distrib import history as room_history
+from channels_distrib.client_errors import (
+    ClientError,
+    InvalidRoom,
+    RoomForbidden,
+    clip,
+    room_problem,
+)
+from channels_distrib.close_codes import allow_server_close_codes
 from channels_distrib.encoded import PRESENCE_TEXTS, passes_presence_through
-from channels_distrib.exceptions import DistribError
+from channels_distrib.limits import TokenBucket
 from channels_distrib.types import Member, Message, Meta
 
 if TYPE_CHECKING:
@@ -74,111 +81,6 @@ InboundMiddleware = Callable[["DistributedMixin", Message], Awaitable["Message |
 
 # Open connections per layer (one layer object = one node) in this process.
 _open_connections: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-
-
-def _clip(value: object, limit: int = 100) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for echoing client input in error frames."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class ClientError(DistribError):
-    """Raise from a ``handle_<type>`` method (or inbound middleware) to answer with an error frame.
-
-    The client receives ``{"type": "error", "code": code, "message": message}`` and the
-    connection stays open.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class RoomForbidden(ClientError):
-    """``join_room`` was refused by ``can_join_room`` (error code ``forbidden``)."""
-
-    def __init__(self, room: str) -> None:
-        super().__init__("forbidden", f"Not allowed to join room {room!r}")
-        self.room = room
-
-
-class InvalidRoom(ClientError):
-    """A room name that is not a valid group name, or is reserved (code ``invalid_room``)."""
-
-    def __init__(self, room: object, reason: str) -> None:
-        super().__init__("invalid_room", f"Invalid room {_clip(room)}: {reason}")
-        self.room = room
-
-
-class TokenBucket:
-    """A token bucket: ``burst`` tokens, refilled at ``rate`` tokens per second."""
-
-    def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if rate <= 0 or burst < 1:
-            raise ImproperlyConfigured(
-                f"rate_limit must be (rate > 0, burst >= 1), e.g. (5.0, 10); got ({rate}, {burst})"
-            )
-        self.rate = float(rate)
-        self.burst = int(burst)
-        self._clock = clock
-        self._tokens = float(burst)
-        self._stamp = clock()
-
-    def take(self) -> bool:
-        """Take one token; False (and nothing taken) when the bucket is empty."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
-# Codes a server may close with (RFC 6455 section 7.4.1) that autobahn's public sendClose
-# refuses: it allows only 1000 and 3000-4999 (django/daphne#374, autobahn-python#1642).
-_SERVER_CLOSE_CODES = frozenset({1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
-
-
-def allow_server_close_codes() -> None:
-    """Let daphne close WebSockets with codes such as 1008, 1009 and 1013.
-
-    Daphne passes ``websocket.close`` codes to autobahn's ``sendClose``, which raises for
-    anything but 1000 and 3000-4999, so the consumer crashes and the client sees 1011.
-    This wraps daphne's ``serverClose`` to send those codes with autobahn's
-    ``sendCloseFrame`` (what daphne itself uses for 1011). It does nothing when daphne is
-    not imported (under uvicorn, hypercorn or the test communicator, which accept any
-    code) and is idempotent. The mixin calls it on every connect.
-    """
-    module = sys.modules.get("daphne.ws_protocol")
-    protocol = getattr(module, "WebSocketProtocol", None)
-    if protocol is None or getattr(protocol.serverClose, "_distrib_close_codes", False):
-        return
-    original = protocol.serverClose
-
-    def serverClose(self: Any, code: int | None = None) -> None:
-        if code in _SERVER_CLOSE_CODES:
-            self.sendCloseFrame(code=code, isReply=False)
-        else:
-            original(self, code)
-
-    serverClose._distrib_close_codes = True  # type: ignore[attr-defined]
-    protocol.serverClose = serverClose
-    logger.debug("daphne allowed to send close codes %s", sorted(_SERVER_CLOSE_CODES))
-
-
-def _room_problem(room: object) -> str | None:
-    """Why ``room`` cannot be a room name, or None when it can."""
-    if not isinstance(room, str) or not room:
-        return "must be a non-empty string"
-    if len(room) >= 100 or not api.GROUP_NAME.match(room):
-        return "use fewer than 100 ASCII letters, digits, hyphens, underscores or periods"
-    if room.startswith(api.RESERVED_PREFIX):
-        return f"names starting with {api.RESERVED_PREFIX!r} are reserved"
-    return None
 
 
 def _check_bases(cls: type) -> None:
@@ -318,7 +220,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         if isinstance(cls.rooms, str):
             raise ImproperlyConfigured(f"{cls.__qualname__}.rooms must be a list, not a string")
         for room in cls.rooms:
-            problem = _room_problem(room)
+            problem = room_problem(room)
             if problem is not None:
                 raise ImproperlyConfigured(f"{cls.__qualname__}.rooms: {room!r}: {problem}")
 
@@ -556,7 +458,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     # -- rooms -----------------------------------------------------------------------
 
     def _validate_room(self, room: object) -> None:
-        problem = _room_problem(room)
+        problem = room_problem(room)
         if problem is not None:
             raise InvalidRoom(room, problem)
 
@@ -667,7 +569,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         connection's id, so client-supplied ids cannot reach worker queues.
         """
         if not _is_client_id(client_id):
-            raise ClientError("invalid_message", f"Invalid client id {_clip(client_id)}")
+            raise ClientError("invalid_message", f"Invalid client id {clip(client_id)}")
         await self.channel_layer.send(client_id, api.make_envelope(message))
 
     async def send_to_user(self, user_id: object, message: Message) -> None:
@@ -859,7 +761,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
             content = result
         handler = self._inbound_handler(content.get("type"))
         if handler is None:
-            raise ClientError("unknown_type", f"Unknown message type {_clip(content.get('type'))}")
+            raise ClientError("unknown_type", f"Unknown message type {clip(content.get('type'))}")
         await handler(content)
 
     def _inbound_handler(self, kind: object) -> Callable[[Message], Awaitable[Any]] | None:
