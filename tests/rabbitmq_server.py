@@ -6,6 +6,7 @@ log directories, started in a session of its own and stopped by that pid's proce
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -32,17 +33,54 @@ class RabbitProcess:
     """One private broker; :meth:`restart` stops it (its queues are not durable: gone) and
     starts it again on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: bool = False) -> None:
         self.dir = tempfile.mkdtemp(prefix="rmq-test-")
         self.port = _free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
         self.proc: subprocess.Popen[bytes] | None = None
         self.node = f"rmqtest{self.port}@localhost"
+        self.tls_port = _free_port() if tls else None
         with open(os.path.join(self.dir, "rabbitmq.conf"), "w") as conf:
             conf.write(f"listeners.tcp.default = 127.0.0.1:{self.port}\n")
+            if tls:
+                conf.write(self._tls_conf())
         with open(os.path.join(self.dir, "plugins"), "w") as plugins:
             plugins.write("[].\n")
         os.chmod(self.dir, 0o777)
+
+    def _tls_conf(self) -> str:
+        """A throwaway CA and a server certificate for 127.0.0.1 made with openssl (plus an
+        unrelated CA, ``wrong-ca.pem``), and the rabbitmq.conf lines of a TLS listener."""
+        if shutil.which("openssl") is None:
+            pytest.skip("openssl not on PATH (needed to make the test's CA and certificate)")
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=self.dir, check=True, capture_output=True, timeout=60)
+
+        for name in ("ca", "wrong-ca"):
+            openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", f"{name}.key", "-out", f"{name}.pem", "-subj", f"/CN=test {name}")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
+                "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+        with open(os.path.join(self.dir, "san.ext"), "w") as ext:
+            ext.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
+        for name in os.listdir(self.dir):
+            os.chmod(os.path.join(self.dir, name), 0o644)  # the server runs as user rabbitmq
+        path = functools.partial(os.path.join, self.dir)
+        return (
+            f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+            f"ssl_options.cacertfile = {path('ca.pem')}\n"
+            f"ssl_options.certfile = {path('server.pem')}\n"
+            f"ssl_options.keyfile = {path('server.key')}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
+
+    def tls_url(self, ca: str = "ca.pem") -> str:
+        """An ``amqps://`` URL of the TLS listener that trusts ``ca`` (``cafile=``)."""
+        return f"amqps://guest:guest@127.0.0.1:{self.tls_port}/?cafile={os.path.join(self.dir, ca)}"
 
     def start(self, timeout: float = 60.0) -> None:
         env = {
@@ -104,10 +142,11 @@ class RabbitProcess:
 
 
 @contextlib.contextmanager
-def private_rabbitmq() -> Iterator[RabbitProcess]:
+def private_rabbitmq(*, tls: bool = False) -> Iterator[RabbitProcess]:
+    """A private broker (with ``tls``, also a TLS listener: :meth:`RabbitProcess.tls_url`)."""
     if shutil.which("rabbitmq-server") is None:
         pytest.skip("rabbitmq-server not on PATH (needed for a private broker to restart)")
-    broker = RabbitProcess()
+    broker = RabbitProcess(tls=tls)
     try:
         broker.start()
         yield broker

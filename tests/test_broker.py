@@ -494,3 +494,38 @@ async def _restart_under_traffic(broker: Any, node: Any, sender: Any) -> None:
     assert node._node.broker_queue.conn.reconnects >= 1
     assert sender._state().broker.conn.reconnects >= 1
 
+
+@pytest.mark.faults
+async def test_amqps_with_the_ca_given_as_cafile_and_a_wrong_ca_fails_at_once(redis_url, prefix):
+    """A private RabbitMQ with a TLS listener (a throwaway CA and server certificate made
+    with openssl): ``broker="amqps://...?cafile=<CA>"`` carries direct, group and named
+    messages; a CA that did not sign the server's certificate fails the first use at once
+    (no retrying until ``retry_timeout``), saying so, without the password."""
+    from tests.rabbitmq_server import private_rabbitmq
+
+    with private_rabbitmq(tls=True) as broker:
+        config = {"hosts": [redis_url], "prefix": prefix, "broker": broker.tls_url()}
+        node = DistributedChannelLayer(**config)
+        sender = DistributedChannelLayer(**config)
+        wrong = DistributedChannelLayer(
+            **{**config, "broker": broker.tls_url("wrong-ca.pem")}, retry_timeout=20
+        )
+        try:
+            channel = await node.new_channel()
+            await node.group_add("tls", channel)
+            await sender.send(channel, msg(1))
+            await sender.group_send("tls", msg(2))
+            await sender.send("tls.named", msg(3))
+            assert [m["n"] for m in await recv_n(node, channel, 2)] == [1, 2]
+            assert (await recv(node, "tls.named"))["n"] == 3
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(BrokerUnavailable) as info:
+                await wrong.send("tls.named", msg(4))
+            assert asyncio.get_running_loop().time() - started < 5
+            text = str(info.value)
+            assert "certificate verify failed" in text and "guest:***" in text, text
+            assert ":guest@" not in text
+            await node.flush()
+        finally:
+            for layer in (wrong, sender, node):
+                await layer.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -179,9 +180,15 @@ class BrokerConnection:
 
 
 def _refused(exc: BaseException) -> bool:
-    """The broker offered no login mechanism we have: retrying cannot help. aiormq raises the
-    same AuthenticationError with no mechanisms at all (None) when the handshake was cut
-    short, which is a connection failure like any other."""
+    """Retrying cannot help: the broker offered no login mechanism we have, or its TLS
+    certificate does not verify against the CA given (``amqps://...?cafile=``; aiormq wraps
+    the ``ssl.SSLCertVerificationError`` in an AMQPConnectionError). aiormq raises the same
+    AuthenticationError with no mechanisms at all (None) when the handshake was cut short,
+    which is a connection failure like any other."""
+    if isinstance(exc, ssl.SSLCertVerificationError) or isinstance(
+        exc.__cause__, ssl.SSLCertVerificationError
+    ):
+        return True
     return isinstance(exc, aiormq.exceptions.AuthenticationError) and (
         not exc.args or exc.args[0] is not None
     )
