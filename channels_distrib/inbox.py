@@ -209,15 +209,17 @@ class InboxReader:
         One item for all of them, decoded once when the first member with room takes it (a
         message every member defers to Redis is not decoded here at all).
         """
-        channels = self.node.channels
+        get = self.node.channels.get
         item: Item | None = None
         for channel in list(members):
-            local = channels.get(channel)
+            local = get(channel)
             if local is not None and not local.deferred and len(local.items) < local.capacity:
                 if item is None:
                     shared = self._decode_once(payload) if len(members) > 1 else None
                     item = (expires, payload, shared)
-                local.put_item(item)
+                local.items.append(item)  # LocalChannel.put_item, inlined: the hot loop
+                if local.waiters:
+                    local.wake_one()
             else:
                 self._deliver(channel, entry_id, item or (expires, payload, None))
 

@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 #: One queued message: (expires at, monotonic s; encoded payload; decoded message or None).
@@ -114,15 +115,16 @@ class LocalChannel:
         """Queue one payload (the caller has checked capacity) and wake one waiting receive."""
         self.items.append((expires, payload, None))
         if self.waiters:
-            self._wake_next()
+            self.wake_one()
 
     def put_item(self, item: Item) -> None:
         """Queue an item that may also sit in other channels' queues (one group message)."""
         self.items.append(item)
         if self.waiters:
-            self._wake_next()
+            self.wake_one()
 
-    def _wake_next(self) -> None:
+    def wake_one(self) -> None:
+        """Wake the first receive still waiting (one item was queued for it)."""
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
@@ -141,7 +143,7 @@ class LocalChannel:
         items = self.items
         while items:
             item = items.popleft()
-            now = time.monotonic()
+            now = monotonic()
             if item[0] <= now:
                 self.expired += 1
                 continue
@@ -167,7 +169,11 @@ class LocalChannel:
             self.pending += 1
             try:
                 await waiter
-            except asyncio.CancelledError:
+            except BaseException as exc:
+                self.pending -= 1
+                self.last_active = monotonic()
+                if not isinstance(exc, asyncio.CancelledError):
+                    raise
                 if waiter.cancelled():
                     try:
                         self.waiters.remove(waiter)  # still queued: put() never reached it
@@ -176,11 +182,11 @@ class LocalChannel:
                 elif items:
                     # Woken, then cancelled before running: pass the wake-up on, or another
                     # receiver of this channel would sleep on a non-empty queue.
-                    self._wake_next()
+                    self.wake_one()
                 raise
-            finally:
-                self.pending -= 1
-                self.last_active = time.monotonic()
+            # Woken: the take() this loop runs next stamps last_active when it returns an
+            # item; until then pending covers the gap (no await in between, nobody looks).
+            self.pending -= 1
 
     def clear(self) -> None:
         self.items.clear()
