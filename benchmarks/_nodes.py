@@ -9,6 +9,10 @@ per phase; in the latency phase the send timestamp in the message gives its late
 Commands on the pipe (answered from the event loop, so answers never race the counters):
 ``("snapshot",)`` → counters and CPU seconds; ``("latencies", phase)`` → list of seconds;
 ``("stop",)`` → cancel the receivers, close the layer, exit.
+
+Before it answers ``ready``, a node measures what its own receive loop costs per delivery
+(:func:`harness_cost`: the loop over a stub layer, less the stub alone), so a report can show
+node CPU per delivery net of the benchmark's bookkeeping, the same amount for every layer.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from typing import Any
 
 from benchmarks._common import LAYERS, LayerSpec, delete_prefix
 
-WARMUP, PACED, MAX = 0, 1, 2
-PHASES = (WARMUP, PACED, MAX)
+WARMUP, PACED, MAX, IDLE = 0, 1, 2, 3
+PHASES = (WARMUP, PACED, MAX, IDLE)
 
 
 @dataclass
@@ -44,9 +48,15 @@ class NodeStats:
 
 
 async def receive_loop(layer: Any, channel: str, stats: NodeStats) -> None:
-    """Receive on one channel until cancelled; errors are counted, never fatal."""
-    seen: set[tuple[int, int]] = set()
+    """Receive on one channel until cancelled; errors are counted, never fatal.
+
+    Kept lean, since its cost is in every layer's node CPU figure: duplicates are found by
+    a set of send numbers per phase (no tuple per message). ``layer.receive`` is looked up
+    on every call, as a consumer does (a layer's attribute lookup is part of its price).
+    """
+    seen: dict[int, set[int]] = {p: set() for p in PHASES}
     phases = stats.phases
+    clock = time.time
     while True:
         try:
             message = await layer.receive(channel)
@@ -57,19 +67,62 @@ async def receive_loop(layer: Any, channel: str, stats: NodeStats) -> None:
             stats.last_error = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(0.01)
             continue
-        now = time.time()
-        phase = phases[message["p"]]
+        now = clock()
+        number = message["p"]
+        phase = phases[number]
         phase.count += 1
         if not phase.first:
             phase.first = now
         phase.last = now
-        key = (message["p"], message["i"])
-        if key in seen:
+        marks = seen[number]
+        before = len(marks)
+        marks.add(message["i"])
+        if len(marks) == before:
             phase.dups += 1
-        else:
-            seen.add(key)
-        if message["p"] == PACED:
+        if number == PACED:
             phase.latencies.append(now - message["t"])
+
+
+class _StubLayer:
+    """A layer whose receive() hands out ready messages at once: what is left of a receive
+    loop over it is the loop's own cost."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+        self.number = 0
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        if not self.left:
+            raise asyncio.CancelledError  # the end of a calibration run
+        self.left -= 1
+        self.number += 1
+        return {"type": "bench.message", "p": MAX, "i": self.number, "t": 0.0, "body": channel}
+
+
+async def _stub_only(stub: _StubLayer) -> None:
+    while True:
+        await stub.receive("stub")
+
+
+async def _cpu_of(coro: Any) -> float:
+    started = time.process_time()
+    try:
+        await coro
+    except asyncio.CancelledError:
+        pass
+    return time.process_time() - started
+
+
+async def harness_cost(count: int = 20_000, runs: int = 5) -> float:
+    """CPU µs per delivery that :func:`receive_loop` itself costs: the loop over a stub layer
+    less the stub alone, the lowest of ``runs`` (what other processes add is never the
+    loop's). The same for every layer: subtracting it compares layers net of the harness."""
+    best = float("inf")
+    for _ in range(runs):
+        with_loop = await _cpu_of(receive_loop(_StubLayer(count), "stub", NodeStats()))
+        alone = await _cpu_of(_stub_only(_StubLayer(count)))
+        best = min(best, max(0.0, with_loop - alone))
+    return 1e6 * best / count
 
 
 def snapshot(stats: NodeStats) -> dict[str, Any]:
@@ -123,8 +176,9 @@ async def node_main(key: str, url: str, prefix: str, group: str, channels: int,
             stop.set()
 
     loop = asyncio.get_running_loop()
+    harness_us = await harness_cost()
     loop.add_reader(conn.fileno(), on_command)
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid(), harness_us))
     try:
         await stop.wait()
     finally:

@@ -66,6 +66,12 @@ def node_us(phase: Row) -> float:
     return 1e6 * phase["cpu_seconds"].get("nodes", 0.0) / received if received else float("nan")
 
 
+def node_us_net(phase: Row) -> float:
+    """Node CPU per delivery less the benchmark's own receive loop (measured by each node
+    before the run; 0 in results made before it was)."""
+    return node_us(phase) - phase.get("harness_us", 0.0)
+
+
 def call_ms(phase: Row, q: float) -> float:
     return 1000 * pct(sorted(phase["call_times"]), q)
 
@@ -98,7 +104,11 @@ def layers_summary(rounds: dict[str, list[Row]]) -> dict[str, Row]:
             "p50": [r["paced"]["latencies_ms"]["p50"] for r in done],
             "p99": [r["paced"]["latencies_ms"]["p99"] for r in done],
             "call_p50": [call_ms(r["paced"], 0.5) for r in done],
+            "call_idle": [call_ms(r["idle"], 0.5) for r in done if r.get("idle")],
+            "idle_others": [r["idle"]["cpu"].get("others", 0.0) for r in done if r.get("idle")],
             "node_us": [node_us(r["max"]) for r in done],
+            "node_net": [node_us_net(r["max"]) for r in done],
+            "harness": [r["max"].get("harness_us", 0.0) for r in done],
             "lost_paced": max(lost_pct(r["paced"]) for r in done),
             "lost_max": max(lost_pct(r["max"]) for r in done),
             "dups": sum(r["paced"]["dups"] + r["max"]["dups"] for r in done),
@@ -116,26 +126,37 @@ def layers_table(section: Row) -> list[str]:
         f"group; fan-out = group_sends back to back (up to {args['max_count']:,} or "
         f"{args['max_seconds']:g} s), paced = {args['rate']:g} group_sends/s for "
         f"{args['paced_seconds']:g} s; median (range) of {args['rounds']} alternating rounds. "
-        "Other load: cores used by processes outside the run during fan-out (2 cores in all).",
+        "Other load: cores used by processes outside the run during fan-out (2 cores in all). "
+        "The group_send call p50 is the paced phase's (nodes busy receiving) and, idle, that of "
+        "sends one at a time 30 ms apart (nodes idle; other load then in brackets). Node CPU "
+        "per delivery net: less the benchmark's own receive loop, which each node measures "
+        "before the run (the same for every layer; in brackets).",
         "",
         "| layer | fan-out deliveries/s | vs core | vs pub/sub | paced p50 / p99 (ms) "
-        "| p99 vs pub/sub | group_send call p50 (ms) | node CPU µs / delivery "
-        "| vs pub/sub | lost paced / fan-out | dups | other load, cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p99 vs pub/sub | group_send call p50 (ms) | call p50, nodes idle (ms) "
+        "| node CPU µs / delivery | vs pub/sub | net of the bench loop (loop) | vs pub/sub "
+        "| lost paced / fan-out | dups | other load, cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary.values():
         if "skipped" in s:
-            lines.append(f"| {s['label']} | skipped: {s['skipped']} |" + " |" * 10)
+            lines.append(f"| {s['label']} | skipped: {s['skipped']} |" + " |" * 13)
             continue
         fan, p99, cpu = med(s["fanout"]), med(s["p99"]), med(s["node_us"])
+        net = med(s["node_net"])
+        idle = (f"{spread(s['call_idle'], lambda v: f'{v:.2f}')} "
+                f"({spread(s['idle_others'], lambda v: f'{v:.2f}')})" if s["call_idle"] else "n/a")
         lines.append(
             f"| {s['label']} | {spread(s['fanout'], num)} "
             f"| {ratio(fan, med(core.get('fanout', [])))} "
             f"| {ratio(fan, med(pubsub.get('fanout', [])))} "
             f"| {ms(med(s['p50']))} / {spread(s['p99'], ms)} "
             f"| {ratio(p99, med(pubsub.get('p99', [])))} | {spread(s['call_p50'], lambda v: f'{v:.2f}')} "
+            f"| {idle} "
             f"| {spread(s['node_us'], lambda v: f'{v:.1f}')} "
             f"| {ratio(cpu, med(pubsub.get('node_us', [])))} "
+            f"| {spread(s['node_net'], lambda v: f'{v:.1f}')} ({med(s['harness']):.1f}) "
+            f"| {ratio(net, med(pubsub.get('node_net', [])))} "
             f"| {s['lost_paced']:.2f}% / {s['lost_max']:.2f}% | {s['dups']} "
             f"| {spread(s['others'], lambda v: f'{v:.2f}')} |")
     return lines
@@ -175,13 +196,16 @@ def big_table(section: Row) -> list[str]:
         f"{args['big_sends']} group_sends one at a time (each after the previous reached all).",
         "",
         "| layer | group_send call median / p99 (ms) | send → last member median / max (ms) "
-        "| vs pub/sub | lost | delivered / expected | node CPU µs / delivery |",
-        "|---|---|---|---|---|---|---|",
+        "| vs pub/sub | lost | delivered / expected | node CPU µs / delivery "
+        "| call: sender CPU median (ms) | Redis: busiest command, µs / call |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["skipped"]:
-            lines.append(f"| {r['label']} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['label']} | skipped: {r['skipped']} | | | | | | | |")
             continue
+        cpu = med(r.get("call_cpu_ms", []))
+        command = f"{r['redis_command']} {r['redis_us_per_call']:.0f}" if r.get("redis_command") else "n/a"
         calls = sorted(r["call_ms"])
         expected = r["expected"]
         lost = 100.0 * max(0, expected - r["received"] + r["dups"]) / expected if expected else 0.0
@@ -189,7 +213,8 @@ def big_table(section: Row) -> list[str]:
             f"| {r['label']} | {ms(med(calls))} / {ms(pct(calls, 0.99))} "
             f"| {ms(med(r['last_ms']))} / {ms(max(r['last_ms'], default=float('nan')))} "
             f"| {ratio(med(r['last_ms']), base)} | {lost:.2f}% "
-            f"| {r['received']:,} / {expected:,} | {r['node_us_per_delivery']:.1f} |")
+            f"| {r['received']:,} / {expected:,} | {r['node_us_per_delivery']:.1f} "
+            f"| {num(cpu, 2)} | {command} |")
     return lines
 
 

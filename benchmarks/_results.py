@@ -26,6 +26,7 @@ class PhaseResult:
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     latencies_ms: dict[str, float] = field(default_factory=dict)
     call_times: list[float] = field(default_factory=list, repr=False)  # group_send durations
+    harness_us: float = 0.0  # CPU µs per delivery of the nodes' own receive loop (the bench's)
 
     def call_ms(self, q: float) -> float:
         return 1000 * percentile(sorted(self.call_times), q)
@@ -45,6 +46,11 @@ class PhaseResult:
         """Receiver CPU per delivery: unlike rates, this barely moves with outside load."""
         return 1e6 * self.cpu_seconds.get("nodes", 0.0) / self.received if self.received else 0.0
 
+    @property
+    def node_us_net(self) -> float:
+        """Node CPU per delivery less what the benchmark's receive loop costs by itself."""
+        return self.node_us_per_delivery - self.harness_us if self.received else 0.0
+
     def us_per_send(self, side: str) -> float:
         return 1e6 * self.cpu_seconds.get(side, 0.0) / self.sent if self.sent else 0.0
 
@@ -55,6 +61,7 @@ class LayerResult:
     label: str
     paced: PhaseResult | None = None
     max: PhaseResult | None = None
+    idle: PhaseResult | None = None  # group_sends one at a time, nodes idle (call time)
     receive_errors: int = 0
     last_receive_error: str = ""
     keys_left: int = 0
@@ -112,10 +119,11 @@ def report(results: list[LayerResult], machine: str, args: argparse.Namespace) -
         "all, so a total near that means the sides were competing for CPU):",
         "",
         "| layer | group_sends/s (max) | sent | delivered | cores (max rate) "
-        "| cores (paced) | node CPU µs / delivery | sender / Redis CPU µs / group_send "
-        "| group_send call p50 / p99 ms (paced) | paced p99 vs pub/sub | receive errors "
-        "| keys left after flush |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cores (paced) | node CPU µs / delivery (net of the bench loop) "
+        "| sender / Redis CPU µs / group_send "
+        "| group_send call p50 / p99 ms (paced) | call p50 ms, nodes idle (other load, cores) "
+        "| paced p99 vs pub/sub | receive errors | keys left after flush |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if not (r.paced and r.max):
@@ -124,12 +132,15 @@ def report(results: list[LayerResult], machine: str, args: argparse.Namespace) -
         p99_ratio = (ratio(r.paced.latencies_ms["p99"], pubsub.paced.latencies_ms["p99"])
                      if pubsub and pubsub.paced else "n/a")
         errors = f"{r.receive_errors}" + (f" ({r.last_receive_error})" if r.receive_errors else "")
+        idle = (f"{r.idle.call_ms(0.5):.2f} ({r.idle.cpu.get('others', 0.0):.2f})"
+                if r.idle and r.idle.call_times else "n/a")
         lines.append(
             f"| {r.label} | {fmt_int(r.max.sent / r.max.send_seconds)} | {r.max.sent:,} "
             f"| {r.max.received:,} / {r.max.expected:,} "
-            f"| {cores(cm)} | {cores(cp)} | {r.max.node_us_per_delivery:.1f} "
+            f"| {cores(cm)} | {cores(cp)} | {r.max.node_us_per_delivery:.2f} "
+            f"({r.max.node_us_net:.2f}) "
             f"| {r.max.us_per_send('sender'):.0f} / {r.max.us_per_send('redis'):.0f} "
-            f"| {r.paced.call_ms(0.5):.2f} / {r.paced.call_ms(0.99):.2f} "
+            f"| {r.paced.call_ms(0.5):.2f} / {r.paced.call_ms(0.99):.2f} | {idle} "
             f"| {p99_ratio} | {errors} | {r.keys_left} |"
         )
     return "\n".join(lines)
@@ -145,7 +156,7 @@ def summarise(rounds: list[LayerResult]) -> LayerResult:
     by_p99 = sorted(done, key=lambda r: r.paced.latencies_ms["p99"] if r.paced else 0.0)
     best = max(done, key=lambda r: r.max.deliveries_per_s if r.max else 0.0)
     median = by_p99[len(by_p99) // 2]
-    out = LayerResult(best.key, best.label, paced=median.paced, max=best.max)
+    out = LayerResult(best.key, best.label, paced=median.paced, max=best.max, idle=median.idle)
     out.receive_errors = sum(r.receive_errors for r in rounds)
     out.last_receive_error = next((r.last_receive_error for r in rounds if r.receive_errors), "")
     out.keys_left = max(r.keys_left for r in rounds)

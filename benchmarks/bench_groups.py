@@ -37,6 +37,7 @@ from benchmarks._common import (
     add_cluster_layer,
     machine_description,
     private_redis,
+    redis_info,
     run_prefix,
 )
 from benchmarks._nodes import MAX, WARMUP, clean_up, close_layer, member_group
@@ -66,6 +67,12 @@ class BigResult:
     call_ms: list[float] = field(default_factory=list)  # sender-side group_send durations
     last_ms: list[float] = field(default_factory=list)  # send -> last member received
     node_us_per_delivery: float = 0.0
+    # Where a call's time goes: the sender's own CPU during each call (its thread), and the
+    # Redis command that took the most time during the sends, with its µs per call (INFO
+    # commandstats; the nodes' commands count too, so it is named).
+    call_cpu_ms: list[float] = field(default_factory=list)
+    redis_command: str = ""
+    redis_us_per_call: float = 0.0
     skipped: str = ""
 
     @property
@@ -105,24 +112,45 @@ async def big_drive(spec: LayerSpec, url: str, prefix: str, nodes: list[Node],
         if count < 3 * out.members:
             raise RuntimeError(f"warm-up delivered {count:,} of {3 * out.members:,}")
         before = cpu_sample(nodes, url)
+        stats_before: dict[str, tuple[int, int]] = {}
         run = PhaseResult()
         seen = 0
         for i in range(args.big_sends):
             await asyncio.sleep(0.05)
             sent_at = time.time()
+            cpu_at = time.thread_time()
             await send_one(layer, MAX, i, run, GROUP, out.members)
+            out.call_cpu_ms.append(1000 * (time.thread_time() - cpu_at))
+            if i == 0:  # the first call may load the script: Redis is judged from the second
+                stats_before = command_stats(url)
             count, dups, last, _ = await wait_drained(
                 nodes, MAX, run.expected, idle=args.idle, cap=args.drain_cap)
             if count > seen:  # else nothing of this send arrived: no "last member" time
                 out.last_ms.append(1000 * (last - sent_at))
             seen = count
         after = cpu_sample(nodes, url)
+        out.redis_command, out.redis_us_per_call = busiest_command(stats_before, command_stats(url))
         out.sent, out.expected, out.received, out.dups = run.sent, run.expected, count, dups
         out.call_ms = [1000 * t for t in run.call_times]
         nodes_cpu = after["nodes"] - before["nodes"]
         out.node_us_per_delivery = 1e6 * nodes_cpu / count if count else 0.0
     finally:
         await close_layer(layer)
+
+
+def command_stats(url: str) -> dict[str, tuple[int, int]]:
+    """Redis ``INFO commandstats``: command -> (calls, usec)."""
+    return {name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+            for name, v in redis_info(url, "commandstats").items()}
+
+
+def busiest_command(before: dict[str, tuple[int, int]],
+                    after: dict[str, tuple[int, int]]) -> tuple[str, float]:
+    """The command with the most server time between two snapshots, and its µs per call."""
+    deltas = {name: (calls - before.get(name, (0, 0))[0], usec - before.get(name, (0, 0))[1])
+              for name, (calls, usec) in after.items() if name != "info"}
+    name, (calls, usec) = max(deltas.items(), key=lambda kv: kv[1][1], default=("", (0, 0)))
+    return name, usec / calls if calls else 0.0
 
 
 async def rooms_drive(spec: LayerSpec, url: str, prefix: str, nodes: list[Node],
@@ -231,19 +259,21 @@ def report_big(results: list[BigResult], args: argparse.Namespace) -> str:
         f"{args.big_sends} group_sends one at a time.",
         "",
         "| layer | group_send call median / p99 (ms) | send → last member median / max (ms) "
-        "| lost | delivered / expected | node CPU µs / delivery |",
-        "|---|---|---|---|---|---|",
+        "| lost | delivered / expected | node CPU µs / delivery "
+        "| call: sender CPU median (ms) | Redis: busiest command, µs / call |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.label} | skipped: {r.skipped} | | | | |")
+            lines.append(f"| {r.label} | skipped: {r.skipped} | | | | | | |")
             continue
         calls = sorted(r.call_ms)
         lines.append(
             f"| {r.label} | {fmt_ms(median(calls))} / {fmt_ms(percentile(calls, 0.99))} "
             f"| {fmt_ms(median(r.last_ms))} / {fmt_ms(max(r.last_ms, default=float('nan')))} "
             f"| {r.lost_pct:.2f}% | {r.received:,} / {r.expected:,} "
-            f"| {r.node_us_per_delivery:.1f} |")
+            f"| {r.node_us_per_delivery:.1f} | {median(r.call_cpu_ms):.2f} "
+            f"| {r.redis_command or 'n/a'} {r.redis_us_per_call:.0f} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,9 @@ Scenario (DESIGN.md "Anchor figures"): ``--nodes`` receiver processes (3) with
 ``--channels`` process-local member channels each (100), all in one group; this process
 is the sender. Per layer:
 
-1. warm-up: 3 group_sends, every member must get them (proves the setup);
+1. warm-up: 3 group_sends, every member must get them (proves the setup); then
+   ``--idle-sends`` (40) group_sends ``--idle-gap`` (30 ms) apart, each call made while the
+   nodes are idle: the group_send call time on an idle machine;
 2. paced: ``--rate`` group_sends/s (100) for ``--paced-seconds`` (5 s): p50/p99 latency
    from the send timestamp carried in the message, and % lost (expected = sends x members);
 3. max rate: the sender awaits group_send back to back, ``--max-count`` sends or
@@ -53,7 +55,7 @@ from benchmarks._common import (
     run_prefix,
     wait_quiet,
 )
-from benchmarks._nodes import MAX, PACED, WARMUP, clean_up, close_layer, node_process
+from benchmarks._nodes import IDLE, MAX, PACED, WARMUP, clean_up, close_layer, node_process
 from benchmarks._results import (
     LayerResult,
     PhaseResult,
@@ -72,6 +74,7 @@ BODY = "x" * 100  # a chat-sized payload
 class Node:
     proc: BaseProcess
     conn: Connection
+    harness_us: float = 0.0  # CPU µs per delivery of the node's own receive loop
 
     def ask(self, *command: Any, timeout: float = 10.0) -> Any:
         self.conn.send(command)
@@ -104,6 +107,7 @@ def start_nodes(spec: LayerSpec, url: str, prefix: str, args: argparse.Namespace
         reply = node.conn.recv()
         if reply[0] != "ready":
             raise RuntimeError(f"node {node.proc.pid} failed to start: {reply[1]}")
+        node.harness_us = reply[2]
     return nodes
 
 
@@ -193,6 +197,28 @@ async def warm_up(layer: Any, nodes: list[Node], members: int) -> None:
         raise RuntimeError(f"warm-up delivered {count} of {3 * members}: setup is broken")
 
 
+async def idle_phase(layer: Any, nodes: list[Node], url: str, members: int,
+                     args: argparse.Namespace) -> PhaseResult:
+    """``idle_sends`` group_sends one at a time, ``idle_gap`` s apart: the previous send's
+    deliveries are done (about a millisecond of node CPU) before the next call starts, so
+    each call runs while the receiving nodes are idle. This is the call time "on an idle
+    machine" when nothing outside the run is busy; ``cpu["others"]`` shows whether it was."""
+    result = PhaseResult()
+    before = cpu_sample(nodes, url)
+    start = time.monotonic()
+    for i in range(args.idle_sends):
+        await asyncio.sleep(args.idle_gap)
+        await send_one(layer, IDLE, i, result, GROUP, members)
+    result.send_seconds = time.monotonic() - start
+    result.received, result.dups, _, _ = await wait_drained(
+        nodes, IDLE, result.expected, idle=args.idle, cap=args.drain_cap)
+    result.elapsed = time.monotonic() - start
+    after = cpu_sample(nodes, url)
+    result.cpu = cores_used(before, after, result.elapsed)
+    result.cpu_seconds = {k: after[k] - before[k] for k in before}
+    return result
+
+
 async def paced_phase(layer: Any, nodes: list[Node], url: str, members: int,
                       args: argparse.Namespace, pick: Pick | None = None) -> PhaseResult:
     """``rate`` sends/s for ``paced_seconds``; ``members`` is the deliveries one send makes."""
@@ -244,6 +270,7 @@ async def max_phase(layer: Any, nodes: list[Node], url: str, members: int,
     after = cpu_sample(nodes, url)
     result.cpu = cores_used(before, after, result.elapsed)
     result.cpu_seconds = {k: after[k] - before[k] for k in before}
+    result.harness_us = sum(node.harness_us for node in nodes) / len(nodes)
     return result
 
 
@@ -273,6 +300,8 @@ async def drive(spec: LayerSpec, url: str, prefix: str, nodes: list[Node],
     profilers: list[subprocess.Popen[bytes]] = []
     try:
         await warm_up(layer, nodes, members)
+        if args.idle_sends:
+            out.idle = await idle_phase(layer, nodes, url, members, args)
         await asyncio.sleep(0.5)
         out.paced = await paced_phase(layer, nodes, url, members, args)
         await asyncio.sleep(0.5)
@@ -330,6 +359,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paced-seconds", type=float, default=5.0)
     parser.add_argument("--max-count", type=int, default=3000)
     parser.add_argument("--max-seconds", type=float, default=5.0)
+    parser.add_argument("--idle-sends", type=int, default=40,
+                        help="group_sends one at a time with the nodes idle, for the call "
+                        "time on an idle machine (0: skip that phase)")
+    parser.add_argument("--idle-gap", type=float, default=0.03,
+                        help="seconds between those sends (the nodes finish well within it)")
     parser.add_argument("--idle", type=float, default=2.0,
                         help="a phase ends when no delivery arrived for this long")
     parser.add_argument("--drain-cap", type=float, default=15.0,

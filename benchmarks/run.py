@@ -70,7 +70,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
     },
     "quick": {
         "layers": ["--rounds", "1", "--paced-seconds", "1.5", "--max-seconds", "1.5",
-                   "--max-count", "1000", "--idle", "1"],
+                   "--max-count", "1000", "--idle", "1", "--idle-sends", "20"],
         "memory": ["--memberships", "1000", "--groups", "10"],
         "groups": ["--big-members", "1000", "--big-sends", "4", "--rooms", "200",
                    "--room-rate", "200", "--room-seconds", "1", "--idle", "1"],
@@ -82,7 +82,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
     "smoke": {
         "layers": ["--rounds", "1", "--nodes", "1", "--channels", "10", "--rate", "50",
                    "--paced-seconds", "0.5", "--max-seconds", "0.5", "--max-count", "100",
-                   "--idle", "1"],
+                   "--idle", "1", "--idle-sends", "5"],
         "memory": ["--memberships", "100", "--groups", "10"],
         "groups": ["--big-members", "100", "--big-nodes", "2", "--big-sends", "2",
                    "--rooms", "10", "--room-nodes", "2", "--room-rate", "50",
