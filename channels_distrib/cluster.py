@@ -122,9 +122,7 @@ def cluster_client(t: Transport) -> RedisCluster:
 
 async def _by_master(t: Transport, keys: list[str]) -> list[list[int]]:
     """Positions of ``keys`` grouped by the master that serves each one's slot now."""
-    client = cluster_client(t)
-    if not client.nodes_manager.slots_cache:
-        await t.run(lambda c: client.initialize())
+    client = await slot_map(t)
     parts: dict[str, list[int]] = defaultdict(list)
     for i, key in enumerate(keys):
         holders = client.nodes_manager.slots_cache.get(client.keyslot(key))
@@ -155,8 +153,8 @@ async def load_scripts(t: Transport) -> None:
     await t.run(load)
 
 
-def master_tags(client: RedisCluster, prefix: str) -> list[int]:
-    """For each master, the lowest ``i`` whose key ``P:{m.<i>}:seen`` lands on it."""
+def master_tag_map(client: RedisCluster, prefix: str) -> dict[str, int]:
+    """Master name -> the lowest ``i`` whose keys ``P:{m.<i>}:...`` land on that master."""
     slots = client.nodes_manager.slots_cache
     found: dict[str, int] = {}
     masters = {node.name for node in client.get_primaries()}
@@ -166,7 +164,20 @@ def master_tags(client: RedisCluster, prefix: str) -> list[int]:
             found[holders[0].name] = i
             if len(found) == len(masters):
                 break
-    return sorted(found.values())
+    return found
+
+
+def master_tags(client: RedisCluster, prefix: str) -> list[int]:
+    """For each master, the lowest ``i`` whose key ``P:{m.<i>}:seen`` lands on it."""
+    return sorted(master_tag_map(client, prefix).values())
+
+
+async def slot_map(t: Transport) -> RedisCluster:
+    """The cluster client, its slot map loaded (it is empty before the first command)."""
+    client = cluster_client(t)
+    if not client.nodes_manager.slots_cache:
+        await t.run(lambda c: client.initialize())
+    return client
 
 
 class ClusterOps:
@@ -233,11 +244,15 @@ class ClusterOps:
         )
         if int(accepted[0]) != 1:
             return [0]
-        return await t.script(
+        add: Call = (
             "cluster_add_group",
             k.group_keys(group),
             [group_, channel_, token_, accepted[1], presence, gexp, cap, state],
         )
+        if not token:
+            return await t.script(add[0], add[1], add[2])
+        # The directory note goes first in the group's master's pipeline: no round trip more.
+        return (await pipelined(t, [*await self._notes(t, token, [group]), add]))[-1]
 
     async def discard(
         self, t: Transport, group: str, channel: str, token: str, notify: bool
@@ -274,12 +289,15 @@ class ClusterOps:
             return None
         gexp = int(self.registry.config.group_expiry * 1000)
         groups = sorted(per_group)
-        calls: list[Call] = [
+        added = sorted({_text(items[i + 1]) for i in range(0, len(items), 5) if _text(items[i]) == "a"})
+        notes = await self._notes(t, token, added)
+        calls: list[Call] = notes + [
             ("cluster_sync_group", k.group_keys(g), [g, token, gexp, *per_group[g]])
             for g in groups
         ]
         changes: list[Any] = []
-        for group, flat in zip(groups, await pipelined(t, calls), strict=True):
+        synced = (await pipelined(t, calls))[len(notes) :]
+        for group, flat in zip(groups, synced, strict=True):
             for i in range(0, len(flat), 3):
                 changes += [flat[i], group, flat[i + 1], flat[i + 2]]
         return changes
@@ -304,15 +322,9 @@ class ClusterOps:
         for i in range(0, len(flat), 2):
             for group in _text(flat[i + 1]).split():
                 by_group[group].append(_text(flat[i]))
-        groups = sorted(by_group)
-        calls: list[Call] = [
-            ("cluster_discard_group", k.group_keys(g), [g, token, *by_group[g]]) for g in groups
-        ]
-        leaves: list[Any] = []
-        for group, removed in zip(groups, await pipelined(t, calls), strict=True):
-            for i in range(0, len(removed), 2):
-                if removed[i + 1]:
-                    leaves += [group, removed[i], removed[i + 1]]
+        # The directories name the groups the index may have lost (its master restarted).
+        noted = (await self._noted(t, [token]))[token] - set(by_group)
+        _count, leaves = await self._remove(t, {token: by_group}, {token: noted})
         # The leaves go out before the claim is dropped: a pruner dying here leaves the node
         # listed as dead, and the next one removes (and announces) what is left, nothing twice.
         await registry.send_leave_diffs(t, leaves)
@@ -321,24 +333,51 @@ class ClusterOps:
             "cluster_prune_table", k.table_keys(), [token, "1" if own else "0"]
         )
         if int(removed_entry) or own:
-            await self._unmark(t, token)
+            await self._unmark(t, [token])
         return bool(int(removed_entry)) or own, leaves
 
-    async def purge_orphans(self, t: Transport, groups: set[str], own: str) -> int:
-        """Remove from ``groups`` the memberships of nodes gone without trace (see
-        CLUSTER_PURGE_TOKEN), and announce their leaves; returns how many were removed.
+    async def _remove(
+        self, t: Transport, known: dict[str, dict[str, list[str]]], purged: dict[str, set[str]]
+    ) -> tuple[int, list[Any]]:
+        """Remove memberships of dead nodes: ``known[token][group]`` lists channels by name,
+        ``purged[token]`` names groups to search for that token's channels. One pipelined
+        round trip; each removal is idempotent and its HDEL decides the leave. Returns how
+        many this call removed and the flat group/channel/record triples of presence leaves."""
+        k = self.keys
+        calls: list[Call] = [
+            ("cluster_discard_group", k.group_keys(g), [g, token, *channels])
+            for token, groups in known.items()
+            for g, channels in sorted(groups.items())
+        ] + [
+            ("cluster_purge_token", k.group_keys(g), [g, token])
+            for token, groups in purged.items()
+            for g in sorted(groups)
+        ]
+        leaves: list[Any] = []
+        count = 0
+        for (_name, _keys, args), removed in zip(calls, await pipelined(t, calls), strict=True):
+            count += len(removed) // 2
+            for i in range(0, len(removed), 2):
+                if removed[i + 1]:
+                    leaves += [args[0], removed[i], removed[i + 1]]
+        return count, leaves
 
-        A token counts as gone when it is absent from the node table and its live mark is
-        missing or past its deadline, twice in a row (calls are a reconcile period apart): a
-        live node whose master just lost its keys writes them again within a heartbeat.
+    async def purge_orphans(self, t: Transport, groups: set[str], own: str) -> int:
+        """Remove the memberships of nodes gone without trace (see CLUSTER_PURGE_TOKEN) from
+        ``groups`` and from the groups their directories name, announce their leaves, and
+        drop what is left of them on every master; returns how many memberships went.
+
+        The candidates are the tokens in ``groups`` and in the masters' marks (a dead node's
+        field stays there until it is pruned). One counts as gone when it is absent from the
+        node table and its live mark is missing or past its deadline, twice in a row (calls
+        are a reconcile period apart): a live node whose master just lost its keys writes
+        them again within a heartbeat.
         """
         names = sorted(groups)
-        if not names:
-            return 0
         k = self.keys
         listed = await pipelined(t, [("command", ("HKEYS", k.group_nodes(g))) for g in names])
         by_group = {g: {_text(tok) for tok in toks} - {own} for g, toks in zip(names, listed, strict=True)}
-        tokens = set().union(*by_group.values())
+        tokens = set().union(*by_group.values(), await self._marked(t)) - {own}
         now_ms, deadlines, _info = await self.registry._node_table(t)
         unknown = sorted(tokens - set(deadlines))
         if not unknown:
@@ -351,18 +390,11 @@ class ClusterOps:
             if mark is None or int(mark) < now_ms
         }
         confirmed, self._suspects = gone & self._suspects, gone - self._suspects
-        calls: list[Call] = [
-            ("cluster_purge_token", k.group_keys(g), [g, tok])
-            for g in names
-            for tok in sorted(by_group[g] & confirmed)
-        ]
-        removed = 0
-        leaves: list[Any] = []
-        for (_name, _keys, (group, _tok)), flat in zip(calls, await pipelined(t, calls), strict=True):
-            removed += len(flat) // 2
-            for i in range(0, len(flat), 2):
-                if flat[i + 1]:
-                    leaves += [group, flat[i], flat[i + 1]]
+        if not confirmed:
+            return 0
+        noted = await self._noted(t, sorted(confirmed))
+        purged = {tok: noted[tok] | {g for g in names if tok in by_group[g]} for tok in confirmed}
+        removed, leaves = await self._remove(t, {}, purged)
         if removed:
             logger.warning(
                 "Removed %d membership(s) of %d node(s) gone without trace (a master lost its data)",
@@ -370,6 +402,7 @@ class ClusterOps:
                 len(confirmed),
             )
         await self.registry.send_leave_diffs(t, leaves)
+        await self._unmark(t, sorted(confirmed))
         return removed
 
     # -- heartbeat ------------------------------------------------------------------------
@@ -404,21 +437,88 @@ class ClusterOps:
         _ok, now_ms, flush, dead, alive = table
         return [int(existed), int(own[1]), now_ms, flush, dead, own[2], alive]
 
-    async def _unmark(self, t: Transport, token: str) -> None:
-        """Drop a removed node's field from every master's mark (the marks would otherwise
-        collect one field per node process ever started)."""
-        client = cluster_client(t)
-        marks = [self.keys.master_mark(i) for i in master_tags(client, self.keys.prefix)]
-        await pipelined(t, [("command", ("HDEL", mark, token)) for mark in marks])
+    async def _unmark(self, t: Transport, tokens: list[str]) -> None:
+        """Drop removed nodes' fields from every master's mark and their directories there
+        (the marks would otherwise collect one field per node process ever started)."""
+        tags = master_tags(await slot_map(t), self.keys.prefix)
+        calls: list[Any] = []
+        for i in tags:
+            calls.append(("command", ("HDEL", self.keys.master_mark(i), *tokens)))
+            calls += [("command", ("DEL", self.keys.noted_groups(i, tok))) for tok in tokens]
+        await pipelined(t, calls)
 
     async def _marks(self, t: Transport, token: str) -> bool:
-        """Set this node's field in every master's mark; True when one had to be created."""
+        """Set this node's field in every master's mark and renew its directories there;
+        True when a mark had to be created."""
         client = cluster_client(t)
         await t.run(lambda c: client.initialize())
-        ttl = self.registry.table_ttl_ms
+        ttl, node_ttl = self.registry.table_ttl_ms, self.registry.node_ttl_ms
         calls: list[Any] = []
         for i in master_tags(client, self.keys.prefix):
             mark = self.keys.master_mark(i)
-            calls += [("command", ("HSET", mark, token, 1)), ("command", ("PEXPIRE", mark, ttl))]
+            calls += [
+                ("command", ("HSET", mark, token, 1)),
+                ("command", ("PEXPIRE", mark, ttl)),
+                ("command", ("PEXPIRE", self.keys.noted_groups(i, token), node_ttl)),
+            ]
         results = await pipelined(t, calls)
-        return any(int(created) for created in results[0::2])
+        return any(int(created) for created in results[0::3])
+
+    async def _marked(self, t: Transport) -> set[str]:
+        """Every token with a field in some master's mark (live nodes, and dead ones not yet
+        removed)."""
+        tags = master_tags(await slot_map(t), self.keys.prefix)
+        found = await pipelined(t, [("command", ("HKEYS", self.keys.master_mark(i))) for i in tags])
+        return {_text(tok) for toks in found for tok in toks}
+
+    # -- directories: a node's groups, per master -----------------------------------------
+
+    async def _notes(self, t: Transport, token: str, groups: list[str]) -> list[Call]:
+        """CLUSTER_NOTE_GROUPS calls noting ``groups`` in the directory of ``token`` on the
+        master serving each group (put them before the group writes in one pipelined call)."""
+        if not groups:
+            return []
+        client = await slot_map(t)
+        tags = master_tag_map(client, self.keys.prefix)
+        slots = client.nodes_manager.slots_cache
+        by_key: dict[str, list[str]] = defaultdict(list)
+        for group in groups:
+            holders = slots.get(client.keyslot(self.keys.group(group)))
+            index = tags.get(holders[0].name) if holders else None
+            if index is None:  # the slot map is changing: any master's directory will do
+                index = min(tags.values(), default=0)
+            by_key[self.keys.noted_groups(index, token)].append(group)
+        ttl = self.registry.node_ttl_ms
+        return [("cluster_note_groups", [key], [ttl, *names]) for key, names in by_key.items()]
+
+    async def _noted(self, t: Transport, tokens: list[str]) -> dict[str, set[str]]:
+        """The groups each token's directories name, over every master (one round trip)."""
+        tags = master_tags(await slot_map(t), self.keys.prefix)
+        calls: list[Any] = [
+            ("command", ("SMEMBERS", self.keys.noted_groups(i, tok))) for tok in tokens for i in tags
+        ]
+        found: dict[str, set[str]] = {tok: set() for tok in tokens}
+        for (_c, (_cmd, key)), names in zip(calls, await pipelined(t, calls), strict=True):
+            found[key.rsplit(":g.", 1)[1]] |= {_text(name) for name in names}
+        return found
+
+    async def tidy_notes(self, t: Transport, token: str, held: Callable[[], set[str]]) -> int:
+        """Remove from this node's directories the groups it no longer holds (``held()`` is
+        its memory, the truth); returns how many went. A group noted again meanwhile (a join
+        racing this) is noted back at once."""
+        tags = master_tags(await slot_map(t), self.keys.prefix)
+        keys = [self.keys.noted_groups(i, token) for i in tags]
+        found = await pipelined(t, [("command", ("SMEMBERS", key)) for key in keys])
+        before = held()
+        stale = {
+            key: sorted(g for g in map(_text, names) if g not in before)
+            for key, names in zip(keys, found, strict=True)
+        }
+        calls: list[Any] = [("command", ("SREM", key, *gs)) for key, gs in stale.items() if gs]
+        if not calls:
+            return 0
+        await pipelined(t, calls)
+        back = sorted({g for gs in stale.values() for g in gs} & held())
+        if back:
+            await pipelined(t, await self._notes(t, token, back))
+        return sum(len(gs) for gs in stale.values())

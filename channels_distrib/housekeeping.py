@@ -77,8 +77,18 @@ class Housekeeper:
         if self._passes % RECONCILE_EVERY == 0:
             await self.reconcile()
             if node.transport.cluster:
-                groups = {g for held in node.memberships.by_channel.values() for g in held}
-                await node.registry.cluster.purge_orphans(node.transport, groups, node.token)
+                await self._cluster_checks()
+
+    async def _cluster_checks(self) -> None:
+        """On a cluster: purge the memberships of nodes gone without trace, and drop from
+        this node's per-master directories the groups it left."""
+        node = self.node
+
+        def held() -> set[str]:
+            return {g for groups in node.memberships.by_channel.values() for g in groups}
+
+        await node.registry.cluster.purge_orphans(node.transport, held(), node.token)
+        await node.registry.cluster.tidy_notes(node.transport, node.token, held)
 
     def _joined(self, group: str) -> bool:
         return bool(self.node.memberships.members(group))

@@ -31,6 +31,9 @@ Under prefix ``P``::
     P:{m.<i>}:seen        hash    Redis Cluster only: node token -> 1, one per master (tag
                                   m.<i> chosen to land there): a node finding its field gone
                                   knows that master lost its data
+    P:{m.<i>}:g.<token>   set     Redis Cluster only: the groups on master i (the one tag m.<i>
+                                  lands on) that node token has members in: how a pruner finds
+                                  them when the node's own index (on another master) is lost
     P:{x}:nodes           zset    node token -> deadline ms (last beat + its node_timeout)
     P:{x}:ni              hash    node token -> msgpack node info
     P:{x}:nid             hash    node id -> token (refuses a second live process with one id)
@@ -146,6 +149,10 @@ class Keys:
 
     def master_mark(self, index: int) -> str:
         return f"{self.prefix}:{{m.{index}}}:seen"
+
+    def noted_groups(self, index: int, token: str) -> str:
+        """A node's groups on master ``index`` (cluster only; same tag as that master's mark)."""
+        return f"{self.prefix}:{{m.{index}}}:g.{token}"
 
     # -- the node table -------------------------------------------------------------------
 

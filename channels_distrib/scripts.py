@@ -995,6 +995,21 @@ return removed
 )
 
 
+# CLUSTER_NOTE_GROUPS: note groups in a node's directory on one master (the groups there it
+# has members in), sent in the same per-master pipeline as, and before, the group writes: if
+# the master holding the node's own index loses it, a pruner still finds these groups. The
+# directory may keep groups the node left (harmless: a purge there finds nothing); the node
+# removes those when it reconciles.
+# KEYS[1] P:{m.<i>}:g.<token>
+# ARGV[1] TTL ms (renewed by the node's heartbeat), then group names
+# Returns how many groups were new there.
+CLUSTER_NOTE_GROUPS = """
+local added = 0
+for i = 2, #ARGV do added = added + redis.call('SADD', KEYS[1], ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return added
+"""
+
 # CLUSTER_PURGE_TOKEN: remove from one group every membership of a node that is gone without
 # trace (no node table entry, no live mark or a past one: a master lost its table entry or
 # its index before or while it was pruned, so pruning cannot find these), as a pruner would.
@@ -1008,6 +1023,10 @@ CLUSTER_PURGE_TOKEN = (
 local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
 local token = ARGV[2]
 local result = {}
+-- A node's channels in a group are counted in :n (every one) and :p (presence ones).
+if redis.call('HEXISTS', KEYS[2], token) == 0 and redis.call('HEXISTS', KEYS[3], token) == 0 then
+  return result
+end
 local marker = '.' .. token .. '!'
 for _, channel in ipairs(redis.call('HKEYS', KEYS[1])) do
   local bang = string.find(channel, '!', 1, true)
@@ -1054,4 +1073,5 @@ ALL = {
     "cluster_prune_claim": CLUSTER_PRUNE_CLAIM,
     "cluster_prune_table": CLUSTER_PRUNE_TABLE,
     "cluster_purge_token": CLUSTER_PURGE_TOKEN,
+    "cluster_note_groups": CLUSTER_NOTE_GROUPS,
 }

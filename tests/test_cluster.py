@@ -350,7 +350,7 @@ async def test_every_master_holds_a_mark_per_node_and_a_removed_node_leaves_none
             try:
                 fields: set[str] = set()
                 for key in keys:
-                    if b":{m." in key:
+                    if b":{m." in key and key.endswith(b":seen"):
                         fields |= set(await client.hkeys(key))
                 found[port] = fields
             finally:
@@ -482,3 +482,89 @@ async def test_memberships_of_a_dead_node_whose_master_lost_its_index_are_purged
         assert time.monotonic() - killed < 30, f"orphans left 30 s after the kill: {left}"
         await asyncio.sleep(0.2)
     print(f"\norphaned memberships purged {time.monotonic() - killed:.2f} s after the kill")
+
+
+async def _master_of(redis_cluster: Any, key: str) -> int:
+    """The index (in ``redis_cluster.servers``) of the master serving ``key``'s slot."""
+    from redis.asyncio import Redis
+
+    probe = Redis(host="127.0.0.1", port=redis_cluster.ports[0])
+    try:
+        slot = await probe.execute_command("CLUSTER", "KEYSLOT", key)
+        for start, end, holder, *_replicas in await probe.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(redis_cluster.ports.index(int(holder[1])))
+    finally:
+        await probe.aclose()
+    raise AssertionError(f"no master serves the slot of {key}")
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(90)
+async def test_a_dead_nodes_memberships_in_groups_only_it_used_are_purged_after_index_loss(
+    redis_cluster: Any, make_cluster_layer: Any, spawn_cluster_node: Any, prefix: str
+) -> None:
+    """Double fault: a node is SIGKILLed and the master holding its own keys (its channel
+    index) restarts empty. Its memberships in groups no live node holds ("solo") must still
+    go within seconds, not at group_expiry; in groups two survivors share with it as presence
+    members ("shared"), both prune and purge, yet each leave arrives once."""
+    import time
+
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from tests.helpers_nodes import FAST
+
+    solo, shared = [f"solo{i}" for i in range(12)], [f"shared{i}" for i in range(6)]
+    victim = spawn_cluster_node(channels=0, idle=2, group=solo + shared, presence=True, **FAST)
+    await victim.ready()
+    ghosts = set(victim.channels)
+    survivors = [make_cluster_layer(**FAST), make_cluster_layer(**FAST)]
+    watchers = [await layer.new_channel() for layer in survivors]
+    for group in shared:
+        for layer, channel in zip(survivors, watchers, strict=True):
+            await layer.group_add(group, channel, presence=True)
+    token = victim.channels[0].split("!")[0].rsplit(".", 1)[-1]
+    index = await _master_of(redis_cluster, f"{prefix}:{{n.{token}}}:c")
+    kept = [g for g in solo + shared
+            if await _master_of(redis_cluster, f"{prefix}:{{g.{g}}}:m") != index]
+    assert set(kept) & set(solo), "every solo group is on the victim's master: no ghost to see"
+    victim.kill()  # first: it must not re-register what the restart loses
+    killed = time.monotonic()
+    redis_cluster.restart_empty(index)
+    restarted = time.monotonic()
+
+    async def members() -> dict[str, tuple[set[str], int]]:
+        layer = survivors[0]
+        return {
+            g: ({m.channel for m in await layer.group_members(g)}, await layer.group_size(g))
+            for g in solo + shared
+        }
+
+    seen: dict[str, tuple[set[str], int]] = {}
+    while True:
+        try:
+            seen = await members()
+        except RedisConnectionError:
+            seen = {}
+        if seen and all(not channels & ghosts and size == len(channels)
+                        for channels, size in seen.values()):
+            break
+        assert time.monotonic() - killed < 15, f"ghosts left 15 s after the kill: {seen}"
+        await asyncio.sleep(0.1)
+    print(f"\nghosts purged {time.monotonic() - killed:.2f} s after the kill "
+          f"({time.monotonic() - restarted:.2f} s after the master came back empty)")
+    assert all(seen[g] == (set(), 0) for g in solo)
+    await asyncio.sleep(3.0)  # two reconcile periods (FAST): a second announcement, if any
+    for layer, channel in zip(survivors, watchers, strict=True):
+        leaves: dict[str, list[str]] = {g: [] for g in shared}
+        while True:
+            try:
+                message = await asyncio.wait_for(layer.receive(channel), 0.5)
+            except asyncio.TimeoutError:
+                break
+            if message["type"] == "presence.diff":
+                leaves[message["group"]] += [entry["channel"] for entry in message["leaves"]]
+        for g in shared:
+            expected = sorted(ghosts) if g in kept else []
+            assert sorted(leaves[g]) == expected, f"{g}: leaves {leaves[g]}"
+
