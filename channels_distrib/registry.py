@@ -332,18 +332,18 @@ class Registry:
         token = token_of(channel)
         if not token:
             return None
-        node_id = await t.run(lambda c: c.hget(self.keys.token_ids, token))
+        node_id = await t.read(lambda c: c.hget(self.keys.token_ids, token))
         return _text(node_id) if node_id is not None else token
 
     async def group_channels(self, t: Transport, group: str) -> set[str]:
-        names = await t.run(lambda c: c.hkeys(self.keys.group(group)))
+        names = await t.read(lambda c: c.hkeys(self.keys.group(group)))
         return {_text(name) for name in names}
 
     async def group_size(self, t: Transport, group: str) -> int:
-        return int(await t.run(lambda c: c.hlen(self.keys.group(group))))
+        return int(await t.read(lambda c: c.hlen(self.keys.group(group))))
 
     async def group_members(self, t: Transport, group: str) -> list[Member]:
-        raw = await t.run(lambda c: c.hgetall(self.keys.group(group)))
+        raw = await t.read(lambda c: c.hgetall(self.keys.group(group)))
         members = []
         for channel, record in raw.items():
             joined_at, node_id, meta = decode_record(
@@ -377,14 +377,14 @@ class Registry:
     async def channel_groups(self, t: Transport, channel: str) -> set[str]:
         token = token_of(channel)
         if token:
-            words = await t.run(lambda c: c.hget(self.keys.node_channels(token), channel))
+            words = await t.read(lambda c: c.hget(self.keys.node_channels(token), channel))
             return set(_text(words).split()) if words else set()
-        groups = await t.run(lambda c: c.smembers(self.keys.channel_groups(channel)))
+        groups = await t.read(lambda c: c.smembers(self.keys.channel_groups(channel)))
         return {_text(group) for group in groups}
 
     async def _node_table(self, t: Transport) -> tuple[float, dict[str, float], dict[str, Any]]:
         now_ms, flat_seen, flat_info = await t.script(
-            "nodes", [self.keys.nodes, self.keys.node_info], []
+            "nodes", [self.keys.nodes, self.keys.node_info], [], idempotent=True
         )
         seen = {_text(flat_seen[i]): float(flat_seen[i + 1]) for i in range(0, len(flat_seen), 2)}
         info = {}
@@ -440,8 +440,8 @@ class Registry:
         return result
 
     async def node_channels(self, t: Transport, node_id: str) -> set[str]:
-        token = await t.run(lambda c: c.hget(self.keys.node_ids, node_id))
+        token = await t.read(lambda c: c.hget(self.keys.node_ids, node_id))
         if token is None:
             return set()
-        names = await t.run(lambda c: c.hkeys(self.keys.node_channels(_text(token))))
+        names = await t.read(lambda c: c.hkeys(self.keys.node_channels(_text(token))))
         return {_text(name) for name in names}

@@ -278,8 +278,13 @@ class Transport:
         conn.auto_close_connection_pool = True  # the pool is this connection's alone
         return conn
 
-    async def run(self, operation: Callable[[Client], Awaitable[T]]) -> T:
-        """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``."""
+    async def run(self, operation: Callable[[Client], Awaitable[T]], *, idempotent: bool = False) -> T:
+        """Run ``operation``; retry only while no connection can be opened, up to ``retry_timeout``.
+
+        An ``idempotent`` operation (a read) is also retried after a connection error once
+        written (a pooled connection a restarted server had closed, "Connection closed by
+        server"), or a timeout: running it twice changes nothing.
+        """
         started = time.monotonic()
         attempt = 0
         # After a quiet spell, two passes of the event loop first, so a close the server sent
@@ -299,7 +304,9 @@ class Transport:
                 raise RedisUnavailable(
                     self.host.address, time.monotonic() - started, exc
                 ) from exc
-            except NotConnected as exc:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if not idempotent and not isinstance(exc, NotConnected):
+                    raise
                 if attempt == 0:
                     self.counters.reconnects += 1
                 waited = time.monotonic() - started
@@ -395,10 +402,19 @@ class Transport:
             return NotConnected(text)
         return exc
 
-    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run one of :mod:`channels_distrib.scripts` by name (EVALSHA, loading it if needed)."""
+    async def script(
+        self, name: str, keys: list[str], args: list[Any], *, idempotent: bool = False
+    ) -> Any:
+        """Run one of :mod:`channels_distrib.scripts` by name (EVALSHA, loading it if needed);
+        ``idempotent`` as in :meth:`run` (a script that only reads)."""
         script = self.scripts[name]
-        return await self.run(lambda client: script(keys=keys, args=args, client=client))
+        return await self.run(
+            lambda client: script(keys=keys, args=args, client=client), idempotent=idempotent
+        )
+
+    async def read(self, operation: Callable[[Client], Awaitable[T]]) -> T:
+        """:meth:`run` for a read: retried after any connection error, up to ``retry_timeout``."""
+        return await self.run(operation, idempotent=True)
 
     async def sync_clock(self) -> None:
         """Measure Redis time minus local time, for judging expiry stamps written by Lua."""

@@ -568,3 +568,35 @@ async def test_a_dead_nodes_memberships_in_groups_only_it_used_are_purged_after_
             expected = sorted(ghosts) if g in kept else []
             assert sorted(leaves[g]) == expected, f"{g}: leaves {leaves[g]}"
 
+
+
+@pytest.mark.cluster
+async def test_every_registry_query_right_after_a_master_restart_answers(
+    redis_cluster: Any, make_cluster_layer: Any, prefix: str
+) -> None:
+    """Reads are idempotent: a query whose pooled connection the restarted master closed is
+    sent again (within retry_timeout), never raised ("Connection closed by server")."""
+    from tests.helpers_nodes import FAST
+
+    layer = make_cluster_layer(**FAST)
+    channel = await layer.new_channel()
+    groups = [f"reads{i}" for i in range(24)]
+    for group in groups:
+        await layer.group_add(group, channel, meta={"g": group})
+        await layer.group_add(group, f"plain.{group}")
+
+    async def every_query() -> None:
+        for group in groups:
+            await layer.group_channels(group)
+            await layer.group_size(group)
+            await layer.group_members(group)
+            await layer.channel_groups(f"plain.{group}")
+        await layer.channel_groups(channel)
+        await layer.nodes()
+        await layer.node_stats()
+        await layer.node_channels(layer.node_id)
+
+    for victim in range(redis_cluster.masters):
+        await every_query()  # a pooled connection to every master
+        redis_cluster.restart_empty(victim)
+        await every_query()
