@@ -80,6 +80,7 @@ _OPTIONS = (
     "connection_limit",
     "presence_interval",
     "broker",
+    "broker_persistent",
 )
 
 
@@ -122,7 +123,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     ``max_message_size``, ``max_meta_size``, ``retry_timeout``, ``connection_limit`` and
     ``presence_interval`` (seconds, default 0.1: a node's presence joins and leaves of one
     group within that long are sent as one ``presence.diff``; 0 sends each at once) and
-    ``broker`` (an ``amqp://`` URL: messages travel through RabbitMQ, see broker/).
+    ``broker`` (an ``amqp://`` URL: messages travel through RabbitMQ, see broker/) and
+    ``broker_persistent`` (with ``broker``: persistent messages, kept across a broker restart).
     See the README for each option's meaning and default.
     """
 
@@ -150,6 +152,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         connection_limit: int | None = None,
         presence_interval: float = 0.1,
         broker: str | None = None,
+        broker_persistent: bool = False,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -181,6 +184,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             connection_limit=connection_limit,
             presence_interval=presence_interval,
             broker=broker,
+            broker_persistent=broker_persistent,
         )
         super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
         self.channel_capacity = list(self.config.channel_capacity)

@@ -77,6 +77,20 @@ def test_bad_broker_option_fails_at_startup(value, redis_url):
     assert "s3cret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"broker_persistent": "yes"}, "True or False"), ({"broker_persistent": True}, "needs broker")],
+)
+def test_bad_broker_persistent_fails_at_startup(options, match, redis_url):
+    with pytest.raises(ImproperlyConfigured, match=match):
+        DistributedChannelLayer(hosts=[redis_url], **options)
+
+
+async def test_broker_persistent_publishes_persistent_messages(make_layer):
+    assert make_layer()._state().broker.delivery_mode == 1
+    assert make_layer(broker_persistent=True)._state().broker.delivery_mode == 2
+
+
 async def test_unreachable_broker_raises_within_retry_timeout(redis_url, prefix):
     layer = DistributedChannelLayer(
         hosts=[redis_url], prefix=prefix, broker="amqp://guest:guest@127.0.0.1:1/",
@@ -493,6 +507,46 @@ async def _restart_under_traffic(broker: Any, node: Any, sender: Any) -> None:
     assert [n for n in got if n >= first_after] == after, "lost after the restart"
     assert node._node.broker_queue.conn.reconnects >= 1
     assert sender._state().broker.conn.reconnects >= 1
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "transient"])
+async def test_messages_queued_for_a_disconnected_node_across_a_broker_restart(
+    redis_url, prefix, persistent
+):
+    """A node cut off from a private RabbitMQ (it cannot reconnect), direct and group
+    messages confirmed into its durable queue meanwhile, then the broker killed and started
+    again: with ``broker_persistent`` every message reaches the node once it reconnects, in
+    order; without, they are gone (transient messages die with the broker)."""
+    from tests.rabbitmq_server import private_rabbitmq
+
+    with private_rabbitmq() as broker:
+        config = {"hosts": [redis_url], "prefix": prefix, "broker": broker.url}
+        config["broker_persistent"] = persistent
+        node = DistributedChannelLayer(**config, heartbeat_interval=0.3, node_timeout=30)
+        sender = DistributedChannelLayer(**config, retry_timeout=30)
+        try:
+            channel = await node.new_channel()
+            await node.group_add("kept", channel)
+            await sender.send(channel, msg(0))
+            assert (await recv(node, channel))["n"] == 0
+            queue = node._node.broker_queue
+            url, queue.conn.url = queue.conn.url, "amqp://guest:guest@127.0.0.1:1/"
+            await queue.conn.close()  # disconnected; reconnecting fails until url is back
+            for i in range(1, 6):
+                await sender.send(channel, msg(i))
+                await sender.group_send("kept", msg(100 + i))
+            await asyncio.to_thread(broker.restart)  # SIGKILL, then start on the same port
+            queue.conn.url = url
+            queue.groups_changed()  # wake the keeper now rather than at its next retry
+            if persistent:
+                got = [m["n"] for m in await recv_n(node, channel, 10, 20)]
+                assert got == [1, 101, 2, 102, 3, 103, 4, 104, 5, 105]
+            assert await nothing_arrives(node, channel, 3.0 if not persistent else 0.5)
+            await node.flush()
+        finally:
+            await node.close()
+            await sender.close()
 
 
 @pytest.mark.faults

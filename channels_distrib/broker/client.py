@@ -64,6 +64,8 @@ class BrokerClient:
         )
         self.exchange = names.exchange(config.prefix)
         self.expiration = str(max(1, int(config.expiry * 1000)))
+        if config.broker_persistent:
+            self.delivery_mode = 2
         self.remember = remember
         self.receivers: dict[str, NamedReceiver] = {}
         self._ids = itertools.count()
@@ -187,8 +189,8 @@ class BrokerClient:
 
     async def _declare_exchange(self, channel: AbstractChannel) -> None:
         await self.remember(f"x:{self.exchange}")
-        # Durable, like the queues (their messages are not): the objects and their bindings
-        # survive a broker restart; the messages queued at that moment do not.
+        # Durable, like the queues: the objects and their bindings survive a broker restart;
+        # the messages queued at that moment only with ``broker_persistent``.
         await channel.exchange_declare(self.exchange, exchange_type="direct", durable=True)
         self.conn.declared.add(self.exchange)
 

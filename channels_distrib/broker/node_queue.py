@@ -142,8 +142,9 @@ class NodeQueue:
 
     async def _keep(self) -> None:
         channel = await self.conn.channel()
-        # Durable (the messages are not): queue and bindings survive a broker restart, so
-        # what is sent once the broker is back is routed here before this node reconnects.
+        # Durable (the messages only with broker_persistent): queue and bindings survive a
+        # broker restart, so what is sent once the broker is back is routed here before this
+        # node reconnects.
         declared = await channel.queue_declare(
             self.queue, durable=True, arguments={"x-expires": self.expires_ms}
         )
