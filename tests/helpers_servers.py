@@ -8,6 +8,7 @@ SIGTERM), so tests can be parametrised over the server.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,16 @@ import time
 
 from tests.helpers_daphne import REPO_ROOT, START_TIMEOUT, DaphneProcess, start_daphne
 from tests.redis_server import free_port
+
+#: asyncio's debug-mode report of a slow step (tox runs with PYTHONDEVMODE=1), alone on a
+#: line or after a logging prefix: "Executing <Task ...> took 0.125 seconds".
+_SLOW_STEP = re.compile(r"^.*Executing <.*> took \d+(\.\d+)? seconds$")
+
+
+def without_slow_step_reports(text: str) -> str:
+    """``text`` without asyncio debug mode's slow-step reports: they name whatever code was
+    running when a loaded machine paused the process, so they say nothing about output."""
+    return "\n".join(line for line in text.splitlines() if not _SLOW_STEP.match(line))
 
 SERVERS = ("daphne", "uvicorn", "hypercorn")
 

@@ -341,7 +341,7 @@ async def test_flushdb_rebuilds_registry_within_a_heartbeat(own_redis, spawn_nod
             what="registry rebuilt",
         )
         print(f"\nFLUSHDB: registry rebuilt after {took:.2f} s")
-        assert took <= FAST["heartbeat_interval"] + 0.5
+        assert took <= FAST["heartbeat_interval"] + 1.0  # a beat, plus slack for a loaded machine
         await wait_until(
             query.nodes,
             lambda ns: node_ids(ns) == {n.node_id for n in nodes},
