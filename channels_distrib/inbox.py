@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -110,15 +110,42 @@ class InboxReader:
             return False
         streams: Any = response or []
         for _stream, entries in streams:
-            for entry_id, fields in entries:
-                self.last_id = entry_id
-                try:
-                    self._dispatch(entry_id, fields)
-                except Exception:
-                    self._log_skip(entry_id)
+            self._dispatch_all(entries)
         if self._to_mark:
             await self._mark_full()
         return True
+
+    def _dispatch_all(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Dispatch one read's entries in order; consecutive plain group messages to one
+        group (no exclusion, no history offset) go out as one run (:meth:`_fan_out_run`)."""
+        run: list[tuple[bytes, bytes]] = []  # (entry id, payload) of the current run
+        group = b""
+        for entry_id, fields in entries:
+            self.last_id = entry_id  # nothing awaits before the run goes out: unobservable
+            target = fields.get(b"g")
+            if target is not None and len(fields) == 2 and b"m" in fields:
+                if run and target != group:
+                    self._flush_run(group, run)
+                    run = []
+                group = target
+                run.append((entry_id, fields[b"m"]))
+                continue
+            if run:
+                self._flush_run(group, run)
+                run = []
+            try:
+                self._dispatch(entry_id, fields)
+            except Exception:
+                self._log_skip(entry_id)
+        if run:
+            self._flush_run(group, run)
+
+    def _flush_run(self, group: bytes, run: list[tuple[bytes, bytes]]) -> None:
+        try:
+            self._fan_out_run(group.decode(), run)
+        except Exception:
+            for entry_id, _payload in run:
+                self._log_skip(entry_id)
 
     def _log_skip(self, entry_id: bytes) -> None:
         """Log a skipped entry, at most once a second (a flood of corrupt entries is one line)."""
@@ -211,6 +238,7 @@ class InboxReader:
         """
         get = self.node.channels.get
         item: Item | None = None
+        undecoded: Item | None = None  # for members that defer it: one tuple, not one each
         for channel in list(members):
             local = get(channel)
             if local is not None and not local.deferred and len(local.items) < local.capacity:
@@ -220,8 +248,70 @@ class InboxReader:
                 local.items.append(item)  # LocalChannel.put_item, inlined: the hot loop
                 if local.waiters:
                     local.wake_one()
+            elif item is not None:
+                self._deliver(channel, entry_id, item)
             else:
-                self._deliver(channel, entry_id, item or (expires, payload, None))
+                if undecoded is None:
+                    undecoded = (expires, payload, None)
+                self._deliver(channel, entry_id, undecoded)
+
+    def _fan_out_run(self, group: str, run: list[tuple[bytes, bytes]]) -> None:
+        """Queue consecutive messages of one group for every local member: batched local
+        fan-out. A member with room for the whole run takes it in one step (one extend, one
+        wake-up check per message it can serve at most); any other member takes the run
+        message by message as :meth:`_fan_out` would. Each member sees the run in order and
+        nothing runs in between, so this delivers exactly what one entry at a time did."""
+        members = self.node.memberships.members(group)
+        if not members:
+            return
+        if len(run) == 1:
+            entry_id, payload = run[0]
+            self._fan_out(members, entry_id, payload, self._expires(entry_id))
+            return
+        many = len(members) > 1
+        expires = [self._expires(entry_id) for entry_id, _ in run]
+        made: list[Item | None] = [None] * len(run)
+
+        def item(j: int) -> Item:
+            """The run's j-th item, decoded once for all members (when they are several)."""
+            got = made[j]
+            if got is None:
+                payload = run[j][1]
+                got = made[j] = (expires[j], payload, self._decode_once(payload) if many else None)
+            return got
+
+        get = self.node.channels.get
+        whole: list[Item] | None = None
+        size = len(run)
+        for channel in list(members):
+            local = get(channel)
+            if local is not None and not local.deferred and len(local.items) + size <= local.capacity:
+                if whole is None:
+                    whole = [item(j) for j in range(size)]
+                local.items.extend(whole)
+                for _ in range(size):  # as many wake-ups as one put per message made
+                    if not local.waiters:
+                        break
+                    local.wake_one()
+            else:
+                self._fan_out_member(channel, local, run, expires, made, item)
+
+    def _fan_out_member(
+        self,
+        channel: str,
+        local: LocalChannel | None,
+        run: list[tuple[bytes, bytes]],
+        expires: list[float],
+        made: list[Item | None],
+        item: Callable[[int], Item],
+    ) -> None:
+        """One member's share of a run it has no room for at once: message by message, the
+        overflow deferred to Redis (FIFO: once one waits there, the rest wait behind it)."""
+        for j, (entry_id, payload) in enumerate(run):
+            if local is not None and not local.deferred and len(local.items) < local.capacity:
+                local.put_item(item(j))
+            else:
+                self._deliver(channel, entry_id, made[j] or (expires[j], payload, None))
 
     def _decode_once(self, payload: bytes) -> dict[str, Any] | None:
         """The message, decoded for every local member at once, when a shallow copy of it is a
@@ -317,12 +407,14 @@ class InboxReader:
             if channel is not None and channel.deferred and len(channel.items) < channel.capacity:
                 room = channel.capacity - len(channel.items)
                 wanted[name] = list(itertools.islice(channel.deferred, room))
-        ids = sorted({i for batch in wanted.values() for i in batch}, key=stream_id)
+        readers: Counter[bytes] = Counter()  # entry id -> channels waiting for it
+        for batch in wanted.values():
+            readers.update(batch)  # counted in C: a backlog is ids x channels
+        ids = sorted(readers, key=stream_id)
         if not ids:
             return
         inbox = node.keys.inbox(node.token)
         fetched = await node.transport.run(lambda client: self._fetch(client, inbox, ids))
-        readers = Counter(i for batch in wanted.values() for i in batch)
         found = self._items(ids, fetched, readers)
         for name, batch in wanted.items():
             self._refill_one(name, batch, found)
@@ -386,10 +478,11 @@ class InboxReader:
         if channel is None:
             return
         now = time.monotonic()
+        deferred = channel.deferred
         for entry_id in batch:
-            if not channel.deferred or channel.deferred[0] != entry_id:
+            if not deferred or deferred[0] != entry_id:
                 return  # cleared meanwhile (a flush)
-            channel.deferred.popleft()
+            deferred.popleft()
             item = found[entry_id]  # every id of every batch was fetched
             if isinstance(item, str):  # trimmed from the inbox meanwhile, or corrupt
                 self._count_drop(name, DROP_REASONS[item], item)

@@ -165,3 +165,57 @@ async def test_a_backlog_spread_over_other_traffic_is_fetched_back_whole(make_la
     assert got == list(range(20)), "every one, in order"
     assert node._node.inbox.dropped_by.get("trimmed", 0) == 0
     assert node._node.inbox.dropped_by["no_channel"] == 20 * 30
+
+
+@pytest.mark.redis_internals
+async def test_one_read_of_many_group_entries_goes_out_as_runs_in_the_inbox_order(
+    make_layer, redis_url, monkeypatch
+):
+    """Consecutive group messages of one inbox read are fanned out as runs (batched local
+    fan-out): every member still gets exactly its groups' messages, in the inbox's order,
+    whether it has room for a whole run (capacity 100) or overflows into Redis (4)."""
+    import threading
+
+    import redis.asyncio as aioredis
+
+    from channels_distrib.inbox import InboxReader
+
+    runs: list[int] = []
+    fan_out_run = InboxReader._fan_out_run
+
+    def counted(self: InboxReader, group: str, run: list[tuple[bytes, bytes]]) -> None:
+        runs.append(len(run))
+        fan_out_run(self, group, run)
+
+    monkeypatch.setattr(InboxReader, "_fan_out_run", counted)
+    node, sender = make_layer(capacity=4, channel_capacity={"roomy*": 100}), make_layer()
+    both, one = await node.new_channel("roomy"), await node.new_channel()
+    for group, channel in (("r1", both), ("r2", both), ("r1", one)):
+        await node.group_add(group, channel)
+    groups = ["r1", "r1", "r1", "r2"]
+
+    async def burst() -> None:
+        for n in range(48):
+            await sender.group_send(groups[n % 4], msg(n))
+
+    # The sends come from another thread while this loop (the node's) is held: they all
+    # wait in the inbox, so the node's next read returns them together.
+    thread = threading.Thread(target=lambda: asyncio.run(burst()))
+    thread.start()
+    thread.join()
+    got_both = await asyncio.wait_for(_all(node, both, 48), 15)
+    got_one = await asyncio.wait_for(_all(node, one, 36), 15)
+    client = aioredis.from_url(redis_url)
+    try:
+        entries = await client.xrange(node.keys.inbox(node._node.token))
+    finally:
+        await client.aclose()
+    order = [(f[b"g"], node.serializer.loads(f[b"m"])["n"]) for _, f in entries if b"m" in f]
+    assert got_both == [n for _, n in order]
+    assert got_one == [n for g, n in order if g == b"r1"]
+    assert max(runs) > 1, "the run path was taken"
+    assert node._node.dropped == 0
+
+
+async def _all(layer: Any, channel: str, count: int) -> list[int]:
+    return [(await layer.receive(channel))["n"] for _ in range(count)]
