@@ -5,13 +5,16 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.soak                 # 300 s of load, ~7 min in all
     .venv/bin/python -m benchmarks.soak --seconds 60    # the CI version, ~2.5 min
     .venv/bin/python -m benchmarks.soak --seconds 60 --cluster  # on a 3-master Redis Cluster
+    .venv/bin/python -m benchmarks.soak --seconds 60 --cluster --replicas 1 --node-timeout 8
 
 ``--nodes`` node processes (``benchmarks/_soak_node.py``, default 3) each hold ``--consumers``
 consumers and churn them (connect, join, leave, disconnect: ``--rate`` operations a second in
 total) while this process sends group messages to the rooms and direct messages to live
 channels. Every ``--cycle`` seconds (60) the faults come once each, in this order: a Redis
 restart (kill, then an empty server on the same port; only with the soak's own server; with
-``--cluster``, one master of the soak's own 3-master cluster, each in turn), a
+``--cluster``, one master of the soak's own 3-master cluster, each in turn; with
+``--replicas`` too, a failover: a master SIGKILLed until a replica has taken over, then
+started again empty, as a replica), a
 CLIENT KILL storm against every connection named ``distrib:<prefix>``, and one node SIGKILLed
 and started again (never node 0, so one node lives through the whole run for the RSS figure;
 last, so what the dead node leaves behind is still there for the checker).
@@ -261,9 +264,10 @@ class RedisObserver:
         return {"keys (count, bytes, entries)": kinds, "connected_clients": clients}, types
 
     async def used_memory(self) -> int:
-        """``used_memory`` less the connections' buffers (``mem_clients_normal``): what Redis
-        holds for the data and itself, not for however many clients are connected right now
-        (the query buffers of ~190 connections swing by several percent between two reads)."""
+        """``used_memory`` less the connections' buffers (``mem_clients_normal``) and the
+        replication buffers: what Redis holds for the data and itself, not for however many
+        clients are connected right now (the query buffers of ~190 connections swing by
+        several percent between two reads)."""
         await self.fresh()
         info = await self.client.info("memory")
         self.last_memory = {k: v for k, v in info.items() if isinstance(v, int)}
@@ -271,7 +275,12 @@ class RedisObserver:
             if isinstance(value, int):
                 name = key.decode() if isinstance(key, bytes) else str(key)
                 self.last_memory[f"mem_stats.{name}"] = value
-        return int(info["used_memory"]) - int(info.get("mem_clients_normal", 0))
+        # Replication buffers (backlog and replica output buffers) are bounded by the
+        # server's config, not by the data; a master just elected starts a backlog.
+        replication = int(info.get("mem_total_replication_buffers", 0)) or (
+            int(info.get("mem_replication_backlog", 0)) + int(info.get("mem_clients_slaves", 0))
+        )
+        return int(info["used_memory"]) - int(info.get("mem_clients_normal", 0)) - replication
 
     async def kill_layer_clients(self, prefix: str) -> int:
         name = f"distrib:{prefix}"
@@ -288,23 +297,44 @@ class RedisObserver:
 
 class ClusterObserver:
     """:class:`RedisObserver` over every master of a Redis Cluster: keys and TTLs gathered,
-    counts, memory and connections added up (``per_master`` keeps each master's memory)."""
+    counts, memory and connections added up (``per_master`` keeps each master's memory).
+
+    Given replicas too, each observation asks which servers are masters right now (a
+    failover swaps the roles) and counts those only: a replica holds a copy of its master's
+    keys. Connections are killed on every server."""
 
     def __init__(self, urls: list[str]) -> None:
-        self.parts = [RedisObserver(url) for url in urls]
+        self.all_parts = [RedisObserver(url) for url in urls]
         self.last_memory: dict[str, int] = {}
         self.per_master: dict[str, int] = {}
 
+    async def masters(self) -> list[RedisObserver]:
+        """The servers that are masters now (one that does not answer is left out)."""
+        found = []
+        for part in self.all_parts:
+            with contextlib.suppress(Exception):
+                await part.fresh()
+                if (await part.client.info("replication"))["role"] == "master":
+                    found.append(part)
+        return found
+
+    async def masters_closed(self) -> set[int]:
+        """The ports of the masters now; this observer is closed after."""
+        try:
+            return {int(part.url.rsplit(":", 1)[1]) for part in await self.masters()}
+        finally:
+            await self.aclose()
+
     async def aclose(self) -> None:
-        for part in self.parts:
+        for part in self.all_parts:
             await part.aclose()
 
     async def keys(self, prefix: str) -> list[bytes]:
-        return [key for part in self.parts for key in await part.keys(prefix)]
+        return [key for part in await self.masters() for key in await part.keys(prefix)]
 
     async def ttls(self, prefix: str) -> dict[str, int]:
         merged: dict[str, int] = {}
-        for part in self.parts:
+        for part in await self.masters():
             merged.update(await part.ttls(prefix))
         return merged
 
@@ -312,7 +342,7 @@ class ClusterObserver:
         kinds: dict[str, list[int]] = {}
         types: dict[str, str] = {}
         clients = 0
-        for part in self.parts:
+        for part in await self.masters():
             found, part_types = await part.breakdown(prefix)
             for kind, figures in found["keys (count, bytes, entries)"].items():
                 entry = kinds.setdefault(kind, [0, 0, 0])
@@ -325,7 +355,8 @@ class ClusterObserver:
     async def used_memory(self) -> int:
         total = 0
         self.last_memory = {}
-        for part in self.parts:
+        self.per_master = {}
+        for part in await self.masters():
             used = await part.used_memory()
             self.per_master[part.url] = used
             total += used
@@ -334,7 +365,11 @@ class ClusterObserver:
         return total
 
     async def kill_layer_clients(self, prefix: str) -> int:
-        return sum([await part.kill_layer_clients(prefix) for part in self.parts])
+        killed = 0
+        for part in self.all_parts:
+            with contextlib.suppress(Exception):  # a server down for a failover
+                killed += await part.kill_layer_clients(prefix)
+        return killed
 
 
 # ---------------------------------------------------------------- the checker
@@ -419,6 +454,7 @@ class Options:
     storm_seconds: float = 5.0
     tolerance: float = 0.05
     cluster: bool = False  # a Redis Cluster: our own 3 masters, or --redis-url is a node of one
+    replicas: int = 0  # with cluster: replicas per master of our own cluster (faults: failovers)
 
 
 @dataclass
@@ -459,7 +495,9 @@ class Soak:
         self.result = SoakResult()
         self.sent = {"group": 0, "direct": 0}
         self.send_errors: dict[str, int] = {}
-        self.faults: dict[str, int] = {"node_kills": 0, "client_kills": 0, "redis_restarts": 0}
+        self.faults: dict[str, int] = {"node_kills": 0, "client_kills": 0, "redis_restarts": 0,
+                                       "failovers": 0}
+        self.failover_seconds: list[float] = []
         self.server: Any = None
         self.dead_errors: list[dict[str, Any]] = []
         self.rng = random.Random(8)
@@ -522,6 +560,9 @@ class Soak:
         if self.server is None:
             log("Redis restart skipped: --redis-url given, the soak cannot restart it")
             return
+        if self.o.cluster and self.o.replicas:
+            await self.fail_over()
+            return
         if self.o.cluster:
             await self.restart_master()
             return
@@ -543,6 +584,31 @@ class Soak:
         await asyncio.to_thread(wait_ok, master.port)
         self.faults["redis_restarts"] += 1
         log(f"cluster master {index} (port {master.port}) killed and restarted empty")
+
+    async def fail_over(self) -> None:
+        """A master of our cluster (with replicas) SIGKILLed: a replica takes over (with what
+        it had replicated); once it has, and the cluster is ok again, the killed server
+        starts again empty and rejoins as a replica. Masters are taken in turn by port."""
+        from tests.helpers_cluster import wait_ok
+
+        urls = {s.port: f"redis://127.0.0.1:{s.port}" for s in self.server.servers}
+        ports = sorted(await ClusterObserver(list(urls.values())).masters_closed())
+        port = ports[self.faults["failovers"] % len(ports)]
+        victim = next(s for s in self.server.servers if s.port == port)
+        killed = time.monotonic()
+        victim.kill()
+        others = [url for p, url in urls.items() if p != port]
+        while len(await ClusterObserver(others).masters_closed()) < len(ports):
+            if time.monotonic() - killed > 60:
+                raise RuntimeError(f"no replica took over from port {port} within 60 s")
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(wait_ok, next(p for p in urls if p != port), 60.0)
+        took = time.monotonic() - killed
+        await asyncio.to_thread(victim.restart)
+        self.faults["failovers"] += 1
+        self.failover_seconds.append(round(took, 2))
+        log(f"cluster master on port {port} SIGKILLed; a replica took over and the cluster "
+            f"was ok again after {took:.1f} s; the killed server restarted empty (a replica now)")
 
     # -- load ---------------------------------------------------------------------------
 
@@ -636,7 +702,11 @@ class Soak:
             # (~36 KB each, kept for good): that diagnostic memory would show up as a
             # used_memory "leak" of the layer. It is off on the soak's own server.
             quiet = ["--latency-tracking", "no"]
-            self.server = start_cluster(3, extra_args=quiet) if self.o.cluster else start_server(quiet)
+            self.server = (
+                start_cluster(3, replicas=self.o.replicas, extra_args=quiet)
+                if self.o.cluster
+                else start_server(quiet)
+            )
         observer = self.observer()
         layer = DistributedChannelLayer(hosts=self.hosts, prefix=self.prefix,
                                         retry_timeout=self.o.retry_timeout)
@@ -709,7 +779,7 @@ class Soak:
         checks.append(Check("key count after = before", after.keys == before.keys,
                             f"empty prefix {empty_keys}, before {before.keys}, after {after.keys}"))
         ratio = after.used_memory / before.used_memory - 1 if before.used_memory else 0.0
-        checks.append(Check(f"used_memory (no client buffers) within {tol:.0%}", abs(ratio) <= tol,
+        checks.append(Check(f"used_memory (no client or replication buffers) within {tol:.0%}", abs(ratio) <= tol,
                             f"before {before.used_memory}, after {after.used_memory} "
                             f"({ratio:+.1%})"))
         growth = rss["end"] / rss["reference"] - 1 if rss.get("reference") else 0.0
@@ -724,6 +794,8 @@ class Soak:
         figures["sent (group / direct)"] = f"{self.sent['group']} / {self.sent['direct']}"
         figures["send errors"] = self.send_errors or "none"
         figures["faults"] = self.faults
+        if self.failover_seconds:
+            figures["cluster ok again after each failover (s)"] = self.failover_seconds
         figures["received by live nodes"] = sum(s["received"] for s in stats)
         ops: dict[str, int] = {}
         op_errors: dict[str, int] = {}
@@ -770,6 +842,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--heartbeat-interval", type=float, default=defaults.heartbeat_interval)
     parser.add_argument("--node-timeout", type=float, default=defaults.node_timeout)
     parser.add_argument("--retry-timeout", type=float, default=defaults.retry_timeout)
+    parser.add_argument("--replicas", type=int, default=defaults.replicas,
+                        help="with --cluster: replicas per master; the Redis fault is then a "
+                        "failover (a master SIGKILLed, a replica takes over)")
     parser.add_argument("--cluster", action="store_true",
                         help="run on a 3-master Redis Cluster of our own (or --redis-url is a "
                         "cluster node; then give every master's URL, the first is the layer's)")
@@ -779,7 +854,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    send_rate=args.send_rate, cycle=args.cycle, warmup=args.warmup,
                    expiry=args.expiry, heartbeat_interval=args.heartbeat_interval,
                    node_timeout=args.node_timeout, retry_timeout=args.retry_timeout,
-                   cluster=args.cluster)
+                   cluster=args.cluster, replicas=args.replicas)
 
 
 def main(argv: list[str] | None = None) -> int:
