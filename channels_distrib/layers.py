@@ -602,10 +602,13 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             if not await self._on_node_loop(node, node.presence.join(group, channel, meta, presence)):
                 logger.debug("group_add of %s to %s ignored: this node is not live", channel, group)
             if node.broker_queue is not None:
-                # Return only once the node's queue is bound to the group (whenever the node
-                # holds the membership, even one Redis has yet to get back): a group_send
+                # Return only once the node's queue is bound to the group, and for a presence
+                # member to its presence key (whenever the node holds the membership, even
+                # one Redis has yet to get back): a group_send or another member's diff
                 # right after this call reaches the new member.
-                bound = node.broker_queue.wait_bound(group, self.config.retry_timeout)
+                bound = node.broker_queue.wait_bound(
+                    group, self.config.retry_timeout, presence=presence
+                )
                 if not await self._on_node_loop(node, bound):
                     raise BrokerUnavailable(node.broker_queue.conn.address, self.config.retry_timeout)
             return

@@ -176,8 +176,10 @@ async def test_no_message_travels_through_the_redis_inboxes(make_layer, redis_ur
     pruned node's leaves), presence states, membership notes of another process's
     group_add/group_discard, group, room and direct messages: all go through RabbitMQ. The
     nodes' Redis inboxes keep only the heartbeat's marker that made them."""
-    a, b = make_layer(heartbeat_interval=0.2, node_timeout=1.0), make_layer()
-    other = make_layer()
+    # a announces its watcher's join at once (presence_interval=0): a batched diff sent
+    # later would reach b's member too, before its presence.state, once b is a member.
+    a = make_layer(heartbeat_interval=0.2, node_timeout=1.0, presence_interval=0)
+    b, other = make_layer(), make_layer()
     watcher, mine = await a.new_channel(), await a.new_channel()
     theirs = await b.new_channel()
     await a.group_add("room", watcher, presence=True)
@@ -228,6 +230,25 @@ async def test_another_process_group_add_binds_the_nodes_queue_before_returning(
     got = sorted(m["n"] for m in await recv_n(b, on_b, 20))
     assert got == list(range(20))
     assert [m["n"] for m in await recv_n(a, on_a, 20)] == list(range(20))
+
+
+async def test_presence_key_bound_while_the_node_has_presence_members(make_layer):
+    """group_add(presence=True) returns once the node's queue is bound with the group's
+    presence key too (diffs sent right after reach it); the key goes with the last presence
+    member, the group's own key stays while a plain member remains."""
+    layer = make_layer()
+    watcher, plain = await layer.new_channel(), await layer.new_channel()
+    queue = layer._node.broker_queue
+    await layer.group_add("seen", plain)
+    assert queue.bound == {"seen"}
+    await layer.group_add("seen", watcher, presence=True)
+    assert queue.bound == {"seen", names.presence_key("seen")}
+    await layer.group_discard("seen", watcher)
+
+    async def only_the_group() -> bool:
+        return queue.bound == {"seen"}
+
+    assert await eventually(only_the_group, 3)
 
 
 async def test_node_queue_expires_with_node_timeout_and_pruning_deletes_it(make_layer, broker_url):

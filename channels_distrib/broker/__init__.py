@@ -7,10 +7,13 @@ Imported only when ``broker`` is configured. Every user message travels through 
   a node's queue is bound with exactly the groups it has members in, so it gets a group
   message once and nodes without members never see it;
 - named (normal) channels are queues of their own (``<prefix>.chan.<channel>``) with a
-  length limit, ``x-overflow: reject-publish`` and a per-message TTL.
+  length limit, ``x-overflow: reject-publish`` and a per-message TTL;
+- presence diffs go to the same exchange with the routing key ``p:<group>``, bound while a
+  node has presence members in the group; notes of memberships another process changed go
+  into the node's queue. Nothing travels through the nodes' Redis inboxes.
 
-Redis keeps the registry, presence (diffs travel through the node's Redis inbox as before)
-and the names of the queues and exchanges this prefix declared, for ``flush()``.
+Redis keeps the registry, presence state, room history and the names of the queues and
+exchanges this prefix declared, for ``flush()``.
 
 Modules: :mod:`.connection` (one AMQP connection per event loop, reconnecting),
 :mod:`.client` (the sending side and named-channel receivers, used by the layer),
