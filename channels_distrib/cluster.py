@@ -377,18 +377,7 @@ class ClusterOps:
         k = self.keys
         listed = await pipelined(t, [("command", ("HKEYS", k.group_nodes(g))) for g in names])
         by_group = {g: {_text(tok) for tok in toks} - {own} for g, toks in zip(names, listed, strict=True)}
-        tokens = set().union(*by_group.values(), await self._marked(t)) - {own}
-        now_ms, deadlines, _info = await self.registry._node_table(t)
-        unknown = sorted(tokens - set(deadlines))
-        if not unknown:
-            self._suspects = set()
-            return 0
-        marks = await pipelined(t, [("command", ("GET", k.live(tok))) for tok in unknown])
-        gone = {
-            tok
-            for tok, mark in zip(unknown, marks, strict=True)
-            if mark is None or int(mark) < now_ms
-        }
+        gone = await self._gone(t, set().union(*by_group.values(), await self._marked(t)) - {own})
         confirmed, self._suspects = gone & self._suspects, gone - self._suspects
         if not confirmed:
             return 0
@@ -436,6 +425,17 @@ class ClusterOps:
             logger.warning("A Redis Cluster master lost its data (node %s re-registers)", node_id)
         _ok, now_ms, flush, dead, alive = table
         return [int(existed), int(own[1]), now_ms, flush, dead, own[2], alive]
+
+    async def _gone(self, t: Transport, tokens: set[str]) -> set[str]:
+        """The ``tokens`` absent from the node table whose live mark is missing or past."""
+        now_ms, deadlines, _info = await self.registry._node_table(t)
+        unknown = sorted(tokens - set(deadlines))
+        marks = await pipelined(t, [("command", ("GET", self.keys.live(tok))) for tok in unknown])
+        return {
+            tok
+            for tok, mark in zip(unknown, marks, strict=True)
+            if mark is None or int(mark) < now_ms
+        }
 
     async def _unmark(self, t: Transport, tokens: list[str]) -> None:
         """Drop removed nodes' fields from every master's mark and their directories there
