@@ -499,32 +499,57 @@ async def _master_of(redis_cluster: Any, key: str) -> int:
     raise AssertionError(f"no master serves the slot of {key}")
 
 
+async def _victim_on(
+    redis_cluster: Any, spawn: Any, prefix: str, table_too: bool, **options: Any
+) -> tuple[Any, int]:
+    """A node process whose own keys are on the master holding the node table (``table_too``)
+    or on another one; returns it and that master's index. Candidates that do not fit are
+    killed (they hold no membership; pruning removes them)."""
+    table = await _master_of(redis_cluster, f"{prefix}:{{x}}:nodes")
+    for _batch in range(6):
+        candidates = [spawn(channels=0, idle=2, **options) for _ in range(4)]
+        await asyncio.gather(*(c.ready() for c in candidates))
+        chosen = None
+        for candidate in candidates:
+            token = candidate.channels[0].split("!")[0].rsplit(".", 1)[-1]
+            index = await _master_of(redis_cluster, f"{prefix}:{{n.{token}}}:c")
+            if chosen is None and (index == table) == table_too:
+                chosen = (candidate, index)
+            else:
+                candidate.kill()
+        if chosen:
+            return chosen
+    raise AssertionError("no node process landed where the test needs it in 24 tries")
+
+
 @pytest.mark.cluster
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("table_too", [False, True], ids=["index_lost", "index_and_table_lost"])
 async def test_a_dead_nodes_memberships_in_groups_only_it_used_are_purged_after_index_loss(
-    redis_cluster: Any, make_cluster_layer: Any, spawn_cluster_node: Any, prefix: str
+    redis_cluster: Any, make_cluster_layer: Any, spawn_cluster_node: Any, prefix: str,
+    table_too: bool,
 ) -> None:
     """Double fault: a node is SIGKILLed and the master holding its own keys (its channel
-    index) restarts empty. Its memberships in groups no live node holds ("solo") must still
-    go within seconds, not at group_expiry; in groups two survivors share with it as presence
-    members ("shared"), both prune and purge, yet each leave arrives once."""
+    index, its live mark; with ``table_too`` the node table as well) restarts empty. Its
+    memberships in groups no live node holds ("solo") must still go within seconds, not at
+    group_expiry; in groups two survivors share with it as presence members ("shared"),
+    both prune and purge, yet each leave arrives once."""
     import time
-
-    from redis.exceptions import ConnectionError as RedisConnectionError
 
     from tests.helpers_nodes import FAST
 
     solo, shared = [f"solo{i}" for i in range(12)], [f"shared{i}" for i in range(6)]
-    victim = spawn_cluster_node(channels=0, idle=2, group=solo + shared, presence=True, **FAST)
-    await victim.ready()
-    ghosts = set(victim.channels)
     survivors = [make_cluster_layer(**FAST), make_cluster_layer(**FAST)]
     watchers = [await layer.new_channel() for layer in survivors]
+    victim, index = await _victim_on(redis_cluster, spawn_cluster_node, prefix, table_too, **FAST)
+    for group in solo + shared:
+        await victim.command(cmd="join_all", group=group, presence=True)
+    ghosts = set(victim.channels)
     for group in shared:
         for layer, channel in zip(survivors, watchers, strict=True):
             await layer.group_add(group, channel, presence=True)
-    token = victim.channels[0].split("!")[0].rsplit(".", 1)[-1]
-    index = await _master_of(redis_cluster, f"{prefix}:{{n.{token}}}:c")
+    for layer, channel in zip(survivors, watchers, strict=True):
+        await receive_all_of(layer, channel)  # presence.state and the joins so far
     kept = [g for g in solo + shared
             if await _master_of(redis_cluster, f"{prefix}:{{g.{g}}}:m") != index]
     assert set(kept) & set(solo), "every solo group is on the victim's master: no ghost to see"
@@ -540,14 +565,9 @@ async def test_a_dead_nodes_memberships_in_groups_only_it_used_are_purged_after_
             for g in solo + shared
         }
 
-    seen: dict[str, tuple[set[str], int]] = {}
     while True:
-        try:
-            seen = await members()
-        except RedisConnectionError:
-            seen = {}
-        if seen and all(not channels & ghosts and size == len(channels)
-                        for channels, size in seen.values()):
+        seen = await members()
+        if all(not channels & ghosts and size == len(channels) for channels, size in seen.values()):
             break
         assert time.monotonic() - killed < 15, f"ghosts left 15 s after the kill: {seen}"
         await asyncio.sleep(0.1)
@@ -557,17 +577,22 @@ async def test_a_dead_nodes_memberships_in_groups_only_it_used_are_purged_after_
     await asyncio.sleep(3.0)  # two reconcile periods (FAST): a second announcement, if any
     for layer, channel in zip(survivors, watchers, strict=True):
         leaves: dict[str, list[str]] = {g: [] for g in shared}
-        while True:
-            try:
-                message = await asyncio.wait_for(layer.receive(channel), 0.5)
-            except asyncio.TimeoutError:
-                break
+        for message in await receive_all_of(layer, channel):
             if message["type"] == "presence.diff":
                 leaves[message["group"]] += [entry["channel"] for entry in message["leaves"]]
         for g in shared:
             expected = sorted(ghosts) if g in kept else []
             assert sorted(leaves[g]) == expected, f"{g}: leaves {leaves[g]}"
 
+
+async def receive_all_of(layer: DistributedChannelLayer, channel: str) -> list[dict[str, Any]]:
+    """Every message waiting for ``channel`` (until 0.5 s pass without one)."""
+    messages = []
+    while True:
+        try:
+            messages.append(await asyncio.wait_for(layer.receive(channel), 0.5))
+        except asyncio.TimeoutError:
+            return messages
 
 
 @pytest.mark.cluster
