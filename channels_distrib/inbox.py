@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .node import Node
 
 logger = logging.getLogger(__name__)
+
 
 def stream_id(entry_id: bytes | str) -> tuple[int, int]:
     """A stream entry id as a comparable (ms, seq) pair."""
@@ -257,10 +258,15 @@ class InboxReader:
 
     def _fan_out_run(self, group: str, run: list[tuple[bytes, bytes]]) -> None:
         """Queue consecutive messages of one group for every local member: batched local
-        fan-out. A member with room for the whole run takes it in one step (one extend, one
-        wake-up check per message it can serve at most); any other member takes the run
-        message by message as :meth:`_fan_out` would. Each member sees the run in order and
-        nothing runs in between, so this delivers exactly what one entry at a time did."""
+        fan-out. A member with room for the whole run takes it in one extend (and as many
+        wake-ups as one put per message would make); any other member takes it message by
+        message, as :meth:`_fan_out` does. Each member sees the run in order and nothing
+        runs in between, so this delivers exactly what one entry at a time did.
+
+        Every message of the run is decoded once up front (when members are several): a run
+        is one read's worth, so what every member defers costs one decode per entry, not
+        one check per member and message on the hot path.
+        """
         members = self.node.memberships.members(group)
         if not members:
             return
@@ -269,49 +275,48 @@ class InboxReader:
             self._fan_out(members, entry_id, payload, self._expires(entry_id))
             return
         many = len(members) > 1
-        expires = [self._expires(entry_id) for entry_id, _ in run]
-        made: list[Item | None] = [None] * len(run)
-
-        def item(j: int) -> Item:
-            """The run's j-th item, decoded once for all members (when they are several)."""
-            got = made[j]
-            if got is None:
-                payload = run[j][1]
-                got = made[j] = (expires[j], payload, self._decode_once(payload) if many else None)
-            return got
-
+        decode = self._decode_once
+        items: list[Item] = [
+            (self._expires(entry_id), payload, decode(payload) if many else None)
+            for entry_id, payload in run
+        ]
         get = self.node.channels.get
-        whole: list[Item] | None = None
-        size = len(run)
+        size = len(items)
         for channel in list(members):
             local = get(channel)
-            if local is not None and not local.deferred and len(local.items) + size <= local.capacity:
-                if whole is None:
-                    whole = [item(j) for j in range(size)]
-                local.items.extend(whole)
-                for _ in range(size):  # as many wake-ups as one put per message made
-                    if not local.waiters:
+            if (
+                local is not None
+                and not local.deferred
+                and len(local.items) + size <= local.capacity
+            ):
+                local.items.extend(items)
+                waiters = local.waiters
+                for _ in range(size):
+                    if not waiters:
                         break
                     local.wake_one()
             else:
-                self._fan_out_member(channel, local, run, expires, made, item)
+                self._fan_out_member(channel, local, run, items)
 
     def _fan_out_member(
         self,
         channel: str,
         local: LocalChannel | None,
         run: list[tuple[bytes, bytes]],
-        expires: list[float],
-        made: list[Item | None],
-        item: Callable[[int], Item],
+        items: list[Item],
     ) -> None:
         """One member's share of a run it has no room for at once: message by message, the
         overflow deferred to Redis (FIFO: once one waits there, the rest wait behind it)."""
-        for j, (entry_id, payload) in enumerate(run):
-            if local is not None and not local.deferred and len(local.items) < local.capacity:
-                local.put_item(item(j))
-            else:
-                self._deliver(channel, entry_id, made[j] or (expires[j], payload, None))
+        j = 0
+        if local is not None:
+            queue, capacity = local.items, local.capacity
+            while j < len(items) and not local.deferred and len(queue) < capacity:
+                queue.append(items[j])
+                if local.waiters:
+                    local.wake_one()
+                j += 1
+        for k in range(j, len(items)):
+            self._deliver(channel, run[k][0], items[k])
 
     def _decode_once(self, payload: bytes) -> dict[str, Any] | None:
         """The message, decoded for every local member at once, when a shallow copy of it is a
