@@ -660,12 +660,14 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             await self._on_node_loop(node, node.presence.leave(group, channel))
             return
         broker = self._state().broker
-        record = await self.registry.discard(transport, group, channel, notify=broker is None)
         token = token_of(channel)
+        if broker is not None and token:
+            # The note first: should the Redis write then fail, the node no longer holds the
+            # member and its reconciliation removes it from Redis (the discard completes).
+            await self._broker_note(token, "d", group, channel)
+        record = await self.registry.discard(transport, group, channel, notify=broker is None)
         if broker is not None and not token:
             await self._unbind_named(group, channel, broker)
-        elif broker is not None:
-            await self._broker_note(token, "d", group, channel)
         if record is not None:
             await self.registry.send_presence(
                 transport, group, [], [presence_entry(channel, record)]
