@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from redis.asyncio import RedisCluster
 from redis.exceptions import ClusterDownError, NoScriptError, ResponseError
 
+from .exceptions import RedisUnavailable
 from .scripts import ALL as SCRIPT_SOURCES
 from .transport import RECONNECT_CAP, backoff
 
@@ -68,7 +69,9 @@ async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, .
     be opened (nothing of it was written), while the other parts are not touched; a single
     cross-master pipeline would resend what the reachable masters had already run. Commands
     a master refused without running them (NOSCRIPT after it restarted empty, CLUSTERDOWN
-    while another master is away) are sent again, alone, until ``retry_timeout``.
+    while another master is away) are sent again, alone, until ``retry_timeout``; still
+    refused then, they raise RedisUnavailable, as a part whose master stayed unreachable does
+    (the other parts may have run).
     """
     results: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
@@ -103,6 +106,9 @@ async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, .
                 break
             await asyncio.sleep(backoff(attempt, RECONNECT_CAP))
     for result in results:
+        if isinstance(result, ClusterDownError):
+            # Refused (never run) until retry_timeout: as for a master that cannot be reached.
+            raise RedisUnavailable(t.host.address, time.monotonic() - started, result) from result
         if isinstance(result, BaseException):
             raise result
     return results

@@ -625,3 +625,41 @@ async def test_every_registry_query_right_after_a_master_restart_answers(
         await every_query()  # a pooled connection to every master
         redis_cluster.restart_empty(victim)
         await every_query()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(90)
+async def test_a_send_refused_with_clusterdown_past_retry_timeout_raises_redis_unavailable(
+    redis_cluster: Any, make_cluster_layer: Any, prefix: str
+) -> None:
+    """While a master is down the others answer CLUSTERDOWN: a group send refused until
+    retry_timeout raises RedisUnavailable (nothing of it ran), as when Redis is unreachable,
+    not redis-py's ClusterDownError."""
+    import time
+
+    from channels_distrib import RedisUnavailable
+    from tests.helpers_cluster import _info, wait_ok
+
+    layer = make_cluster_layer(retry_timeout=0.5)
+    channel = await layer.new_channel()
+    down = 0
+    group = "cd0"
+    for i in range(1000):
+        group = f"cd{i}"
+        if await _master_of(redis_cluster, f"{prefix}:{{g.{group}}}:m") != down:
+            break
+    await layer.group_add(group, channel)
+    live_port = next(p for i, p in enumerate(redis_cluster.ports) if i != down)
+    redis_cluster.servers[down].kill()
+    try:
+        deadline = time.monotonic() + 30
+        while _info(live_port).get("cluster_state") != "fail":
+            assert time.monotonic() < deadline, "the cluster never noticed the master was down"
+            await asyncio.sleep(0.1)
+        with pytest.raises(RedisUnavailable):
+            await layer.group_send(group, {"type": "refused"})
+    finally:
+        redis_cluster.servers[down].restart()
+        wait_ok(redis_cluster.ports[down])
+        for port in redis_cluster.ports:
+            wait_ok(port)
