@@ -590,27 +590,8 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         self._check_meta(meta)
         transport = self._transport()
         node = self._node
-        result: AddResult | None
         if node is not None and node.owns(channel):
-            if channel not in node.channels:
-                # This node's token, but not a live channel of it (never issued here, or its
-                # consumer is gone): a dead channel is never recorded.
-                logger.debug("group_add of %s to %s ignored: not a live channel", channel, group)
-                return
-            # The membership owner writes it and keeps Redis in step if the write fails; the
-            # node's presence owner queues the state and batches the diff.
-            if not await self._on_node_loop(node, node.presence.join(group, channel, meta, presence)):
-                logger.debug("group_add of %s to %s ignored: this node is not live", channel, group)
-            if node.broker_queue is not None:
-                # Return only once the node's queue is bound to the group, and for a presence
-                # member to its presence key (whenever the node holds the membership, even
-                # one Redis has yet to get back): a group_send or another member's diff
-                # right after this call reaches the new member.
-                bound = node.broker_queue.wait_bound(
-                    group, self.config.retry_timeout, presence=presence
-                )
-                if not await self._on_node_loop(node, bound):
-                    raise BrokerUnavailable(node.broker_queue.conn.address, self.config.retry_timeout)
+            await self._join_own(node, group, channel, meta, presence)
             return
         node_id = await self.registry.owner_id(transport, channel)
         broker = self._state().broker
@@ -628,6 +609,30 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         elif broker is not None:
             await self._broker_note(token, "a", group, channel, result.record, presence)
         await self._announce(transport, group, channel, result, presence)
+
+    async def _join_own(
+        self, node: Node, group: str, channel: str, meta: Meta | None, presence: bool
+    ) -> None:
+        """group_add of one of this node's channels: through its membership owner."""
+        if channel not in node.channels:
+            # This node's token, but not a live channel of it (never issued here, or its
+            # consumer is gone): a dead channel is never recorded.
+            logger.debug("group_add of %s to %s ignored: not a live channel", channel, group)
+            return
+        # The membership owner writes it and keeps Redis in step if the write fails; the
+        # node's presence owner queues the state and batches the diff.
+        if not await self._on_node_loop(node, node.presence.join(group, channel, meta, presence)):
+            logger.debug("group_add of %s to %s ignored: this node is not live", channel, group)
+        if node.broker_queue is not None:
+            # Return only once the node's queue is bound to the group, and for a presence
+            # member to its presence key (whenever the node holds the membership, even
+            # one Redis has yet to get back): a group_send or another member's diff
+            # right after this call reaches the new member.
+            bound = node.broker_queue.wait_bound(
+                group, self.config.retry_timeout, presence=presence
+            )
+            if not await self._on_node_loop(node, bound):
+                raise BrokerUnavailable(node.broker_queue.conn.address, self.config.retry_timeout)
 
     async def _announce(
         self, transport: Transport, group: str, channel: str, result: AddResult, presence: bool
