@@ -733,6 +733,8 @@ class Soak:
             rss = await self.load(layer, observer)
             log("load stopped; resetting nodes and waiting 2 x expiry")
             after = await self.snapshot(layer, observer)
+            if after.integrity.ghosts:
+                await self.describe_ghosts(layer, after.integrity)
             log(f"after: {after.keys} keys, used_memory {after.used_memory}, "
                 f"{after.integrity.members} members, ghosts {after.integrity.ghost_count}, "
                 f"missing {after.integrity.missing_count}")
@@ -758,6 +760,20 @@ class Soak:
             if self.server is not None:
                 self.server.stop()
         return self.result
+
+    async def describe_ghosts(self, layer: Any, found: Integrity) -> None:
+        """Figures for a failed ghost check: whose the ghosts are (a live node process's,
+        or a node's no live process has) and whether they are still there 10 s later."""
+        from channels_distrib.registry import token_of
+
+        states = [await node.command("state") for node in self.nodes]
+        live = {token_of(ch) for state in states for ch in state["channels"]}
+        ghosts = {ch for channels in found.ghosts.values() for ch in channels}
+        self.result.figures["ghosts of live node processes"] = sorted(
+            ch for ch in ghosts if token_of(ch) in live)
+        await asyncio.sleep(10.0)
+        later = await compare_registry(layer, states, self.groups)
+        self.result.figures["ghosts 10 s later"] = later.ghost_count
 
     def evaluate(self, empty_keys: int, before: Snapshot, after: Snapshot,
                  rss: dict[str, int], stats: list[dict[str, Any]]) -> None:
