@@ -245,14 +245,16 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         await self._transport().run(lambda c: c.pexpire(key, BROKER_NAMES_TTL_MS))
         self._remembered.add(name)
 
-    async def _bind_named(self, group: str, channel: str, broker: Any) -> None:
+    async def _bind_named(
+        self, group: str, channel: str, broker: Any, presence: bool = False
+    ) -> None:
         """A normal channel joined: bind its queue, and note when (for group_expiry)."""
         transport = self._transport()
         key = self.keys.broker_bindings(group)
         if not transport.clock_synced:
             await transport.sync_clock()
         now_ms = (time.time() + transport.clock_offset) * 1000
-        await broker.bind_named(group, channel)
+        await broker.bind_named(group, channel, presence=presence)
         await transport.run(lambda c: c.zadd(key, {channel: now_ms}))
         await transport.run(lambda c: c.pexpire(key, BROKER_NAMES_TTL_MS))
 
@@ -605,7 +607,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return
         token = token_of(channel)
         if broker is not None and not token:
-            await self._bind_named(group, channel, broker)
+            await self._bind_named(group, channel, broker, presence)
         elif broker is not None:
             await self._broker_note(token, "a", group, channel, result.record, presence)
         await self._announce(transport, group, channel, result, presence)

@@ -186,7 +186,9 @@ local function fan_out(k, a, offset)
     end
   end
   local queued, dropped = 0, 0
-  if kind == 'g' and redis.call('EXISTS', k[2]) == 1 then
+  -- Normal-channel members: all of them for a group send, the presence members ('pm') for
+  -- a presence-only send (their diffs go through their queues like everything else).
+  if redis.call('EXISTS', k[2]) == 1 then
     local now = now_ms()
     local expiry = tonumber(a[7])
     local g = {k[3], '', '', k[5], k[2], k[4]}
@@ -194,7 +196,7 @@ local function fan_out(k, a, offset)
       remove_member(g, ckey(prefix, channel, 'g'), group, channel, '')
     end
     for _, channel in ipairs(redis.call('ZRANGE', k[2], 0, -1)) do
-      if channel ~= exclude then
+      if channel ~= exclude and (kind == 'g' or redis.call('HEXISTS', k[5], channel) == 1) then
         local capacity = tonumber(redis.call('HGET', k[4], channel) or a[9])
         local queue = ckey(prefix, channel, 'q')
         drop_expired(queue, now)
@@ -734,13 +736,13 @@ local kind, payload, exclude, gexp = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]
 local offset = false
 if KEYS[7] then offset = hist_append(KEYS[6], KEYS[7], payload, exclude, gexp) or false end
 local queues = {}
-if kind == 'g' and redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', KEYS[2]) == 1 then  -- presence-only sends: presence members only
   local g = {KEYS[3], '', '', KEYS[5], KEYS[2], KEYS[4]}
   for _, channel in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms() - gexp)) do
     remove_member(g, false, '', channel, '')
   end
   for _, channel in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    if channel ~= exclude then
+    if channel ~= exclude and (kind == 'g' or redis.call('HEXISTS', KEYS[5], channel) == 1) then
       table.insert(queues, channel)
       table.insert(queues, redis.call('HGET', KEYS[4], channel) or ARGV[5])
     end

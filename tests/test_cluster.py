@@ -152,6 +152,7 @@ REUSED = [
     "test_presence:test_pruned_node_leaves_arrive_as_one_diff_per_group",
     "test_presence:test_pruned_node_leaves_arrive_in_at_most_three_diffs",
     "test_presence:test_presence_state_of_a_normal_channel_member",
+    "test_presence:test_a_normal_channel_presence_member_gets_the_diffs",
     "test_presence:test_replica_follows_other_nodes",
     "test_node:test_sigkill_pruned_within_timeout_plus_interval_fast",
     "test_node:test_two_survivors_pruning_at_once_emit_each_leave_once",

@@ -260,6 +260,23 @@ async def test_presence_state_of_a_normal_channel_member(make_layer):
     assert diff["joins"] == [entry("workers.presence", None, {"w": 1})]
 
 
+async def test_a_normal_channel_presence_member_gets_the_diffs(make_layer):
+    """A normal channel that joined with presence gets the later joins and leaves as
+    ``presence.diff`` in its queue, like any presence member (not only its state)."""
+    node, other = make_layer(**FAST), make_layer(**FAST)
+    await node.group_add(GROUP, "workers.watch", presence=True)
+    assert (await collect(node, "workers.watch", lambda ms: len(ms) >= 1, 5))[0]["type"] == (
+        "presence.state"
+    )
+    x1 = await other.new_channel()
+    await other.group_add(GROUP, x1, presence=True, meta={"n": 1})
+    joined = await collect(node, "workers.watch", lambda ms: bool(joins_of(ms)), 5)
+    assert diffs_of(joined)[-1]["joins"] == [entry(x1, other.node_id, {"n": 1})]
+    await other.group_discard(GROUP, x1)
+    left = await collect(node, "workers.watch", lambda ms: bool(leaves_of(ms)), 5)
+    assert leaves_of(left) == [x1]
+
+
 # -- presence at scale (DESIGN.md "Presence at scale"): counts, not timings ----------------
 
 

@@ -342,21 +342,29 @@ class BrokerClient:
                 await side.close()
         self.conn.declared.add(queue)
 
-    async def bind_named(self, group: str, channel: str) -> None:
-        """A normal channel joined ``group``: its queue gets the group's messages."""
+    async def bind_named(self, group: str, channel: str, *, presence: bool = False) -> None:
+        """A normal channel joined ``group``: its queue gets the group's messages, and as a
+        presence member the group's presence diffs; joined again without presence, not
+        those any more."""
         queue = await self.declare_named(channel)
         publisher = await self.conn.channel()
         if self.exchange not in self.conn.declared:
             await self._declare_exchange(publisher)
         await publisher.queue_bind(queue, self.exchange, routing_key=group)
+        key = names.presence_key(group)
+        if presence:
+            await publisher.queue_bind(queue, self.exchange, routing_key=key)
+        else:
+            await publisher.queue_unbind(queue, self.exchange, routing_key=key)
 
     async def unbind_named(self, group: str, channel: str) -> None:
-        """A normal channel left ``group``."""
+        """A normal channel left ``group`` (and its presence diffs)."""
         queue = await self.declare_named(channel)
         publisher = await self.conn.channel()
         if self.exchange not in self.conn.declared:
             await self._declare_exchange(publisher)
         await publisher.queue_unbind(queue, self.exchange, routing_key=group)
+        await publisher.queue_unbind(queue, self.exchange, routing_key=names.presence_key(group))
 
     def receiver(self, channel: str) -> NamedReceiver:
         receiver = self.receivers.get(channel)

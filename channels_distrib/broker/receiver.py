@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pamqp.commands import Basic
 
@@ -84,10 +84,21 @@ class NamedReceiver:
             raise
         if not isinstance(message.delivery, Basic.GetOk):
             return False
+        if self._excluded(message.header.properties.headers):
+            return True  # a presence diff about this channel's own join: it got its state
         # The broker drops expired messages itself (per-message TTL = expiry); what it hands
         # out waits here at most ``expiry`` more.
         self.buffer.put(message.body, time.monotonic() + self.client.config.expiry)
         return True
+
+    def _excluded(self, headers: dict[str, Any] | None) -> bool:
+        """A presence diff (header ``p``) whose joiners (``x``, space-separated) include this
+        channel, as the node queue's fan-out skips them."""
+        if not headers or "p" not in headers:
+            return False
+        exclude = headers.get("x", b"")
+        text = exclude.decode() if isinstance(exclude, bytes) else str(exclude)
+        return self.channel in text.split(" ")
 
     async def close(self) -> None:
         """Stop fetching; messages fetched for receives that were cancelled go back to the
