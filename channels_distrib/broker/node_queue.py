@@ -195,6 +195,11 @@ class NodeQueue:
         foreign, self._foreign = self._foreign, set()
         try:
             for key in sorted((self.bound | foreign) - wanted):
+                if key in self.wanted():
+                    # Wanted since ``wanted`` was read: a note adopted a membership during
+                    # the binds above (its adder bound the key): never unbind it; the next
+                    # pass binds it again (idempotent) in case the adder's bind failed.
+                    continue
                 # Unbinding a key that is not bound is a no-op for RabbitMQ.
                 await channel.queue_unbind(self.queue, self.exchange, routing_key=key)
                 self.bound.discard(key)
