@@ -365,6 +365,18 @@ def joins_of(messages: list[dict[str, Any]], group: str | None = None) -> list[s
     ]
 
 
+def view_of(messages: list[dict[str, Any]], group: str | None = None) -> set[str]:
+    """What a member believes the room holds: its last state, then every diff applied in order."""
+    view: set[str] = set()
+    for message in presence_events(messages, group):
+        if message["type"] == "presence.state":
+            view = {e["channel"] for e in message["members"]}
+        else:
+            view -= {e["channel"] for e in message["leaves"]}
+            view |= {e["channel"] for e in message["joins"]}
+    return view
+
+
 # -- Redis instrumentation ---------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from tests.helpers_nodes import (
     node_spawner,
     presence_events,
     receive_all,
+    view_of,
     wait_until,
 )
 
@@ -282,18 +283,6 @@ async def test_a_normal_channel_presence_member_gets_the_diffs(make_layer):
 
 def diffs_of(messages: list[dict]) -> list[dict]:
     return [m for m in messages if m.get("type") == "presence.diff"]
-
-
-def view_of(messages: list[dict]) -> set[str]:
-    """What a member believes the room holds: its state, then every diff applied in order."""
-    view: set[str] = set()
-    for message in presence_events(messages):
-        if message["type"] == "presence.state":
-            view = {e["channel"] for e in message["members"]}
-        else:
-            view -= {e["channel"] for e in message["leaves"]}
-            view |= {e["channel"] for e in message["joins"]}
-    return view
 
 
 async def output_bytes(url: str) -> int:
