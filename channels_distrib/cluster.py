@@ -216,10 +216,9 @@ class ClusterOps:
             if offset:
                 fields += ["h", offset]
             for token in tokens:
-                inbox = self.keys.inbox(_text(token))
-                writes.append(
-                    ("command", ("XADD", inbox, "NOMKSTREAM", "MAXLEN", "~", maxlen, "*", *fields))
-                )
+                name = _text(token)
+                inbox, armed, bell = self.keys.inbox(name), self.keys.armed(name), self.keys.bell(name)
+                writes.append(("cluster_append", [inbox, armed], [bell, maxlen, *fields]))
                 owners.append((n, "inbox"))
             for i in range(0, len(queues), 2):
                 queue = self.keys.queue(_text(queues[i]))
@@ -241,12 +240,14 @@ class ClusterOps:
         """GROUP_ADD as its two steps; ``args`` are GROUP_ADD's ARGV. Returns its reply."""
         k = self.keys
         side = k.node_channels(token) if token else k.channel_groups(channel)
-        live, inbox = (k.live(token), k.inbox(token)) if token else (side, side)
-        group_, channel_, token_, record, presence, gexp, notify, maxlen, cap, ttl, state = args
+        live, inbox, armed = (
+            (k.live(token), k.inbox(token), k.armed(token)) if token else (side, side, side)
+        )
+        group_, channel_, token_, record, presence, gexp, notify, maxlen, cap, ttl, state, bell = args
         accepted = await t.script(
             "cluster_add_side",
-            [side, live, inbox],
-            [group_, channel_, token_, record, presence, gexp, notify, maxlen, ttl],
+            [side, live, inbox, armed],
+            [group_, channel_, token_, record, presence, gexp, notify, maxlen, ttl, bell],
         )
         if int(accepted[0]) != 1:
             return [0]
@@ -266,14 +267,16 @@ class ClusterOps:
         """GROUP_DISCARD's two sides in one pipeline; the presence record if it was one."""
         k = self.keys
         side = k.node_channels(token) if token else k.channel_groups(channel)
-        inbox = k.inbox(token) if token else side
+        inbox, armed = (k.inbox(token), k.armed(token)) if token else (side, side)
+        notify_ = "1" if notify and token else "0"
+        bell = k.bell(token) if token else ""
         _side, removed = await pipelined(
             t,
             [
                 (
                     "cluster_discard_side",
-                    [side, inbox],
-                    [group, channel, token, "1" if notify and token else "0", INBOX_MAXLEN],
+                    [side, inbox, armed],
+                    [group, channel, token, notify_, INBOX_MAXLEN, bell],
                 ),
                 ("cluster_discard_group", k.group_keys(group), [group, token, channel]),
             ],

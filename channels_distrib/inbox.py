@@ -13,11 +13,12 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from .doorbell import Doorbell
 from .history import payload_with_offset
 from .local import Item, LocalChannel, flat
 from .tasks import cancellable
@@ -41,6 +42,13 @@ def stream_id(entry_id: bytes | str) -> tuple[int, int]:
 #: its capacity (10,000 with the default capacity of 100); past that its overflow is dropped.
 DEFER_FACTOR = 100
 
+#: Most entries one read takes (XREAD COUNT, ARM_INBOX's XRANGE COUNT).
+READ_COUNT = 500
+
+#: How long an armed mark lives (s): longer than a wait for the bell (BLOCK_SECONDS), after
+#: which the reader reads and, finding nothing, arms again; a dead reader's mark lapses.
+ARMED_SECONDS = 5.0
+
 #: Why a deferred message fetched back from the inbox is dropped, by its drop kind.
 DROP_REASONS = {"trimmed": "trimmed from the inbox", "corrupt": "corrupt payload"}
 
@@ -61,6 +69,7 @@ class InboxReader:
         self._skip_log = Throttle()
         self._refill_wanted: set[str] = set()
         self._refill_wake = asyncio.Event()
+        self.bell: Doorbell | None = None  # while run() runs
 
     async def run(self) -> None:
         """Read forever from the last id seen; reconnect on any error.
@@ -68,34 +77,31 @@ class InboxReader:
         The cursor lives here, not in Redis, so a reconnect resumes exactly where reading
         stopped; entries written meanwhile are still in the stream (within its retention).
         The reader has a connection of its own, so a cancelled read that redis-py will not
-        let go of can be ended by closing that connection (see :func:`cancellable`).
+        let go of can be ended by closing that connection (see :func:`cancellable`); and a
+        doorbell subscription of its own (:mod:`channels_distrib.doorbell`).
         """
         node = self.node
         inbox = node.keys.inbox(node.token)
         conn = await node.transport.connection_for(inbox)
+        bell = Doorbell(node.transport, inbox, node.keys.bell(node.token))
+        self.bell = bell
         try:
             while not node.stopped:
-                if not await self._read_once(conn):
+                if not await self._read_once(conn, bell):
                     await conn.aclose()
                     conn = await node.transport.connection_for(inbox)  # see own_connection
         finally:
-            await conn.aclose()
+            try:
+                await conn.aclose()
+            finally:
+                await bell.close()
 
-    async def _read_once(self, conn: Redis) -> bool:
-        """One XREAD and the dispatch of what it returned; False when the read failed."""
+    async def _read_once(self, conn: Redis, bell: Doorbell) -> bool:
+        """One step of reading (:meth:`_next`) and the dispatch of what it returned; False
+        when a read failed."""
         node = self.node
-        inbox = node.keys.inbox(node.token)
-
-        async def cut() -> None:
-            if conn.connection is not None:
-                await conn.connection.disconnect()
-
         try:
-            cursor: Any = {inbox: self.last_id}
-            response = await cancellable(
-                lambda: conn.xread(cursor, count=500, block=int(BLOCK_SECONDS * 1000)),
-                on_stuck=cut,
-            )
+            entries = await self._next(conn, bell)
             self._attempt = 0
         except asyncio.CancelledError:
             raise
@@ -109,12 +115,64 @@ class InboxReader:
                 )
             await asyncio.sleep(backoff(self._attempt))
             return False
-        streams: Any = response or []
-        for _stream, entries in streams:
+        if entries:
             self._dispatch_all(entries)
         if self._to_mark:
             await self._mark_full()
         return True
+
+    async def _next(self, conn: Redis, bell: Doorbell) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The next entries after the cursor: a non-blocking read; when it finds nothing,
+        arm (ARM_INBOX: the entries that came meanwhile, or the armed mark) and wait for the
+        bell, or at most BLOCK_SECONDS (the caller then reads again: [] here).
+
+        So a reader that keeps finding entries reads back to back and never arms (no bell
+        is rung under load). It arms only once its subscription is confirmed, so a bell rung
+        after the arm reaches it; a reader without a bell (its subscription down, or refused
+        to the ACL user) waits in XREAD BLOCK instead, as it did before the doorbell.
+        """
+        entries = await self._xread(conn, None)
+        if entries:
+            return entries
+        if not await bell.ready():
+            return await self._xread(conn, int(BLOCK_SECONDS * 1000))
+        entries = await self._arm(conn)
+        if not entries:
+            await bell.wait(BLOCK_SECONDS)
+        return entries
+
+    async def _xread(
+        self, conn: Redis, block: int | None
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """XREAD from the cursor (non-blocking unless ``block`` ms)."""
+        cursor: Any = {self.node.keys.inbox(self.node.token): self.last_id}
+        response: Any = await cancellable(
+            lambda: conn.xread(cursor, count=READ_COUNT, block=block), on_stuck=self._cut(conn)
+        )
+        return [entry for _stream, entries in response or [] for entry in entries]
+
+    async def _arm(self, conn: Redis) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """ARM_INBOX: the entries after the cursor, or (none) the armed mark set."""
+        node = self.node
+        keys = [node.keys.inbox(node.token), node.keys.armed(node.token)]
+        args = [self.last_id, READ_COUNT, int(ARMED_SECONDS * 1000)]
+        script = node.transport.scripts["arm_inbox"]
+        reply: Any = await cancellable(
+            lambda: script(keys=keys, args=args, client=conn), on_stuck=self._cut(conn)
+        )
+        return [
+            (entry_id, dict(zip(flat[::2], flat[1::2], strict=True))) for entry_id, flat in reply
+        ]
+
+    @staticmethod
+    def _cut(conn: Redis) -> Callable[[], Awaitable[None]]:
+        """Close the reader's connection under a call stuck in it (see :func:`cancellable`)."""
+
+        async def cut() -> None:
+            if conn.connection is not None:
+                await conn.connection.disconnect()
+
+        return cut
 
     def _dispatch_all(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Dispatch one read's entries in order; consecutive plain group messages to one

@@ -22,6 +22,10 @@ Under prefix ``P``::
     P:{c.<channel>}:i.<run>  list a receiver's in-flight items of that queue (has a TTL)
     P:{c.<channel>}:g     set     groups a normal channel is in
     P:{n.<token>}:in      stream  a node's inbox: direct, group and control entries
+    P:{n.<token>}:armed   string  the inbox reader found its inbox empty and waits for the
+                                  bell (has a TTL; a writer that deletes it rings the bell)
+    P:{n.<token>}:bell    channel not a key: the pub/sub channel (sharded on a cluster) of
+                                  that doorbell; its message is empty
     P:{n.<token>}:full    set     that node's channels currently dropping (senders: ChannelFull)
     P:{n.<token>}:c       hash    that node's channel -> its groups, space separated
     P:{n.<token>}:pruned  string  this node was pruned (it re-announces joins on return)
@@ -131,6 +135,15 @@ class Keys:
 
     def inbox(self, token: str) -> str:
         return f"{self.prefix}:{{n.{token}}}:in"
+
+    def armed(self, token: str) -> str:
+        """The node's inbox reader waits for its bell (set by ARM_INBOX, deleted by writers)."""
+        return f"{self.prefix}:{{n.{token}}}:armed"
+
+    def bell(self, token: str) -> str:
+        """The pub/sub channel (not a key) that wakes the node's armed inbox reader; same hash
+        tag as the inbox, so on a cluster it is a shard channel of the inbox's slot."""
+        return f"{self.prefix}:{{n.{token}}}:bell"
 
     def full(self, token: str) -> str:
         return f"{self.prefix}:{{n.{token}}}:full"

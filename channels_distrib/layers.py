@@ -506,8 +506,10 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         transport = self._transport()
         broker = self._state().broker
         if broker is None:
-            keys = [self.keys.inbox(token), self.keys.full(token)]
-            if not await transport.script("send_inbox", keys, [channel, payload, INBOX_MAXLEN]):
+            keys = [self.keys.inbox(token), self.keys.full(token), self.keys.armed(token)]
+            publish = "SPUBLISH" if transport.cluster else "PUBLISH"
+            args = [channel, payload, INBOX_MAXLEN, self.keys.bell(token), publish]
+            if not await transport.script("send_inbox", keys, args):
                 raise ChannelFull(channel)
             self.counters.sent_direct += 1
             return

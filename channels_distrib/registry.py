@@ -105,10 +105,11 @@ class Registry:
     # -- writes ---------------------------------------------------------------------------
 
     def _membership_keys(self, group: str, channel: str, token: str) -> list[str]:
-        """KEYS[1..9] of GROUP_ADD (GROUP_DISCARD takes the first eight)."""
+        """KEYS[1..10] of GROUP_ADD (GROUP_DISCARD takes them but the node table)."""
         side = self.keys.node_channels(token) if token else self.keys.channel_groups(channel)
         inbox = self.keys.inbox(token) if token else side
-        return [*self.keys.group_keys(group), side, self.keys.nodes, inbox]
+        armed = self.keys.armed(token) if token else side
+        return [*self.keys.group_keys(group), side, self.keys.nodes, inbox, armed]
 
     async def add(
         self,
@@ -141,6 +142,7 @@ class Registry:
             self.config.capacity_for(channel),
             self.node_ttl_ms,
             "1" if read_state else "0",
+            self.keys.bell(token) if token else "",
         ]
         if t.cluster:
             reply = await self.cluster.add(t, group, channel, token, args)
@@ -159,7 +161,8 @@ class Registry:
             return await self.cluster.discard(t, group, channel, token, notify)
         keys = self._membership_keys(group, channel, token)
         del keys[7]  # GROUP_DISCARD takes no node table
-        args = [group, channel, token, "1" if notify and token else "0", INBOX_MAXLEN]
+        bell = self.keys.bell(token) if token else ""
+        args = [group, channel, token, "1" if notify and token else "0", INBOX_MAXLEN, bell]
         removed, presence = await t.script("group_discard", keys, args)
         return presence if removed and presence else None
 

@@ -10,6 +10,19 @@ master; Redis Cluster splits them into a read and pipelined writes instead (DESI
 Times are Redis server time in milliseconds (``TIME``), so nodes on different hosts agree.
 Writes to inboxes use ``XADD ... NOMKSTREAM``: only a live node's heartbeat creates its inbox,
 so no send ever re-creates the inbox of a pruned node.
+
+The doorbell: a reader that found its inbox empty arms itself (ARM_INBOX sets the node's
+``armed`` key) and waits on the node's bell channel instead of in ``XREAD BLOCK``. Every
+script that appends a message or control entry to an inbox then calls :data:`_BELL`'s
+``ring``: when it deletes ``armed`` it publishes an empty message on the bell (``PUBLISH``
+on a standalone server or Sentinel master, ``SPUBLISH`` on a cluster: the bell shares the
+inbox's hash tag, so it is a shard channel of the inbox's slot). So a bell is rung once per
+wait, and never while the reader keeps finding entries (it does not arm then). The readers'
+bells are written to them after the script's own reply, where an XADD unblocking an
+``XREAD BLOCK`` had them written first (so the sender waited for the woken nodes' CPU).
+In the fan-out (GROUP_SEND, ROOM_SEND) the ``armed`` key and the bell channel of each
+node are built in Lua (``nkey``), as its inbox name is. The heartbeats' inbox markers (``o``
+``n``) ring nothing: the reader skips them anyway.
 """
 
 from __future__ import annotations
@@ -56,6 +69,14 @@ local function drop_expired(queue, now)
 end
 """
 )
+
+# The doorbell (see the module docstring): after an append to an inbox, wake its reader if
+# it is armed. `publish` is 'PUBLISH', or 'SPUBLISH' on a cluster.
+_BELL = """
+local function ring(armed, bell, publish)
+  if redis.call('DEL', armed) == 1 then redis.call(publish, bell, '') end
+end
+"""
 
 # A node's channel -> groups index is a hash whose values are space-separated group names
 # (group names hold no spaces): one field per channel instead of one set per channel.
@@ -154,16 +175,50 @@ return 1
 )
 
 # SEND_INBOX: append a message for one process-local channel to its node's inbox stream.
-# KEYS[1] inbox stream (P:{n.<token>}:in), KEYS[2] the node's full set (P:{n.<token>}:full)
-# ARGV[1] channel, ARGV[2] payload, ARGV[3] inbox max length (approximate)
+# KEYS[1] inbox stream (P:{n.<token>}:in), KEYS[2] the node's full set (P:{n.<token>}:full),
+# KEYS[3] the node's armed mark (P:{n.<token>}:armed)
+# ARGV[1] channel, ARGV[2] payload, ARGV[3] inbox max length (approximate), ARGV[4] the
+# node's bell channel (P:{n.<token>}:bell), ARGV[5] 'PUBLISH' or 'SPUBLISH' (cluster)
 # Returns 1 when appended, 0 when the owning node marked the channel full, 2 when the node
 # has no inbox (it is not live: the message goes nowhere, as to any channel nobody reads).
-SEND_INBOX = """
+SEND_INBOX = (
+    _BELL
+    + """
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
 local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[3], '*', 'c', ARGV[1], 'm', ARGV[2])
 if not id then return 2 end
+ring(KEYS[3], ARGV[4], ARGV[5])
 return 1
 """
+)
+
+# ARM_INBOX: the inbox reader's read when its last one found nothing: the entries after its
+# cursor, and when there are none, the armed mark (with a TTL, so a reader that died stops
+# costing writers a PUBLISH), atomically: an entry appended after this script rings the bell.
+# KEYS[1] inbox stream, KEYS[2] the node's armed mark
+# ARGV[1] the reader's cursor (last id read), ARGV[2] most entries to return, ARGV[3] TTL of
+# the mark, ms
+# Returns the entries as XRANGE does ({id, {field, value, ...}} each); empty when it armed.
+ARM_INBOX = """
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+if #entries == 0 then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) end
+return entries
+"""
+
+# CLUSTER_APPEND: the cluster fan-out's append of one group message to one node's inbox
+# (pipelined per master after CLUSTER_FAN_READ), ringing its bell.
+# KEYS[1] inbox stream, KEYS[2] the node's armed mark
+# ARGV[1] the node's bell channel, ARGV[2] inbox max length, ARGV[3..] the entry's fields
+# and values
+# Returns the entry id, or false when the node has no inbox (not live).
+CLUSTER_APPEND = (
+    _BELL
+    + """
+local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+if id then ring(KEYS[2], ARGV[1], 'SPUBLISH') end
+return id
+"""
+)
 
 # The fan-out of GROUP_SEND and ROOM_SEND: one inbox entry per node with members of the
 # group (the node fans out locally), one list item per normal-channel member. `k` is the
@@ -183,6 +238,7 @@ local function fan_out(k, a, offset)
     local inbox = nkey(prefix, token, 'in')
     if redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', a[6], '*', unpack(entry)) then
       written = written + 1
+      ring(nkey(prefix, token, 'armed'), nkey(prefix, token, 'bell'), 'PUBLISH')
     end
   end
   local queued, dropped = 0, 0
@@ -225,6 +281,7 @@ end
 GROUP_SEND = (
     _PRELUDE
     + _MEMBERSHIP
+    + _BELL
     + _FANOUT
     + """
 local written, queued, dropped = fan_out(KEYS, ARGV, nil)
@@ -299,6 +356,7 @@ end
 ROOM_SEND = (
     _PRELUDE
     + _MEMBERSHIP
+    + _BELL
     + _FANOUT
     + _HISTORY
     + """
@@ -416,20 +474,24 @@ return {redis.call('XLEN', KEYS[1]), kept, memory, tonumber(conf[1]), tonumber(c
 # ARGV[5] presence '1'/'0', ARGV[6] group_expiry ms, ARGV[7] '1' to notify the owning node,
 # ARGV[8] inbox max length, ARGV[9] the channel's capacity (normal channels), ARGV[10] node
 # key TTL ms, ARGV[11] '0' to skip reading the presence state (the caller's node keeps a
-# replica of it; absent or '1': read it)
+# replica of it; '1': read it), ARGV[12] the owning node's bell channel ('' for a normal
+# channel); KEYS[10] the owning node's armed mark (or KEYS[7])
 # Returns {0} when refused (the channel's node is not live); else {1, old record or false,
 # old presence record or false, stored record, presence state as a flat channel/record list
 # (only when ARGV[5] is '1' and ARGV[11] is not '0')}.
 GROUP_ADD = (
     _PRELUDE
     + _MEMBERSHIP
+    + _BELL
     + """
 local group, channel, token, presence = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 if token ~= '' and not live(KEYS[8], token) then return {0} end
 local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
 local old, old_presence, record = add_member(g, KEYS[7], group, channel, token, ARGV[4], presence, tonumber(ARGV[6]), ARGV[9], tonumber(ARGV[10]))
 if ARGV[7] == '1' then
-  redis.call('XADD', KEYS[9], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', presence)
+  if redis.call('XADD', KEYS[9], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', presence) then
+    ring(KEYS[10], ARGV[12], 'PUBLISH')
+  end
 end
 local state = {}
 if presence == '1' and ARGV[11] ~= '0' then state = redis.call('HGETALL', KEYS[4]) end
@@ -438,17 +500,22 @@ return {1, old or false, old_presence or false, record, state}
 )
 
 # GROUP_DISCARD: remove one membership; does nothing if it is not there.
-# KEYS[1..7] as GROUP_ADD; KEYS[8] the owning node's inbox (or KEYS[7])
+# KEYS[1..7] as GROUP_ADD; KEYS[8] the owning node's inbox (or KEYS[7]), KEYS[9] its armed
+# mark (or KEYS[7])
 # ARGV[1] group, ARGV[2] channel, ARGV[3] owning node token ('' for a normal channel),
-# ARGV[4] '1' to tell the owning node through its inbox, ARGV[5] inbox max length
+# ARGV[4] '1' to tell the owning node through its inbox, ARGV[5] inbox max length, ARGV[6]
+# the owning node's bell channel ('' for a normal channel)
 # Returns {1 if removed else 0, the presence record if it was a presence member else false}.
 GROUP_DISCARD = (
     _PRELUDE
     + _MEMBERSHIP
+    + _BELL
     + """
 local group, channel, token = ARGV[1], ARGV[2], ARGV[3]
 if ARGV[4] == '1' then
-  redis.call('XADD', KEYS[8], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', group, 'c', channel)
+  if redis.call('XADD', KEYS[8], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', group, 'c', channel) then
+    ring(KEYS[9], ARGV[6], 'PUBLISH')
+  end
 end
 local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
 local removed, presence = remove_member(g, KEYS[7], group, channel, token)
@@ -755,14 +822,17 @@ return {redis.call('HKEYS', KEYS[1]), queues, offset}
 # CLUSTER_ADD_SIDE: the channel's side of GROUP_ADD, run first: refused unless the owning
 # node is live; writes the channel's index, stamps the record, tells the owning node.
 # KEYS[1] the channel's index (P:{n.<token>}:c, or P:{c.<channel>}:g for a normal channel),
-# KEYS[2] the node's live mark, KEYS[3] its inbox (both KEYS[1] for a normal channel)
+# KEYS[2] the node's live mark, KEYS[3] its inbox, KEYS[4] its armed mark (all KEYS[1] for a
+# normal channel)
 # ARGV[1] group, ARGV[2] channel, ARGV[3] token ('' for a normal channel), ARGV[4] record
 # (':<msgpack>' is stamped here), ARGV[5] presence '1'/'0', ARGV[6] group_expiry ms,
-# ARGV[7] '1' to notify the owning node, ARGV[8] inbox max length, ARGV[9] node key TTL ms
+# ARGV[7] '1' to notify the owning node, ARGV[8] inbox max length, ARGV[9] node key TTL ms,
+# ARGV[10] the node's bell channel ('' for a normal channel)
 # Returns {0} when refused (the node is not live); else {1, the stamped record}.
 CLUSTER_ADD_SIDE = (
     _PRELUDE
     + _WORDS
+    + _BELL
     + """
 local group, channel, token, record = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if string.sub(record, 1, 1) == ':' then record = now_ms() .. record end
@@ -776,7 +846,9 @@ if not deadline or tonumber(deadline) < now_ms() then return {0} end
 add_word(KEYS[1], channel, group)
 extend(KEYS[1], tonumber(ARGV[9]))
 if ARGV[7] == '1' then
-  redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', ARGV[5])
+  if redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', ARGV[5]) then
+    ring(KEYS[4], ARGV[10], 'SPUBLISH')
+  end
 end
 return {1, record}
 """
@@ -802,15 +874,20 @@ return {1, old or false, old_presence or false, record, state}
 
 # CLUSTER_DISCARD_SIDE: the channel's side of GROUP_DISCARD (sent with CLUSTER_DISCARD_GROUP
 # in one pipeline; each is idempotent).
-# KEYS[1] the channel's index, KEYS[2] the owning node's inbox (or KEYS[1])
-# ARGV[1] group, ARGV[2] channel, ARGV[3] token, ARGV[4] '1' to notify, ARGV[5] inbox max length
+# KEYS[1] the channel's index, KEYS[2] the owning node's inbox, KEYS[3] its armed mark (both
+# KEYS[1] for a normal channel)
+# ARGV[1] group, ARGV[2] channel, ARGV[3] token, ARGV[4] '1' to notify, ARGV[5] inbox max
+# length, ARGV[6] the node's bell channel ('' for a normal channel)
 # Returns 1.
 CLUSTER_DISCARD_SIDE = (
     _WORDS
+    + _BELL
     + """
 if ARGV[3] == '' then redis.call('SREM', KEYS[1], ARGV[1]) else remove_word(KEYS[1], ARGV[2], ARGV[1]) end
 if ARGV[4] == '1' then
-  redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', ARGV[1], 'c', ARGV[2])
+  if redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', ARGV[1], 'c', ARGV[2]) then
+    ring(KEYS[3], ARGV[6], 'SPUBLISH')
+  end
 end
 return 1
 """
@@ -1047,6 +1124,8 @@ return result
 ALL = {
     "send_queue": SEND_QUEUE,
     "send_inbox": SEND_INBOX,
+    "arm_inbox": ARM_INBOX,
+    "cluster_append": CLUSTER_APPEND,
     "group_send": GROUP_SEND,
     "room_send": ROOM_SEND,
     "history_configure": HISTORY_CONFIGURE,

@@ -48,8 +48,10 @@ ACL_COMMANDS = (
     "rpush", "rpop", "llen", "lindex", "blmove",
     "sadd", "sismember",
     "zadd", "zrem", "zscore", "zcount", "zrange", "zrangebyscore",
-    "xadd", "xread", "xrevrange", "xtrim",
+    "xadd", "xread", "xrange", "xrevrange", "xtrim",
     "multi", "exec",
+    # the inbox doorbell (channels_distrib.doorbell), on the prefix's channels (&<prefix>:*)
+    "subscribe", "publish",
 )
 
 
@@ -140,7 +142,7 @@ async def test_acl_user_with_the_minimal_commands_works_end_to_end(prefix, caplo
         admin = await _admin(server)
         # One key pattern per prefix used below, as the README writes it: ~<prefix>:*
         rules = ["on", f">{PASSWORD}", "resetkeys", f"~{prefix}r:*", f"~{prefix}d:*", f"~{prefix}b:*",
-                 "resetchannels", "-@all", *(f"+{c}" for c in ACL_COMMANDS)]
+                 "resetchannels", f"&{prefix}r:*", f"&{prefix}d:*", f"&{prefix}b:*", "-@all", *(f"+{c}" for c in ACL_COMMANDS)]
         await admin.execute_command("ACL", "SETUSER", user, "reset", *rules)
         url = f"redis://{user}:{PASSWORD}@127.0.0.1:{server.port}/0"
         # The user really is restricted: other keys and other commands are refused.

@@ -419,27 +419,34 @@ async def test_named_message_survives_kill_of_the_blocked_receiver(make_layer, r
         await asyncio.gather(pending, return_exceptions=True)
 
 
-async def test_inbox_message_survives_kill_of_the_blocked_reader(make_layer, redis_url, prefix):
-    """The same race for a process-local channel: XADD to the node's inbox (keys.py:
-    P:in:<token>, fields c=<channel>, m=<payload>) and CLIENT KILL of its blocked XREAD in one
-    server turn; the reader resumes from its cursor, so the entry is still delivered."""
+async def test_inbox_message_survives_kill_of_the_waiting_reader(make_layer, redis_url, prefix):
+    """The same race for a process-local channel: the reader is armed and waits for its
+    doorbell (keys.py: P:{n.<token>}:armed, P:{n.<token>}:bell); an XADD to its inbox (fields
+    c=<channel>, m=<payload>) with its bell rung (DEL armed, PUBLISH bell: what SEND_INBOX
+    does) and CLIENT KILL of both its connections (the subscriber and the reader's, whose
+    last command was the arming EVALSHA) in one server turn. The bell is lost with the
+    connection; the reader resubscribes and reads from its cursor, so the entry is delivered."""
     node = make_layer()
     local = await node.new_channel()
     token = local.split(".", 1)[1].split("!", 1)[0]
+    keys = Keys(prefix)
     pending = asyncio.create_task(node.receive(local))
     try:
         async with raw_redis(redis_url) as raw:
 
             async def readers() -> list[dict[str, Any]]:
-                return [c for c in await layer_clients(raw, prefix) if c.get("cmd") == "xread"]
+                return [c for c in await layer_clients(raw, prefix)
+                        if c.get("cmd") in ("subscribe", "evalsha")]
 
-            async def blocked() -> bool:
-                return bool(await readers())
+            async def armed() -> bool:
+                subscribed = [c for c in await readers() if c.get("cmd") == "subscribe"]
+                return bool(subscribed) and bool(await raw.exists(keys.armed(token)))
 
-            assert await eventually(blocked, 5), await layer_clients(raw, prefix)
+            assert await eventually(armed, 5), await layer_clients(raw, prefix)
             pipe = raw.pipeline(transaction=False)
-            pipe.xadd(Keys(prefix).inbox(token), {"c": local,
-                                               "m": msgpack.packb(msg(1), use_bin_type=True)})
+            pipe.xadd(keys.inbox(token), {"c": local, "m": msgpack.packb(msg(1), use_bin_type=True)})
+            pipe.delete(keys.armed(token))
+            pipe.publish(keys.bell(token), "")
             for client in await readers():
                 pipe.execute_command("CLIENT", "KILL", "ID", client["id"])
             await pipe.execute()
