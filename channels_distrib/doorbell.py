@@ -131,7 +131,7 @@ class Doorbell:
         self._pubsub = self._client = None
         try:
             if pubsub is not None:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
         finally:
             if client is not None:
                 await client.aclose()

@@ -155,7 +155,7 @@ class InboxReader:
         """ARM_INBOX: the entries after the cursor, or (none) the armed mark set."""
         node = self.node
         keys = [node.keys.inbox(node.token), node.keys.armed(node.token)]
-        args = [self.last_id, READ_COUNT, int(ARMED_SECONDS * 1000)]
+        args: list[Any] = [self.last_id, READ_COUNT, int(ARMED_SECONDS * 1000)]
         script = node.transport.scripts["arm_inbox"]
         reply: Any = await cancellable(
             lambda: script(keys=keys, args=args, client=conn), on_stuck=self._cut(conn)

@@ -292,6 +292,62 @@ async def test_group_send_costs_two_sequential_round_trips(
 
 
 @pytest.mark.cluster
+async def test_doorbells_are_sharded_on_a_cluster(
+    redis_cluster: Any, make_cluster_layer: Any, spawn_cluster_node: Any, prefix: str
+) -> None:
+    """Idle readers of 3 node processes wait for their bells, shard channels on their inbox's
+    master; a group send and a direct send ring them with SPUBLISH, never PUBLISH."""
+    import redis.asyncio as aioredis
+
+    from channels_distrib.keys import Keys
+    from tests.helpers_layers import eventually
+    from tests.helpers_nodes import FAST, commandstats, start_nodes, stats_delta
+
+    nodes = await start_nodes(spawn_cluster_node, 3, group="bells", **FAST)
+    sender = make_cluster_layer()
+    await sender.group_send("bells", {"type": "warm-up"})  # loads the scripts
+    for node in nodes:
+        await node.wait_event(lambda e: e.get("message", {}).get("type") == "warm-up", 10)
+    keys = Keys(prefix)
+    tokens = [node.channels[0].split(".", 1)[1].split("!", 1)[0] for node in nodes]
+    masters = [f"redis://127.0.0.1:{port}" for port in redis_cluster.ports[: redis_cluster.masters]]
+    client = aioredis.RedisCluster.from_url(redis_cluster.url)
+    try:
+
+        async def all_armed() -> bool:
+            return all([await client.exists(keys.armed(token)) for token in tokens])
+
+        async def listening() -> int:
+            count = 0
+            for url in masters:
+                master = aioredis.from_url(url)
+                try:
+                    for token in tokens:
+                        reply = await master.execute_command("PUBSUB", "SHARDNUMSUB", keys.bell(token))
+                        count += int(reply[1])
+                finally:
+                    await master.aclose()
+            return count
+
+        assert await eventually(all_armed, 10)
+        assert await listening() == 3  # one subscriber per bell, each on its slot's master
+        before = [await commandstats(url) for url in masters]
+        for node in nodes:
+            await sender.send(node.channels[0], {"type": "direct"})
+        for node in nodes:
+            await node.wait_event(lambda e: e.get("message", {}).get("type") == "direct", 10)
+        assert await eventually(all_armed, 10)
+        await sender.group_send("bells", {"type": "rung"})
+        for node in nodes:
+            await node.wait_event(lambda e: e.get("message", {}).get("type") == "rung", 10)
+        deltas = [stats_delta(b, await commandstats(url)) for b, url in zip(before, masters, strict=True)]
+        assert sum(d.get("publish", 0) for d in deltas) == 0, deltas
+        assert sum(d.get("spublish", 0) for d in deltas) >= 3, deltas
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.cluster
 async def test_a_master_restarted_empty_is_repopulated_within_a_heartbeat(
     redis_cluster: Any, make_cluster_layer: Any, prefix: str
 ) -> None:

@@ -176,6 +176,23 @@ async def test_acl_user_with_the_minimal_commands_works_end_to_end(prefix, caplo
     assert not refused, [r.getMessage() for r in refused]
 
 
+async def test_acl_user_without_channels_falls_back_to_blocking_reads(prefix, caplog):
+    """The rules of earlier versions (no pub/sub channels): every message still arrives; the
+    inbox readers wait in XREAD BLOCK instead of for their doorbells, and say so once."""
+    user = "distrib-" + uuid.uuid4().hex[:8]
+    caplog.set_level(logging.WARNING)
+    commands = [c for c in ACL_COMMANDS if c not in ("subscribe", "publish")]
+    async with _server() as server:
+        admin = await _admin(server)
+        rules = ["on", f">{PASSWORD}", "resetkeys", f"~{prefix}r:*", "resetchannels", "-@all",
+                 *(f"+{c}" for c in commands)]
+        await admin.execute_command("ACL", "SETUSER", user, "reset", *rules)
+        await _round_trip(prefix + "r", hosts=[f"redis://{user}:{PASSWORD}@127.0.0.1:{server.port}/0"])
+        await admin.aclose()
+    refused = [r for r in caplog.records if "doorbell refused" in r.getMessage()]
+    assert refused, [r.getMessage() for r in caplog.records]
+
+
 async def _truthy(values: Any) -> bool:
     return bool(await values)
 
