@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError
 
 from .tasks import cancellable
 from .transport import BLOCK_SECONDS, Transport
@@ -67,7 +67,7 @@ class Doorbell:
         except Exception as exc:
             await self.close()
             self._retry_at = time.monotonic() + RETRY_SECONDS
-            if isinstance(exc, ResponseError) and "NOPERM" in str(exc).upper():
+            if isinstance(exc, NoPermissionError):
                 self.refused = True
                 logger.warning(
                     "Inbox doorbell refused (%s): the inbox reader waits in XREAD BLOCK; "
