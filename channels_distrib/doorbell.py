@@ -89,14 +89,15 @@ class Doorbell:
         if reply is None or reply["type"] not in ("subscribe", "ssubscribe"):
             raise ConnectionError(f"no subscribe confirmation from Redis ({reply!r})")
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait for the bell, at most ``timeout`` seconds; True when it rang. A failure (the
+    async def wait(self, timeout: float) -> bytes | None:
+        """Wait for the bell, at most ``timeout`` seconds; what it carried when it rang (see
+        scripts._BELL), else None. A failure (the
         connection lost, or the server ended the subscription) closes the subscription and
-        returns False at once: the next :meth:`ready` makes a new one, and the reader reads
+        returns None at once: the next :meth:`ready` makes a new one, and the reader reads
         in between, so a bell lost meanwhile costs nothing."""
         pubsub = self._pubsub
         if pubsub is None:
-            return False
+            return None
         deadline = time.monotonic() + timeout
         try:
             while (left := deadline - time.monotonic()) > 0:
@@ -107,17 +108,17 @@ class Doorbell:
                     continue  # within a read's timeout, nothing: the loop checks the deadline
                 if reply["type"] in _BELLS:
                     self.rings += 1
-                    return True
+                    return bytes(reply["data"])
                 if reply["type"] in _DROPPED:
                     await self.close()
-                    return False
-            return False
+                    return None
+            return None
         except asyncio.CancelledError:
             raise  # the reader's run() closes the subscription on its way out
         except Exception as exc:
             logger.debug("Inbox doorbell lost: %s", exc)
             await self.close()
-            return False
+            return None
 
     async def _cut(self) -> None:
         """Close the subscription's connection under a call stuck in it (see cancellable)."""

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 from redis.asyncio import Redis
 
 from .doorbell import Doorbell
@@ -70,6 +71,7 @@ class InboxReader:
         self._refill_wanted: set[str] = set()
         self._refill_wake = asyncio.Event()
         self.bell: Doorbell | None = None  # while run() runs
+        self.from_bell = 0  # entries taken from a bell, without a read
 
     async def run(self) -> None:
         """Read forever from the last id seen; reconnect on any error.
@@ -124,7 +126,8 @@ class InboxReader:
     async def _next(self, conn: Redis, bell: Doorbell) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The next entries after the cursor: a non-blocking read; when it finds nothing,
         arm (ARM_INBOX: the entries that came meanwhile, or the armed mark) and wait for the
-        bell, or at most BLOCK_SECONDS (the caller then reads again: [] here).
+        bell, or at most BLOCK_SECONDS: then the entry the bell carried (:meth:`_rung`), or
+        [] and the caller reads again.
 
         So a reader that keeps finding entries reads back to back and never arms (no bell
         is rung under load). It arms only once its subscription is confirmed, so a bell rung
@@ -137,9 +140,25 @@ class InboxReader:
         if not await bell.ready():
             return await self._xread(conn, int(BLOCK_SECONDS * 1000))
         entries = await self._arm(conn)
-        if not entries:
-            await bell.wait(BLOCK_SECONDS)
-        return entries
+        if entries:
+            return entries
+        return self._rung(await bell.wait(BLOCK_SECONDS))
+
+    def _rung(self, bell: bytes | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The entry a bell carried, when the entry before it is the reader's cursor: then
+        nothing lies between (scripts._BELL), and no read is needed. Otherwise (a late bell,
+        one after an entry the reader has not read, no bell) nothing: the caller reads."""
+        if not bell:
+            return []
+        try:
+            prev, entry_id, flat = msgpack.unpackb(bell, raw=True)
+            if prev != self.last_id:
+                return []
+            entry = (bytes(entry_id), dict(zip(flat[::2], flat[1::2], strict=True)))
+        except Exception:
+            return []
+        self.from_bell += 1
+        return [entry]
 
     async def _xread(
         self, conn: Redis, block: int | None

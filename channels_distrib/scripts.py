@@ -13,11 +13,12 @@ so no send ever re-creates the inbox of a pruned node.
 
 The doorbell: a reader that found its inbox empty arms itself (ARM_INBOX sets the node's
 ``armed`` key) and waits on the node's bell channel instead of in ``XREAD BLOCK``. Every
-script that appends a message or control entry to an inbox then calls :data:`_BELL`'s
-``ring``: when it deletes ``armed`` it publishes an empty message on the bell (``PUBLISH``
+script that appends a message or control entry to an inbox does so through :data:`_BELL`'s
+``append``: when ``armed`` is set it deletes it and publishes the entry on the bell (``PUBLISH``
 on a standalone server or Sentinel master, ``SPUBLISH`` on a cluster: the bell shares the
 inbox's hash tag, so it is a shard channel of the inbox's slot). So a bell is rung once per
-wait, and never while the reader keeps finding entries (it does not arm then). The readers'
+wait, and never while the reader keeps finding entries (it does not arm then); a reader
+that has read everything before the entry takes it from the bell, without a read. The readers'
 bells are written to them after the script's own reply, where an XADD unblocking an
 ``XREAD BLOCK`` had them written first (so the sender waited for the woken nodes' CPU).
 In the fan-out (GROUP_SEND, ROOM_SEND) the ``armed`` key and the bell channel of each
@@ -70,11 +71,26 @@ end
 """
 )
 
-# The doorbell (see the module docstring): after an append to an inbox, wake its reader if
-# it is armed. `publish` is 'PUBLISH', or 'SPUBLISH' on a cluster.
+# Every append to an inbox, with its doorbell (see the module docstring): XADD NOMKSTREAM
+# MAXLEN ~ `maxlen` of `fields` (a flat list; a pruned node's inbox stays gone), then, when
+# the reader is armed, the mark deleted and the bell rung with msgpack [prev, id, fields]:
+# the entry, and the id of the entry before it in the stream ('' for none). A reader whose
+# cursor is `prev` takes the entry from the bell and saves a read (nothing lies between).
+# `publish` is 'PUBLISH', or 'SPUBLISH' on a cluster. Returns the entry id, or false when
+# the node has no inbox.
 _BELL = """
-local function ring(armed, bell, publish)
-  if redis.call('DEL', armed) == 1 then redis.call(publish, bell, '') end
+local function append(inbox, armed, bell, publish, maxlen, fields)
+  local prev = nil
+  if redis.call('EXISTS', armed) == 1 then
+    local last = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)[1]
+    prev = last and last[1] or ''
+  end
+  local id = redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  if id and prev then
+    redis.call('DEL', armed)
+    redis.call(publish, bell, cmsgpack.pack({prev, id, fields}))
+  end
+  return id
 end
 """
 
@@ -185,9 +201,7 @@ SEND_INBOX = (
     _BELL
     + """
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[3], '*', 'c', ARGV[1], 'm', ARGV[2])
-if not id then return 2 end
-ring(KEYS[3], ARGV[4], ARGV[5])
+if not append(KEYS[1], KEYS[3], ARGV[4], ARGV[5], ARGV[3], {'c', ARGV[1], 'm', ARGV[2]}) then return 2 end
 return 1
 """
 )
@@ -214,9 +228,7 @@ return entries
 CLUSTER_APPEND = (
     _BELL
     + """
-local id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-if id then ring(KEYS[2], ARGV[1], 'SPUBLISH') end
-return id
+return append(KEYS[1], KEYS[2], ARGV[1], 'SPUBLISH', ARGV[2], {unpack(ARGV, 3)})
 """
 )
 
@@ -236,9 +248,8 @@ local function fan_out(k, a, offset)
   for _, token in ipairs(redis.call('HKEYS', k[1])) do
     -- NOMKSTREAM: a pruned node's inbox stays gone (its heartbeat re-creates it on return).
     local inbox = nkey(prefix, token, 'in')
-    if redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', a[6], '*', unpack(entry)) then
+    if append(inbox, nkey(prefix, token, 'armed'), nkey(prefix, token, 'bell'), 'PUBLISH', a[6], entry) then
       written = written + 1
-      ring(nkey(prefix, token, 'armed'), nkey(prefix, token, 'bell'), 'PUBLISH')
     end
   end
   local queued, dropped = 0, 0
@@ -489,9 +500,7 @@ if token ~= '' and not live(KEYS[8], token) then return {0} end
 local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
 local old, old_presence, record = add_member(g, KEYS[7], group, channel, token, ARGV[4], presence, tonumber(ARGV[6]), ARGV[9], tonumber(ARGV[10]))
 if ARGV[7] == '1' then
-  if redis.call('XADD', KEYS[9], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', presence) then
-    ring(KEYS[10], ARGV[12], 'PUBLISH')
-  end
+  append(KEYS[9], KEYS[10], ARGV[12], 'PUBLISH', ARGV[8], {'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', presence})
 end
 local state = {}
 if presence == '1' and ARGV[11] ~= '0' then state = redis.call('HGETALL', KEYS[4]) end
@@ -513,9 +522,7 @@ GROUP_DISCARD = (
     + """
 local group, channel, token = ARGV[1], ARGV[2], ARGV[3]
 if ARGV[4] == '1' then
-  if redis.call('XADD', KEYS[8], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', group, 'c', channel) then
-    ring(KEYS[9], ARGV[6], 'PUBLISH')
-  end
+  append(KEYS[8], KEYS[9], ARGV[6], 'PUBLISH', ARGV[5], {'o', 'd', 'g', group, 'c', channel})
 end
 local g = {KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}
 local removed, presence = remove_member(g, KEYS[7], group, channel, token)
@@ -846,9 +853,7 @@ if not deadline or tonumber(deadline) < now_ms() then return {0} end
 add_word(KEYS[1], channel, group)
 extend(KEYS[1], tonumber(ARGV[9]))
 if ARGV[7] == '1' then
-  if redis.call('XADD', KEYS[3], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[8], '*', 'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', ARGV[5]) then
-    ring(KEYS[4], ARGV[10], 'SPUBLISH')
-  end
+  append(KEYS[3], KEYS[4], ARGV[10], 'SPUBLISH', ARGV[8], {'o', 'a', 'g', group, 'c', channel, 'r', record, 'p', ARGV[5]})
 end
 return {1, record}
 """
@@ -885,9 +890,7 @@ CLUSTER_DISCARD_SIDE = (
     + """
 if ARGV[3] == '' then redis.call('SREM', KEYS[1], ARGV[1]) else remove_word(KEYS[1], ARGV[2], ARGV[1]) end
 if ARGV[4] == '1' then
-  if redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*', 'o', 'd', 'g', ARGV[1], 'c', ARGV[2]) then
-    ring(KEYS[3], ARGV[6], 'SPUBLISH')
-  end
+  append(KEYS[2], KEYS[3], ARGV[6], 'SPUBLISH', ARGV[5], {'o', 'd', 'g', ARGV[1], 'c', ARGV[2]})
 end
 return 1
 """

@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+import msgpack
 import pytest
 from redis.asyncio.client import PubSub
 
@@ -45,8 +46,9 @@ async def test_a_send_to_an_armed_reader_rings_its_bell(redis_url: str, prefix: 
         await node.group_add("bellgroup", member)
         token = token_of(local)
         assert await eventually(lambda: armed_and_subscribed(raw, prefix, token), 5)
-        bell = node._node.inbox.bell
-        rings = bell.rings
+        reader = node._node.inbox
+        bell = reader.bell
+        rings, taken = bell.rings, reader.from_bell
         stats0 = await commandstats(raw)
         started = time.monotonic()
         await sender.send(local, msg(1))
@@ -55,6 +57,7 @@ async def test_a_send_to_an_armed_reader_rings_its_bell(redis_url: str, prefix: 
         # Well inside the safety timeout: the bell woke the reader, not its timeout.
         assert took < BLOCK_SECONDS / 2, took
         assert bell.rings == rings + 1
+        assert reader.from_bell == taken + 1  # the entry came with the bell: no read
         delta = stats_delta(stats0, await commandstats(raw))
         assert delta.get("publish", 0) >= 1, delta
         # Armed again once it read that (and found nothing more); a group send rings too.
@@ -64,6 +67,27 @@ async def test_a_send_to_an_armed_reader_rings_its_bell(redis_url: str, prefix: 
         assert await recv(node, member) == msg(2)
         assert time.monotonic() - started < BLOCK_SECONDS / 2
         assert bell.rings == rings + 2
+
+
+async def test_an_entry_that_rang_no_bell_is_never_skipped(redis_url: str, prefix: str) -> None:
+    """An entry appended without ringing (a raw XADD; the heartbeats' markers are the only
+    such writers) lies before the next bell's entry: the reader then reads instead of taking
+    the bell's entry, so both arrive, in order."""
+    async with (
+        own_layer(hosts=[redis_url], prefix=prefix) as node,
+        own_layer(hosts=[redis_url], prefix=prefix, _flush=False) as sender,
+        raw_redis(redis_url) as raw,
+    ):
+        local = await node.new_channel()
+        token = token_of(local)
+        assert await eventually(lambda: armed_and_subscribed(raw, prefix, token), 5)
+        reader = node._node.inbox
+        taken = reader.from_bell
+        entry = {"c": local, "m": msgpack.packb(msg(1), use_bin_type=True)}
+        await raw.xadd(Keys(prefix).inbox(token), entry)  # rings nothing: the reader waits on
+        await sender.send(local, msg(2))  # rings; its bell names msg 1's entry as the one before
+        assert [await recv(node, local), await recv(node, local)] == [msg(1), msg(2)]
+        assert reader.from_bell == taken
 
 
 async def test_back_to_back_sends_ring_less_than_once_each(redis_url: str, prefix: str) -> None:
