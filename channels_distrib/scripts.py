@@ -23,7 +23,8 @@ bells are written to them after the script's own reply, where an XADD unblocking
 ``XREAD BLOCK`` had them written first (so the sender waited for the woken nodes' CPU).
 In the fan-out (GROUP_SEND, ROOM_SEND) the ``armed`` key and the bell channel of each
 node are built in Lua (``nkey``), as its inbox name is. The heartbeats' inbox markers (``o``
-``n``) ring nothing: the reader skips them anyway.
+``n``) ring nothing (the reader skips them anyway); a bell rung after one is only a wake-up,
+since the entry before the bell's is the marker, which the reader has not read.
 """
 
 from __future__ import annotations
