@@ -111,4 +111,4 @@ def test_acl_rule_in_the_readme_is_the_one_the_security_test_runs() -> None:
     rule = " ".join(text[start:text.index("```", start)].split())
     granted = [word[1:] for word in rule.split() if word.startswith("+")]
     assert granted == list(ACL_COMMANDS)
-    assert " ~asgi:* resetchannels -@all " in rule
+    assert " ~asgi:* resetchannels &asgi:* -@all " in rule  # the doorbells: &<prefix>:*
