@@ -89,7 +89,10 @@ local function append(inbox, armed, bell, publish, maxlen, fields)
   local id = redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '~', maxlen, '*', unpack(fields))
   if id and prev then
     redis.call('DEL', armed)
-    redis.call(publish, bell, cmsgpack.pack({prev, id, fields}))
+    -- pcall: the entry is written already; a bell refused (an ACL user allowed to append
+    -- but not to publish) must not fail the send after its write. The reader's wait is
+    -- bounded (BLOCK_SECONDS), so the entry is read all the same.
+    redis.pcall(publish, bell, cmsgpack.pack({prev, id, fields}))
   end
   return id
 end
