@@ -124,19 +124,17 @@ class InboxReader:
         return True
 
     async def _next(self, conn: Redis, bell: Doorbell) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """The next entries after the cursor: a non-blocking read; when it finds nothing,
-        arm (ARM_INBOX: the entries that came meanwhile, or the armed mark) and wait for the
-        bell, or at most BLOCK_SECONDS: then the entry the bell carried (:meth:`_rung`), or
+        """The next entries after the cursor, or, when there are none, arm and wait for the
+        bell (or at most BLOCK_SECONDS): then the entry the bell carried (:meth:`_rung`), or
         [] and the caller reads again.
 
-        So a reader that keeps finding entries reads back to back and never arms (no bell
-        is rung under load). It arms only once its subscription is confirmed, so a bell rung
-        after the arm reaches it; a reader without a bell (its subscription down, or refused
-        to the ACL user) waits in XREAD BLOCK instead, as it did before the doorbell.
+        One round trip either way: ARM_INBOX returns the entries after the cursor when
+        there are any (then it does not arm: a reader that keeps finding entries reads back
+        to back and no bell is rung under load) and sets the armed mark only when there are
+        none, so going idle costs no read more than finding entries does. It arms only once its subscription is confirmed, so a bell rung after the arm
+        reaches it; a reader without a bell (its subscription down, or refused to the ACL
+        user) waits in XREAD BLOCK instead, as it did before the doorbell.
         """
-        entries = await self._xread(conn, None)
-        if entries:
-            return entries
         if not await bell.ready():
             return await self._xread(conn, int(BLOCK_SECONDS * 1000))
         entries = await self._arm(conn)

@@ -210,7 +210,7 @@ return 1
 """
 )
 
-# ARM_INBOX: the inbox reader's read when its last one found nothing: the entries after its
+# ARM_INBOX: the inbox reader's read while it has a bell: the entries after its
 # cursor, and when there are none, the armed mark (with a TTL, so a reader that died stops
 # costing writers a PUBLISH), atomically: an entry appended after this script rings the bell.
 # KEYS[1] inbox stream, KEYS[2] the node's armed mark
