@@ -593,6 +593,7 @@ async def test_a_dead_nodes_memberships_in_groups_only_it_used_are_purged_after_
     both prune and purge, yet each leave arrives once."""
     import time
 
+    from channels_distrib.registry import token_of
     from tests.helpers_nodes import FAST
 
     solo, shared = [f"solo{i}" for i in range(12)], [f"shared{i}" for i in range(6)]
@@ -637,9 +638,19 @@ async def test_a_dead_nodes_memberships_in_groups_only_it_used_are_purged_after_
         for message in await receive_all_of(layer, channel):
             if message["type"] == "presence.diff":
                 leaves[message["group"]] += [entry["channel"] for entry in message["leaves"]]
+        # A watcher whose own node's inbox was on the restarted master may miss the diffs
+        # written before its heartbeat re-created that inbox (an append to a missing inbox
+        # goes nowhere, as on a single Redis restarted empty: messages sent during the data
+        # loss are lost); seen once in CI, leaves purged 0.13 s after the master came back.
+        # Announced twice is never allowed.
+        inbox_lost = await _master_of(redis_cluster, layer.keys.inbox(token_of(channel))) == index
         for g in shared:
             expected = sorted(ghosts) if g in kept else []
-            assert sorted(leaves[g]) == expected, f"{g}: leaves {leaves[g]}"
+            assert len(leaves[g]) == len(set(leaves[g])), f"{g}: a leave twice: {leaves[g]}"
+            if inbox_lost:
+                assert set(leaves[g]) <= set(expected), f"{g}: leaves {leaves[g]}"
+            else:
+                assert sorted(leaves[g]) == expected, f"{g}: leaves {leaves[g]}"
 
 
 async def receive_all_of(layer: DistributedChannelLayer, channel: str) -> list[dict[str, Any]]:
