@@ -45,6 +45,20 @@ def queue_arguments(name: str) -> str | None:
     return None
 
 
+def queue_bindings(queue: str, exchange: str, node: str | None = None) -> set[str]:
+    """The routing keys ``queue`` is bound with on ``exchange``, as the broker lists them
+    (``rabbitmqctl list_bindings``; ``node`` names a private broker's Erlang node)."""
+    target = ["-n", node] if node else []
+    keys = set()
+    listing = rabbitmqctl(*target, "list_bindings", "source_name", "destination_name", "routing_key")
+    for line in listing.splitlines():
+        source, _, rest = line.partition("\t")
+        destination, _, key = rest.partition("\t")
+        if source == exchange and destination == queue:
+            keys.add(key)
+    return keys
+
+
 @contextlib.asynccontextmanager
 async def amqp(url: str) -> AsyncIterator[aiormq.abc.AbstractConnection]:
     connection = await aiormq.connect(url)

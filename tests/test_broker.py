@@ -24,7 +24,13 @@ from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from channels_distrib.broker import names  # noqa: E402
 from channels_distrib.exceptions import BrokerUnavailable  # noqa: E402
 from channels_distrib.layers import DistributedChannelLayer  # noqa: E402
-from tests.helpers_broker import amqp, close_connections, exists, queue_arguments  # noqa: E402
+from tests.helpers_broker import (  # noqa: E402
+    amqp,
+    close_connections,
+    exists,
+    queue_arguments,
+    queue_bindings,
+)
 from tests.helpers_layers import (  # noqa: E402
     ROOT,
     eventually,
@@ -75,6 +81,72 @@ def test_bad_broker_option_fails_at_startup(value, redis_url):
     with pytest.raises(ImproperlyConfigured, match="amqp") as info:
         DistributedChannelLayer(hosts=[redis_url], broker=value)
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("amqp://guest:s3cret@127.0.0.1:notaport/", "no valid port"),
+        ("amqp://guest:s3cret@127.0.0.1:70000/", "no valid port"),
+        ("amqp://guest:s3cret@127.0.0.1:0/", "no valid port"),
+        ("amqp://guest:pa/s3cret@127.0.0.1/", "must be percent-encoded"),
+        ("amqp://guest:s3cret@127.0.0.1/?cafile=/etc/hostname", "with amqp://"),
+        ("amqp://guest:s3cret@127.0.0.1/?no_verify_ssl=1", "with amqp://"),
+        ("amqps://guest:s3cret@127.0.0.1/?ca_file=/etc/hostname", "unknown option"),
+        ("amqps://guest:s3cret@127.0.0.1/?connection_attempts=3", "unknown option"),
+        ("amqps://guest:s3cret@127.0.0.1/?cafile=/nonexistent/ca.pem", "names no readable file"),
+        ("amqps://guest:s3cret@127.0.0.1/?capath=/nonexistent", "names no directory"),
+        ("amqps://guest:s3cret@127.0.0.1/?no_verify_ssl=yes", "must be 0 or 1"),
+        ("amqps://guest:s3cret@127.0.0.1/?keyfile=/etc/hostname", "keyfile needs certfile"),
+        ("amqps://guest:s3cret@127.0.0.1/?cafile=/etc/hostname", "TLS files do not load"),
+        ("amqp://guest:s3cret@127.0.0.1/?heartbeat=soon", "whole number"),
+        ("amqp://guest:s3cret@127.0.0.1/?auth=kerberos", "must be one of"),
+    ],
+)
+def test_bad_broker_url_fails_at_startup_saying_why(value, match, redis_url):
+    """What aiormq would ignore (a misspelt option, TLS options on amqp://, which connects
+    in clear text) or fail on only when connecting (a port that is not one, a CA file that
+    does not exist or is not a certificate) fails when the layer is made, without the
+    password. Before, each of these was accepted."""
+    with pytest.raises(ImproperlyConfigured, match=match) as info:
+        DistributedChannelLayer(hosts=[redis_url], broker=value)
+    assert "s3cret" not in str(info.value)
+
+
+def _ca_file(directory: Any) -> str:
+    """A throwaway self-signed CA certificate made with openssl."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not on PATH (needed to make a CA certificate)")
+    path = str(directory / "ca.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(directory / "ca.key"), "-out", path, "-subj", "/CN=test ca"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return path
+
+
+async def test_amqps_url_with_tls_options_reaches_aiormq_with_tls(redis_url, prefix, tmp_path):
+    """An amqps:// URL with cafile (and the other options aiormq reads) is accepted as
+    written and handed to aiormq unchanged, which then connects with TLS and that CA.
+    (tests: test_amqps_with_the_ca_given_as_cafile_and_a_wrong_ca_fails_at_once, -m faults,
+    connects to a TLS broker.)"""
+    import aiormq
+
+    ca = _ca_file(tmp_path)
+    url = f"amqps://guest:guest@127.0.0.1:5671/vhost?cafile={ca}&heartbeat=30&name=app"
+    layer = DistributedChannelLayer(hosts=[redis_url], prefix=prefix, broker=url)
+    try:
+        conn = layer._state().broker.conn
+        assert conn.url == url
+        connection = aiormq.Connection(conn.url)
+        assert type(connection._transport_factory).__name__ == "TLSTransportFactory"
+        assert connection.ssl_certs.cafile == ca and connection.ssl_certs.verify
+        assert "guest:guest" not in conn.address
+    finally:
+        await layer.close()
 
 
 @pytest.mark.parametrize(
@@ -604,3 +676,163 @@ async def test_amqps_with_the_ca_given_as_cafile_and_a_wrong_ca_fails_at_once(re
         finally:
             for layer in (wrong, sender, node):
                 await layer.close()
+
+
+# ------------------------------------------------------------------ bindings, as the broker has them
+
+
+def _bindings(layer: Any, node: str | None = None) -> set[str]:
+    """The routing keys the layer's node queue is bound with on the broker (rabbitmqctl)."""
+    queue = layer._node.broker_queue
+    return queue_bindings(queue.queue, queue.exchange, node)
+
+
+async def test_bindings_after_a_connection_cut_are_the_groups_the_node_holds(make_layer):
+    """The broker closes a node's connection and the node leaves a group before it has
+    reconnected: its queue (durable, so it kept its bindings) must lose that group's binding
+    when the node re-binds, or the broker keeps routing the group's messages to a node with
+    no member for them. Before the fix the node forgot what was bound on a new connection,
+    re-bound only the groups it holds and left the old binding in place."""
+    node, sender = make_layer(heartbeat_interval=0.3, node_timeout=3), make_layer()
+    channel = await node.new_channel()
+    for group in ("kept", "left"):
+        await node.group_add(group, channel)
+    queue = node._node.broker_queue
+    assert _bindings(node) == {"kept", "left"}
+    # Its reconnects fail until the URL is back, so the discard surely falls in the gap.
+    url, queue.conn.url = queue.conn.url, "amqp://guest:guest@127.0.0.1:1/"
+    assert close_connections(f"distrib:{node.prefix}:node:{node._node.token}") == 1
+
+    async def cut() -> bool:
+        return not queue.conn.connected
+
+    assert await eventually(cut, 5)
+    await node.group_discard("left", channel)  # while the node is not connected
+    queue.conn.url = url
+    queue.groups_changed()  # wake the keeper now rather than at its next retry
+
+    async def rebound() -> bool:
+        return queue.conn.connected and queue.bound == {"kept"} and not queue._wake.is_set()
+
+    assert await eventually(rebound, 10)
+    await asyncio.sleep(0.2)  # the pass that re-bound has finished its unbinds too
+    assert _bindings(node) == {"kept"}
+    before = queue.received
+    await sender.group_send("left", msg(1))
+    await sender.group_send("kept", msg(2))
+    assert (await recv(node, channel))["n"] == 2
+    assert queue.received == before + 1, "the group the node left still reaches its queue"
+
+
+async def test_a_bind_by_another_process_landing_after_the_nodes_sync_is_undone(make_layer):
+    """Another process adds a channel of this node that the node no longer has: it sends the
+    node a note, then binds the node's queue. When the node reads the note and syncs before
+    that bind lands, a later sync must still remove the binding (the node has no member in
+    the group). Before the fix only the first sync after the note unbound it."""
+    node, other = make_layer(heartbeat_interval=0.3, node_timeout=3), make_layer()
+    channel = await node.new_channel()
+    stranger = channel + "x"  # this node's token, not one of its channels: refused
+    token = node._node.token
+    queue = node._node.broker_queue
+    broker = other._state().broker
+    received = queue.received
+    live = other._node_is_live(other._transport(), token)
+    assert await broker.send_note(token, "a", "late", stranger, live, record=b":x")
+
+    async def noted() -> bool:
+        return queue.received > received
+
+    assert await eventually(noted, 5)
+    for _ in range(2):  # two keeper passes: the one the note woke has ended
+        await asyncio.wait_for(asyncio.shield(queue._passed), 5)
+    await broker.bind_node(token, "late", presence=False)  # the adder's bind, late
+    assert "late" in _bindings(node)
+
+    async def unbound() -> bool:
+        return "late" not in _bindings(node)
+
+    assert await eventually(unbound, 5, interval=0.3), "the late binding stayed"
+    assert node._node.memberships.members("late") is None
+
+
+async def test_bindings_follow_changes_by_another_process_and_pruning(make_layer, broker_url):
+    """Another process adds and removes this node's channel (the broker's bindings follow:
+    bound before group_add returns, unbound once the node reads the note), and a dead node
+    pruned takes its queue and bindings with it while the pruner's own stay as they are."""
+    node = make_layer(heartbeat_interval=0.2, node_timeout=0.8)
+    other, dead = make_layer(), make_layer(heartbeat_interval=0.2, node_timeout=0.8)
+    mine, theirs = await node.new_channel(), await dead.new_channel()
+    await node.group_add("shared", mine)
+    await dead.group_add("shared", theirs)
+    await other.group_add("remote", mine)
+    assert _bindings(node) == {"shared", "remote"}
+    await other.group_discard("remote", mine)
+
+    async def only_shared() -> bool:
+        return _bindings(node) == {"shared"}
+
+    assert await eventually(only_shared, 5, interval=0.2)
+    dead_queue = dead._node.broker_queue
+    assert _bindings(dead) == {"shared"}
+    gone, dead._node = dead._node, None
+    await gone.stop(deregister=False)  # dies: tasks stop, the broker connection goes
+
+    async def pruned() -> bool:
+        return not await exists(broker_url, dead_queue.queue)
+
+    assert await eventually(pruned, 5)
+    assert queue_bindings(dead_queue.queue, dead_queue.exchange) == set()
+    assert _bindings(node) == {"shared"}
+
+
+@pytest.mark.faults
+async def test_bindings_after_a_broker_restart_are_the_groups_the_node_holds(redis_url, prefix):
+    """A private RabbitMQ stopped; the node leaves one group and joins another while it is
+    down; started again (the durable queue kept its old bindings): once the node has
+    reconnected, its bindings are exactly the groups it holds."""
+    from tests.rabbitmq_server import private_rabbitmq
+
+    with private_rabbitmq() as broker:
+        config = {"hosts": [redis_url], "prefix": prefix, "broker": broker.url}
+        node = DistributedChannelLayer(**config, heartbeat_interval=0.3, node_timeout=30)
+        try:
+            channel = await node.new_channel()
+            for group in ("kept", "left"):
+                await node.group_add(group, channel)
+            assert _bindings(node, broker.node) == {"kept", "left"}
+            await asyncio.to_thread(broker.stop)
+            await node.group_discard("left", channel)
+            joined = asyncio.ensure_future(node.group_add("joined", channel))
+            await asyncio.to_thread(broker.start)
+            with contextlib.suppress(BrokerUnavailable):
+                await joined  # it may give up waiting for the binding; the node binds anyway
+            queue = node._node.broker_queue
+
+            async def rebound() -> bool:
+                return queue.conn.connected and queue.bound == {"kept", "joined"}
+
+            assert await eventually(rebound, 20)
+            await asyncio.sleep(0.5)  # the pass that re-bound has finished its unbinds too
+            assert _bindings(node, broker.node) == {"kept", "joined"}
+            await node.flush()
+        finally:
+            await node.close()
+
+
+async def test_amqps_to_a_port_without_tls_fails_at_once_saying_so(redis_url, prefix, broker_url):
+    """``amqps://`` naming the broker's plain AMQP port (5672): every TLS handshake fails
+    the same way, so the first use raises at once, saying the port does not speak TLS,
+    without the password. Before, it retried for the whole retry_timeout."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(broker_url)._replace(scheme="amqps").geturl()
+    layer = DistributedChannelLayer(hosts=[redis_url], prefix=prefix, broker=url, retry_timeout=20)
+    try:
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(10):
+            with pytest.raises(BrokerUnavailable, match="does not speak TLS") as info:
+                await layer.send("plain.q", msg(1))
+        assert asyncio.get_running_loop().time() - started < 3
+        assert ":guest@" not in str(info.value)
+    finally:
+        await layer.close()

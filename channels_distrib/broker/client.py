@@ -102,12 +102,17 @@ class BrokerClient:
             if exchange and exchange not in self.conn.declared:
                 await self._declare_exchange(channel)
             try:
-                await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=self._properties(headers),
-                    mandatory=mandatory,
+                # A confirm that never comes (a hung broker) raises BrokerUnavailable after
+                # retry_timeout, like one lost with the connection: never published again.
+                await self.conn.bounded(
+                    channel.basic_publish(
+                        body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=self._properties(headers),
+                        mandatory=mandatory,
+                    ),
+                    "a publish",
                 )
                 return ACKED
             except aiormq.exceptions.PublishError:
@@ -120,7 +125,7 @@ class BrokerClient:
                 self.conn.forget(channel)
                 self.conn.declared.discard(exchange)
                 continue
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, BrokerUnavailable):
                 raise
             except CONNECT_ERRORS + (aiormq.exceptions.AMQPError,) as exc:
                 # Written, but the confirm was lost with the connection: never publish again.
@@ -191,7 +196,10 @@ class BrokerClient:
         await self.remember(f"x:{self.exchange}")
         # Durable, like the queues: the objects and their bindings survive a broker restart;
         # the messages queued at that moment only with ``broker_persistent``.
-        await channel.exchange_declare(self.exchange, exchange_type="direct", durable=True)
+        await self.conn.bounded(
+            channel.exchange_declare(self.exchange, exchange_type="direct", durable=True),
+            "an exchange declare",
+        )
         self.conn.declared.add(self.exchange)
 
     async def send_direct(
@@ -278,12 +286,12 @@ class BrokerClient:
         side = await self.conn.extra_channel()
         try:
             for key in keys:
-                await side.queue_bind(queue, self.exchange, routing_key=key)
+                bind = side.queue_bind(queue, self.exchange, routing_key=key)
+                await self.conn.bounded(bind, "a queue.bind")
         except aiormq.exceptions.ChannelNotFoundEntity:
             logger.debug("Queue of node token %s is missing; not bound", token)
         finally:
-            if not side.is_closed:
-                await side.close()
+            await self.conn.close_side(side)
 
     async def send_named(self, channel: str, payload: bytes) -> bool:
         """Into a normal channel's queue; False when the queue is full (nacked)."""
@@ -309,7 +317,9 @@ class BrokerClient:
         # of its own that the caller's cancellation does not reach, shared by concurrent sends.
         task = self._declaring.get(queue)
         if task is None or task.done():
-            task = self._declaring[queue] = asyncio.ensure_future(self._declare_named(channel, queue))
+            # Its RPCs are bounded: on a hung broker it fails after retry_timeout, not runs on.
+            declare = self._declare_named(channel, queue)
+            task = self._declaring[queue] = asyncio.ensure_future(declare)
             task.add_done_callback(_retrieve)
         try:
             await asyncio.shield(task)
@@ -327,7 +337,8 @@ class BrokerClient:
         }
         side = await self.conn.extra_channel()
         try:
-            await side.queue_declare(queue, durable=True, arguments=arguments)
+            declare = side.queue_declare(queue, durable=True, arguments=arguments)
+            await self.conn.bounded(declare, "a queue.declare")
         except aiormq.exceptions.ChannelPreconditionFailed:
             if channel not in self._capacity_warned:
                 self._capacity_warned.add(channel)
@@ -336,10 +347,9 @@ class BrokerClient:
                     channel,
                 )
             side = await self.conn.extra_channel()
-            await side.queue_declare(queue, passive=True)
+            await self.conn.bounded(side.queue_declare(queue, passive=True), "a queue.declare")
         finally:
-            if not side.is_closed:
-                await side.close()
+            await self.conn.close_side(side)
         self.conn.declared.add(queue)
 
     async def bind_named(self, group: str, channel: str, *, presence: bool = False) -> None:
@@ -350,12 +360,15 @@ class BrokerClient:
         publisher = await self.conn.channel()
         if self.exchange not in self.conn.declared:
             await self._declare_exchange(publisher)
-        await publisher.queue_bind(queue, self.exchange, routing_key=group)
+        bounded = self.conn.bounded
+        await bounded(publisher.queue_bind(queue, self.exchange, routing_key=group), "a queue.bind")
         key = names.presence_key(group)
         if presence:
-            await publisher.queue_bind(queue, self.exchange, routing_key=key)
+            await bounded(publisher.queue_bind(queue, self.exchange, routing_key=key), "a queue.bind")
         else:
-            await publisher.queue_unbind(queue, self.exchange, routing_key=key)
+            await bounded(
+                publisher.queue_unbind(queue, self.exchange, routing_key=key), "a queue.unbind"
+            )
 
     async def unbind_named(self, group: str, channel: str) -> None:
         """A normal channel left ``group`` (and its presence diffs)."""
@@ -363,8 +376,9 @@ class BrokerClient:
         publisher = await self.conn.channel()
         if self.exchange not in self.conn.declared:
             await self._declare_exchange(publisher)
-        await publisher.queue_unbind(queue, self.exchange, routing_key=group)
-        await publisher.queue_unbind(queue, self.exchange, routing_key=names.presence_key(group))
+        for key in (group, names.presence_key(group)):
+            unbind = publisher.queue_unbind(queue, self.exchange, routing_key=key)
+            await self.conn.bounded(unbind, "a queue.unbind")
 
     def receiver(self, channel: str) -> NamedReceiver:
         receiver = self.receivers.get(channel)
@@ -387,7 +401,10 @@ class BrokerClient:
         delete. aiormq cancels the RPCs of a channel or connection that closes under them:
         such a delete (idempotent) is tried again on a new channel, twice at most."""
         for attempt in range(3):
+            # Its RPCs are bounded: a hung broker fails it after retry_timeout (so a close()
+            # that deletes the node's queue stays bounded).
             job = asyncio.ensure_future(self._delete_now(kind, name, if_unused))
+            job.add_done_callback(_retrieve)  # seen here, or by no one once our caller has gone
             try:
                 await asyncio.shield(job)
                 return
@@ -402,14 +419,13 @@ class BrokerClient:
         side = await self.conn.extra_channel()
         try:
             if kind == "queue":
-                await side.queue_delete(name, if_unused=if_unused)
+                await self.conn.bounded(side.queue_delete(name, if_unused=if_unused), "a queue.delete")
             else:
-                await side.exchange_delete(name)
+                await self.conn.bounded(side.exchange_delete(name), "an exchange.delete")
         except (aiormq.exceptions.ChannelNotFoundEntity, aiormq.exceptions.ChannelPreconditionFailed):
             pass  # already gone, or still in use: nothing to do
         finally:
-            if not side.is_closed:
-                await side.close()
+            await self.conn.close_side(side)
 
     async def delete_all(self, declared: list[str]) -> None:
         """flush(): delete the queues and exchanges this prefix declared (``kind:name``)."""

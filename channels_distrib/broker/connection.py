@@ -12,17 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import sys
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
+from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 
 from ..exceptions import BrokerUnavailable
-from ..masking import mask_url
+from ..masking import mask_url, scrub
 from ..transport import backoff
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Errors that mean "the broker is not reachable (now)": retried when nothing was sent.
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (
@@ -32,6 +37,12 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ChannelInvalidStateError,
     asyncio.TimeoutError,
 )
+
+
+#: The shortest time one connection attempt (TCP, TLS and AMQP handshakes) is given (s).
+ATTEMPT_MIN = 1.0
+#: How long an attempt whose caller was cancelled may still finish before it is cancelled (s).
+ATTEMPT_GRACE = 0.5
 
 
 class BrokerConnection:
@@ -91,30 +102,12 @@ class BrokerConnection:
         while True:
             try:
                 await self._drop()
-                # One attempt is not cut short by a cancelled caller (a handshake abandoned
-                # half-way leaves a connection the broker closes later, under whoever uses
-                # it next); the waits between attempts are, so a cancelled caller's connect
-                # ends with the attempt under way.
-                attempt_task = asyncio.ensure_future(self._attempt())
-                self._attempts.add(attempt_task)
-                attempt_task.add_done_callback(self._attempts.discard)
-                try:
-                    connection, channel = await asyncio.shield(attempt_task)
-                except asyncio.CancelledError:
-                    attempt_task.add_done_callback(self._discard_attempt)
-                    raise
+                connection, channel = await self._bounded_attempt(started)
             except asyncio.CancelledError:
                 raise
             except CONNECT_ERRORS as exc:
-                if _refused(exc):
-                    raise BrokerUnavailable(self.address, 0.0, exc) from None
                 attempt += 1
-                waited = time.monotonic() - started
-                if waited >= self.retry_timeout:
-                    raise BrokerUnavailable(self.address, waited, exc) from None
-                if attempt in (1, 10):
-                    logger.warning("RabbitMQ at %s unreachable (%s); retrying", self.address, exc)
-                await asyncio.sleep(min(backoff(attempt), max(0.0, self.retry_timeout - waited)))
+                await self._after_failure(exc, attempt, started)
                 continue
             if self._connected_before:
                 self.reconnects += 1
@@ -123,8 +116,66 @@ class BrokerConnection:
             self.declared = set()
             return
 
+    async def _bounded_attempt(self, started: float) -> tuple[AbstractConnection, AbstractChannel]:
+        """One connection attempt, given what is left of ``retry_timeout`` (at least
+        :data:`ATTEMPT_MIN`): a broker that accepts the TCP connection but never finishes
+        the handshake (hung) fails the attempt instead of holding it forever.
+
+        A cancelled caller does not cut the attempt short at once (a handshake abandoned
+        half-way leaves a connection the broker closes later, under whoever uses it next):
+        it gets :data:`ATTEMPT_GRACE` to finish (what it opened is then closed), and is
+        cancelled after that, so nothing keeps running for a caller that has gone.
+        """
+        remaining = max(ATTEMPT_MIN, self.retry_timeout - (time.monotonic() - started))
+        task = asyncio.ensure_future(self._attempt())
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=remaining)
+        except asyncio.CancelledError:
+            self._abandon(task, ATTEMPT_GRACE)
+            raise
+        if not done:
+            self._abandon(task, 0.0)
+            raise asyncio.TimeoutError(f"no AMQP handshake within {remaining:.1f} s")
+        return task.result()
+
+    def _abandon(self, task: asyncio.Future[Any], grace: float) -> None:
+        """Close what ``task`` opens should it succeed; cancel it after ``grace`` seconds."""
+        task.add_done_callback(self._discard_attempt)
+        if grace <= 0:
+            task.cancel()
+        else:
+            asyncio.get_running_loop().call_later(grace, task.cancel)
+
+    async def _after_failure(self, exc: BaseException, attempt: int, started: float) -> None:
+        """Raise BrokerUnavailable when retrying cannot help or ``retry_timeout`` is spent;
+        else wait before the next attempt (a cancelled caller's wait ends at once)."""
+        if _refused(exc):
+            raise BrokerUnavailable(self.address, 0.0, exc) from None
+        if _not_tls(exc):
+            hint = f"{exc}: this port does not speak TLS; amqps:// needs the broker's TLS port"
+            raise BrokerUnavailable(self.address, 0.0, ConnectionError(hint)) from None
+        waited = time.monotonic() - started
+        if waited >= self.retry_timeout:
+            raise BrokerUnavailable(self.address, waited, exc) from None
+        if attempt in (1, 10):
+            logger.warning(
+                "RabbitMQ at %s unreachable (%s); retrying", self.address, scrub(str(exc))
+            )
+        await asyncio.sleep(min(backoff(attempt), max(0.0, self.retry_timeout - waited)))
+
     async def _attempt(self) -> tuple[AbstractConnection, AbstractChannel]:
-        connection = await aiormq.connect(self.url, client_properties={"connection_name": self.name})
+        transport = _TrackedTransport(self.url)
+        connection = aiormq.Connection(self.url, transport_factory=transport)
+        try:
+            await connection.connect({"connection_name": self.name})
+        except BaseException:
+            # Cancelled or failed in the AMQP handshake (a hung broker): aiormq 6, the last
+            # for Python 3.10, leaves the socket open when that happens while it waits for
+            # Connection.Start, so it is closed here (aiormq 7 closes it too: harmless).
+            transport.abort()
+            raise
         try:
             return connection, await connection.channel(publisher_confirms=True)
         except BaseException:
@@ -149,7 +200,41 @@ class BrokerConnection:
         connection = self._connection
         if connection is None:  # closed by another task meanwhile
             raise BrokerUnavailable(self.address, 0.0, None)
-        return await connection.channel(publisher_confirms=confirms)
+        opening = connection.channel(publisher_confirms=confirms)
+        return await self.bounded(opening, "a channel.open")
+
+    async def close_side(self, channel: AbstractChannel) -> None:
+        """Close a channel :meth:`extra_channel` opened; nothing to do once it is closed or
+        its connection was given up (a hung broker would not answer)."""
+        if channel.is_closed or channel.connection is not self._connection:
+            return
+        await self.bounded(channel.close(), "a channel.close")
+
+    async def bounded(self, call: Awaitable[T], what: str) -> T:
+        """Await one broker round trip (a confirm, an RPC) for at most ``retry_timeout``
+        (:data:`ATTEMPT_MIN` at least). A broker that never answers (hung, or a link that
+        stopped forwarding) raises BrokerUnavailable, and the connection is given up: the
+        next use connects again rather than wait on it too."""
+        timeout = max(ATTEMPT_MIN, self.retry_timeout)
+        try:
+            if sys.version_info >= (3, 11):  # no task of its own (publishes are the hot path)
+                async with asyncio.timeout(timeout):
+                    return await call
+            return await asyncio.wait_for(call, timeout)
+        except asyncio.TimeoutError:
+            self._give_up_connection()
+            raise BrokerUnavailable(
+                self.address, timeout, TimeoutError(f"no answer to {what}")
+            ) from None
+
+    def _give_up_connection(self) -> None:
+        """Forget the connection and close it in the background (tracked: close() waits)."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is None or connection.is_closed:
+            return
+        closing = asyncio.ensure_future(_close_quietly(connection))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     def forget(self, channel: AbstractChannel) -> None:
         """``channel`` failed: the next :meth:`channel` opens a new one (the connection may be fine)."""
@@ -170,13 +255,51 @@ class BrokerConnection:
 
     async def close(self) -> None:
         if self._attempts:  # their done callbacks close what a cancelled caller left
-            await asyncio.wait(set(self._attempts), timeout=2.0)
+            _done, hung = await asyncio.wait(set(self._attempts), timeout=ATTEMPT_GRACE)
+            for task in hung:  # a handshake the broker never answers
+                task.cancel()
+            if hung:
+                await asyncio.wait(hung, timeout=ATTEMPT_GRACE)
             await asyncio.sleep(0)
         async with self._lock:
             await self._drop()
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=1.0)
 
+
+
+class _TrackedTransport(TransportFactory):
+    """aiormq's transport factory for the URL's scheme, keeping the stream it opened so an
+    attempt given up in the handshake can close it (see BrokerConnection._attempt)."""
+
+    def __init__(self, url: str) -> None:
+        tls = url.lower().startswith("amqps:")
+        self._inner: TransportFactory = TLSTransportFactory() if tls else TCPTransportFactory()
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def create(self, *args: Any, **kwargs: Any) -> Any:
+        reader, writer = await self._inner.create(*args, **kwargs)
+        self._writer = writer
+        return reader, writer
+
+    def abort(self) -> None:
+        """Close the stream at once (nothing is awaited: it runs while being cancelled)."""
+        if self._writer is not None and not self._writer.transport.is_closing():
+            self._writer.transport.abort()
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    try:
+        await connection.close()
+    except Exception:  # already broken: nothing to close cleanly
+        logger.debug("Closing a broken RabbitMQ connection failed", exc_info=True)
+
+
+def _not_tls(exc: BaseException) -> bool:
+    """An ``amqps://`` URL naming a port that answered in clear text (RabbitMQ's 5672, say):
+    the TLS handshake fails the same way on every attempt."""
+    cause = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+    return isinstance(cause, ssl.SSLError) and getattr(cause, "reason", None) == "WRONG_VERSION_NUMBER"
 
 
 def _refused(exc: BaseException) -> bool:

@@ -59,7 +59,10 @@ class NodeQueue:
         self.exchange = names.exchange(prefix)
         self.expires_ms = int(2 * node.config.node_timeout * 1000)
         self.bound: set[str] = set()
-        self._foreign: set[str] = set()  # keys another process may have bound (see _note)
+        # Keys that may be bound without being in ``bound`` -> until when (monotonic) each
+        # sync unbinds them while unwanted: another process's bind (see _note), and what
+        # was bound before a reconnect (see _consume).
+        self._maybe_bound: dict[str, float] = {}
         self._consuming: AbstractChannel | None = None
         self._consumer_tag: str | None = None
         self._consumed_on: AbstractChannel | None = None  # kept across on_flush()
@@ -141,12 +144,15 @@ class NodeQueue:
                 self._wake.set()
 
     async def _keep(self) -> None:
+        # Every RPC below is bounded by retry_timeout: on a hung broker the pass fails (and
+        # run() reconnects) rather than wait for ever.
         channel = await self.conn.channel()
         # Durable (the messages only with broker_persistent): queue and bindings survive a
         # broker restart, so what is sent once the broker is back is routed here before this
         # node reconnects.
-        declared = await channel.queue_declare(
-            self.queue, durable=True, arguments={"x-expires": self.expires_ms}
+        declared = await self.conn.bounded(
+            channel.queue_declare(self.queue, durable=True, arguments={"x-expires": self.expires_ms}),
+            "the node queue's declare",
         )
         if channel is not self._consuming or not declared.consumer_count:
             # A new connection, or the queue was deleted under us (flush, prune): consume
@@ -157,15 +163,28 @@ class NodeQueue:
         passed.set_result(None)
 
     async def _consume(self, channel: AbstractChannel) -> None:
+        # The queue is durable and not exclusive: it may have outlived the old connection
+        # (or a broker restart) with its bindings, among them groups the node left meanwhile.
+        # Every wanted key is bound again (the queue may be new), and what was bound is
+        # unbound once more unless wanted (a no-op for a binding that is gone).
+        now = time.monotonic()
+        for key in self.bound:
+            self._maybe_bound.setdefault(key, now)
         self.bound = set()
         if self._consumer_tag is not None and channel is self._consumed_on:
             # After a flush, on the same channel: never two consumers of one queue. The
             # broker answers cancel-ok for a tag it has already cancelled itself.
-            await channel.basic_cancel(self._consumer_tag)
+            await self.conn.bounded(channel.basic_cancel(self._consumer_tag), "a basic.cancel")
         await self.remember()
-        await channel.exchange_declare(self.exchange, exchange_type="direct", durable=True)
-        await channel.basic_qos(prefetch_count=PREFETCH)
-        ok = await channel.basic_consume(self.queue, self._on_message, no_ack=False)
+        bounded = self.conn.bounded
+        await bounded(
+            channel.exchange_declare(self.exchange, exchange_type="direct", durable=True),
+            "an exchange declare",
+        )
+        await bounded(channel.basic_qos(prefetch_count=PREFETCH), "a basic.qos")
+        ok = await bounded(
+            channel.basic_consume(self.queue, self._on_message, no_ack=False), "a basic.consume"
+        )
         self._consumer_tag = ok.consumer_tag
         self._consuming = self._consumed_on = channel
 
@@ -188,25 +207,29 @@ class NodeQueue:
 
     async def _sync_bindings(self, channel: AbstractChannel) -> None:
         """Bind the keys :meth:`wanted` names, unbind the others (one RPC each)."""
+        now = time.monotonic()
         wanted = self.wanted()
         for key in sorted(wanted - self.bound):
-            await channel.queue_bind(self.queue, self.exchange, routing_key=key)
+            await self.conn.bounded(
+                channel.queue_bind(self.queue, self.exchange, routing_key=key), "a queue.bind"
+            )
             self.bound.add(key)
-        foreign, self._foreign = self._foreign, set()
-        try:
-            for key in sorted((self.bound | foreign) - wanted):
-                if key in self.wanted():
-                    # Wanted since ``wanted`` was read: a note adopted a membership during
-                    # the binds above (its adder bound the key): never unbind it; the next
-                    # pass binds it again (idempotent) in case the adder's bind failed.
-                    continue
-                # Unbinding a key that is not bound is a no-op for RabbitMQ.
-                await channel.queue_unbind(self.queue, self.exchange, routing_key=key)
-                self.bound.discard(key)
-                foreign.discard(key)
-        except BaseException:
-            self._foreign |= foreign - wanted  # still to check on the next pass
-            raise
+        for key in sorted((self.bound | set(self._maybe_bound)) - wanted):
+            if key in self.wanted():
+                # Wanted since ``wanted`` was read: a note adopted a membership during the
+                # binds above (its adder bound the key): never unbind it; the next pass
+                # binds it again (idempotent) in case the adder's bind failed.
+                continue
+            # Unbinding a key that is not bound is a no-op for RabbitMQ.
+            await self.conn.bounded(
+                channel.queue_unbind(self.queue, self.exchange, routing_key=key), "a queue.unbind"
+            )
+            self.bound.discard(key)
+        # Reached only when every unbind above was made: entries past their time go now (a
+        # pass cancelled or failed above keeps them all for the next one).
+        for key, until in list(self._maybe_bound.items()):
+            if until <= now:
+                del self._maybe_bound[key]
 
     async def stop(self) -> None:
         """Close the connection (the node then deletes its queue through pruning itself)."""
@@ -272,11 +295,14 @@ class NodeQueue:
         memberships = self.node.memberships
         if _text(headers["o"]) == "a":
             presence = _text(headers.get("pr", "0")) == "1"
-            # The adder bound these keys to this queue itself: the next sync unbinds them
-            # unless the node wants them (a channel it no longer has, say).
-            self._foreign.add(group)
+            # The adder binds these keys to this queue itself, right after this note: each
+            # sync until then unbinds them unless the node wants them (a channel it no
+            # longer has, say), so a bind that lands after the first such sync goes too.
+            config = self.node.config
+            until = time.monotonic() + config.retry_timeout + 2 * config.heartbeat_interval
+            self._maybe_bound[group] = until
             if presence:
-                self._foreign.add(names.presence_key(group))
+                self._maybe_bound[names.presence_key(group)] = until
             self._wake.set()
             memberships.adopt(group, channel, record, presence)
         else:

@@ -78,7 +78,11 @@ class NamedReceiver:
         queue = await self.client.declare_named(self.channel)
         channel = await self.client.conn.channel()
         try:
-            message = await channel.basic_get(queue, no_ack=True)
+            # Bounded: a hung broker fails the fetch (retried on a new connection) rather
+            # than hold it; a message it had already handed out is lost, never doubled.
+            message = await self.client.conn.bounded(
+                channel.basic_get(queue, no_ack=True), "a basic.get"
+            )
         except Exception:
             self.client.conn.forget(channel)
             raise
@@ -109,7 +113,7 @@ class NamedReceiver:
             await asyncio.wait({task}, timeout=FINISH_GRACE)
             if not task.done():
                 task.cancel()
-                await asyncio.wait({task})
+                await asyncio.wait({task}, timeout=FINISH_GRACE)
         now = time.monotonic()
         left = [payload for expires, payload, _shared in self.buffer.items if expires > now]
         self.buffer.clear()
