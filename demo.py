@@ -127,13 +127,24 @@ def ensure_environment(args: argparse.Namespace) -> None:
 def redis_answers(url: str) -> bool:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    except ValueError:
+        raise SystemExit(f"demo: REDIS_URL={shown(url)} is not a Redis URL; write e.g. "
+                         "REDIS_URL=redis://127.0.0.1:6379/0 (or rediss://, unix://).") from None
     try:
         return bool(client.ping())
     except (redis.exceptions.RedisError, OSError):
         return False
     finally:
         client.close()
+
+
+def shown(url: str) -> str:
+    """``url`` as the demo prints it: its password masked."""
+    from channels_distrib.masking import mask_url
+
+    return mask_url(url)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -262,6 +273,18 @@ def _wait_or_kill(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
         proc.wait(5)
 
 
+def check_bindable(host: str) -> None:
+    """Fail in one line when ``--host`` is no address of this machine (every port of it would
+    look taken otherwise, and the demo said "no free ports")."""
+    try:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise SystemExit(f"demo: cannot listen on --host {host} ({reason}); use 127.0.0.1, "
+                         "0.0.0.0 or an address of this machine.") from None
+
+
 def consecutive_free_ports(host: str, first: int, count: int) -> int:
     for base in range(first, first + 200):
         if all(port_is_free(host, base + i) for i in range(count)):
@@ -287,9 +310,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
         if redis_answers(url):
-            say(f"Using Redis at {url}")
+            say(f"Using Redis at {shown(url)}")
         else:
-            say(f"No Redis answers at {url}; starting an embedded Valkey server ...")
+            say(f"No Redis answers at {shown(url)}; starting an embedded Valkey server ...")
             url = cluster.start_redis()
             assert cluster.redis is not None
             say(f"Embedded Valkey at {url} (pid {cluster.redis.pid})")
@@ -303,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
         if migrated.returncode:
             raise SystemExit(f"demo: creating the SQLite tables failed; see "
                              f"{log_dir / 'migrate.log'} (DEMO_DATABASE sets where they go).")
+        check_bindable(args.host)
         if args.port is None:
             base = consecutive_free_ports(args.host, DEFAULT_PORT, args.nodes)
             if base != DEFAULT_PORT:
@@ -319,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
             cluster.start_node(args.host, port, env)
         cluster.wait_ready(args.host)
         say("")
-        say(f"channels_distrib demo: {args.nodes} daphne nodes sharing {url}")
+        say(f"channels_distrib demo: {args.nodes} daphne nodes sharing {shown(url)}")
         for node_id, port, proc in cluster.nodes:
             say(f"  chat on {node_id}: http://{args.host}:{port}/   (pid {proc.pid})")
         say(f"  dashboard:      http://{args.host}:{base}/dashboard/")
@@ -349,6 +373,11 @@ def main() -> int:
     parser.add_argument("--no-install", action="store_true",
                         help="use this interpreter as is; never create or install a venv")
     args = parser.parse_args()
+    if not 1 <= args.nodes <= 50:
+        parser.error(f"--nodes must be between 1 and 50, not {args.nodes}")
+    if args.port is not None and not 1 <= args.port <= 65536 - args.nodes:
+        parser.error(f"--port must leave room for {args.nodes} ports below 65536 "
+                     f"(1-{65536 - args.nodes}), not {args.port}")
     ensure_environment(args)
     return run(args)
 

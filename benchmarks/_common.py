@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import json
 import os
 import platform
 import secrets
@@ -199,6 +200,36 @@ def private_redis() -> Iterator[str]:
                 proc.kill()
                 proc.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_on_redis(run: Any, args: Any) -> None:
+    """``asyncio.run(run(url, args))`` on ``args.redis_url`` when given, else on a private
+    server (:func:`private_redis`) stopped afterwards."""
+    import asyncio
+
+    if args.redis_url:
+        asyncio.run(run(args.redis_url, args))
+        return
+    with private_redis() as url:
+        asyncio.run(run(url, args))
+
+
+def read_json_lines(stream: Any, events: list[dict[str, Any]], lock: Any) -> None:
+    """Append each JSON line of a child's ``stream`` to ``events`` (under ``lock``) until EOF;
+    a line that is not JSON becomes a ``garbage`` event. Ends quietly when the pipe is closed
+    under it (its owner gave up waiting for a process that would not die)."""
+    if stream is None:
+        return
+    try:
+        for raw in stream:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                event = {"event": "garbage", "line": raw.decode(errors="replace")}
+            with lock:
+                events.append(event)
+    except (ValueError, OSError):
+        return
 
 
 def redis_info(url: str, section: str) -> dict[str, Any]:

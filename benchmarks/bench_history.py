@@ -25,7 +25,7 @@ from typing import Any
 if not __package__:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import delete_prefix, private_redis, redis_info, run_prefix
+from benchmarks._common import delete_prefix, redis_info, run_on_redis, run_prefix
 
 
 def _evalsha_usec(url: str) -> tuple[int, int]:
@@ -50,9 +50,9 @@ async def _round(
     calls: list[int] = [0]
     original = transport.run
 
-    async def counted(operation: Any) -> Any:
+    async def counted(operation: Any, **options: Any) -> Any:
         calls[0] += 1
-        return await original(operation)
+        return await original(operation, **options)
 
     transport.run = counted
     usec0, _ = _evalsha_usec(url)
@@ -123,12 +123,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", type=int, default=100)
     parser.add_argument("--payload", type=int, default=200)
-    args = parser.parse_args()
-    if args.redis_url:
-        asyncio.run(run(args.redis_url, args))
-        return
-    with private_redis() as url:
-        asyncio.run(run(url, args))
+    run_on_redis(run, parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
+from benchmarks._common import read_json_lines  # noqa: E402
 from benchmarks._soak_node import ALL_GROUP, room_name  # noqa: E402
 
 
@@ -102,14 +103,7 @@ class NodeHandle:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                event = {"event": "garbage", "line": raw.decode(errors="replace")}
-            with self._lock:
-                self.events.append(event)
+        read_json_lines(self.proc.stdout, self.events, self._lock)
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -182,11 +176,11 @@ class NodeHandle:
             self.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(10)
+        self._reader.join(5)  # before closing stdout: closing a pipe being read makes it raise
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
-        self._reader.join(5)
         self._stderr.close()
         with contextlib.suppress(OSError):
             os.unlink(self.stderr_path)

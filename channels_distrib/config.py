@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 from django.core.exceptions import ImproperlyConfigured
 
+from .amqp_url import EXAMPLE, BadBrokerURL, check_broker_url
 from .masking import mask_url, redact
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ def decode_host(host: Any) -> HostConfig:
                     pairs.append((item[0], item[1]))
                 else:
                     raise _fail(
-                        f"Sentinel address {item!r} must be a (host, port) pair like ('127.0.0.1', 26379)"
+                        f"Sentinel address {redact(item)!r} must be a (host, port) pair like ('127.0.0.1', 26379)"
                     )
             if not isinstance(sentinel_kwargs, Mapping):
                 raise _fail("'sentinel_kwargs' must be a dict of connection options")
@@ -325,20 +326,19 @@ def compile_capacities(channel_capacity: Any) -> tuple[tuple[re.Pattern[str], in
 
 
 def decode_broker(broker: Any) -> str | None:
-    """Check the ``broker`` option: None, or an ``amqp://`` / ``amqps://`` URL (never echoed
-    back with its password)."""
+    """Check the ``broker`` option: None, or an ``amqp://`` / ``amqps://`` URL aiormq can use
+    as written (see :mod:`channels_distrib.amqp_url`; never echoed back with its password)."""
     if broker is None:
         return None
-    if not isinstance(broker, str) or urlparse(broker).scheme not in ("amqp", "amqps"):
-        shown = mask_url(broker) if isinstance(broker, str) else repr(broker)
+    if not isinstance(broker, str):
         raise _fail(
-            f"broker must be an 'amqp://' or 'amqps://' URL; got {shown}. "
+            f"broker must be an 'amqp://' or 'amqps://' URL; got {redact(broker)!r}. "
             "Write e.g. broker='amqp://user:password@127.0.0.1:5672/%2F'"
         )
-    parsed = urlparse(broker)
-    if not parsed.hostname:
-        raise _fail(f"broker URL {mask_url(broker)} names no host; write amqp://user:password@host:5672/vhost")
-    return broker
+    try:
+        return check_broker_url(broker)
+    except BadBrokerURL as exc:
+        raise _fail(f"{exc}. {EXAMPLE}") from None
 
 
 def build_config(

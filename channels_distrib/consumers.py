@@ -68,6 +68,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_EXTENSIONS = ("groups", "registry", "presence")
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_USER_LIMIT = 4008
 # Seconds between joining the user group and counting it: join times are stamped in whole
@@ -75,12 +76,17 @@ CLOSE_USER_LIMIT = 4008
 USER_LIMIT_SETTLE = 0.0015
 # Bounds the best-effort group cleanup when a consumer fails or is cancelled.
 CLEANUP_TIMEOUT = 5.0
+# Bounds the close frame a consumer cancelled with its WebSocket open sends (server shutdown).
+SHUTDOWN_CLOSE_TIMEOUT = 1.0
 
 InboundMiddleware = Callable[["DistributedMixin", Message], Awaitable["Message | None"]]
 """``async def middleware(consumer, content) -> content | None``: rewrite, pass, or drop (None)."""
 
 # Open connections per layer (one layer object = one node) in this process.
 _open_connections: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+# Consumers whose WebSocket accept() opened and that have not closed or seen a disconnect:
+# a server stopping now leaves their clients connected.
+_open_sockets: weakref.WeakSet[DistributedMixin] = weakref.WeakSet()
 
 
 def _check_bases(cls: type) -> None:
@@ -234,6 +240,7 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         self._counted_layer: Any = None
         self._registered = False
         self._closing = False
+        self._task: asyncio.Task[Any] | None = None
         # Refused at connect (anonymous, or over the connection limit): nothing registered,
         # and the subclass's connect()/disconnect() never run.
         self._refused = False
@@ -294,14 +301,39 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     # -- connection lifecycle ----------------------------------------------------------
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self._task = asyncio.current_task()
         try:
             await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            await self._close_for_shutdown()
+            raise
         finally:
             # Runs on clean exit, on a crashed handler and on cancellation (daphne
             # cancels consumers at shutdown without sending websocket.disconnect). If
             # cancelled again while cleaning up, the rest is left to the layer: its node
             # removes its memberships on clean shutdown or is pruned.
+            _open_sockets.discard(self)  # ended: the server closes what is still open
             await self._cleanup(timeout=CLEANUP_TIMEOUT)
+
+    async def _close_for_shutdown(self) -> None:
+        """Cancelled with the WebSocket open: close it with 1012 (Service Restart).
+
+        Daphne cancels every consumer at shutdown and hypercorn those still open after its
+        graceful timeout; neither closes the WebSocket, so the client would lose the TCP
+        connection without a close frame (1006, as after a crash). uvicorn sends 1012 itself
+        and then a ``websocket.disconnect``, so this does nothing there. Best effort: a
+        server already past sending anything only gets the attempt. Cancelled again while
+        sending, the CancelledError propagates and the cleanup still runs.
+        """
+        if self not in _open_sockets:
+            return
+        self._closing = True
+        try:
+            await asyncio.wait_for(self.close(CLOSE_SERVICE_RESTART), SHUTDOWN_CLOSE_TIMEOUT)
+        except Exception as exc:  # the server may have dropped the connection already
+            logger.debug("closing %s on shutdown failed: %r", self.channel_name, exc)
+        else:
+            logger.debug("closed %s with 1012: server stopping", self.channel_name)
 
     async def websocket_connect(self, message: Message) -> None:
         """Check the layer, ``allow_anonymous`` and the connection limits, then connect."""
@@ -348,9 +380,19 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
             self._registered = True
             await self._register()
         await super().accept(subprotocol, headers)
+        _open_sockets.add(self)
+
+    async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
+        """Close the WebSocket from the server end (Channels' ``close``)."""
+        _open_sockets.discard(self)
+        if reason:
+            await super().close(code, reason)
+        else:  # channels 4.0 takes no reason
+            await super().close(code)
 
     async def websocket_disconnect(self, message: Message) -> None:
         """Leave every group, then run Channels' disconnect (which calls ``disconnect``)."""
+        _open_sockets.discard(self)
         if self._refused:
             raise StopConsumer()
         await self._cleanup()

@@ -34,6 +34,7 @@ class Housekeeper:
         self._dead: set[str] = set()
         self._announce = False
         self._restore_history = False
+        self._resync_at: float | None = None  # when presence states go out again (reregister)
         self._passes = 0
 
     def wake(self, dead: list[str]) -> None:
@@ -46,6 +47,10 @@ class Housekeeper:
         node had been pruned, so their leaves were announced)."""
         self._announce = self._announce or announce
         self._restore_history = True
+        # Presence states go out again once every live node has had a beat (and the pass
+        # after it) to write its memberships again: every node beats within one interval of
+        # this node noticing the loss, so 1.5 intervals is the second pass from now.
+        self._resync_at = time.monotonic() + 1.5 * self.node.config.heartbeat_interval
 
     async def run(self) -> None:
         node = self.node
@@ -72,6 +77,9 @@ class Housekeeper:
         if self._restore_history:  # after the sync: the rooms' members are back first
             await node.history_rooms.restore(node.transport, self._joined)
             self._restore_history = False
+        if self._resync_at is not None and now >= self._resync_at:
+            await node.presence.resync()
+            self._resync_at = None
         await node.inbox.refresh_marks()
         self._passes += 1
         if self._passes % RECONCILE_EVERY == 0:

@@ -46,6 +46,10 @@ DEFER_FACTOR = 100
 #: Most entries one read takes (XREAD COUNT, ARM_INBOX's XRANGE COUNT).
 READ_COUNT = 500
 
+#: A read that returned at least this many entries means a backlog: the next read is a
+#: plain XREAD rather than ARM_INBOX (see InboxReader._next).
+BUSY_READ = 50
+
 #: How long an armed mark lives (s): longer than a wait for the bell (BLOCK_SECONDS), after
 #: which the reader reads and, finding nothing, arms again; a dead reader's mark lapses.
 ARMED_SECONDS = 5.0
@@ -72,6 +76,7 @@ class InboxReader:
         self._refill_wake = asyncio.Event()
         self.bell: Doorbell | None = None  # while run() runs
         self.from_bell = 0  # entries taken from a bell, without a read
+        self._busy = False  # the last read found a backlog: read next with a plain XREAD
 
     async def run(self) -> None:
         """Read forever from the last id seen; reconnect on any error.
@@ -128,16 +133,27 @@ class InboxReader:
         bell (or at most BLOCK_SECONDS): then the entry the bell carried (:meth:`_rung`), or
         [] and the caller reads again.
 
-        One round trip either way: ARM_INBOX returns the entries after the cursor when
-        there are any (then it does not arm: a reader that keeps finding entries reads back
-        to back and no bell is rung under load) and sets the armed mark only when there are
-        none, so going idle costs no read more than finding entries does. It arms only once its subscription is confirmed, so a bell rung after the arm
+        ARM_INBOX reads and, finding nothing, arms in the same atomic step, so an entry
+        appended after it rings the bell. While the reader works through a backlog
+        (``_busy``: its last read returned at least BUSY_READ entries) it reads with a plain
+        non-blocking XREAD instead: ARM_INBOX copies the entries through Lua tables, which
+        cost Redis 5.6x an XREAD's CPU at 100 entries a read and 5.4x at 500
+        (benchmarks/bench_inbox_read.py), while the next read after a short one is likely to
+        find nothing, where ARM_INBOX saves the round trip of an empty XREAD. An XREAD that
+        finds nothing is followed by ARM_INBOX at once (what arrived meanwhile it returns).
+        It arms only once its subscription is confirmed, so a bell rung after the arm
         reaches it; a reader without a bell (its subscription down, or refused to the ACL
         user) waits in XREAD BLOCK instead, as it did before the doorbell.
         """
         if not await bell.ready():
             return await self._xread(conn, int(BLOCK_SECONDS * 1000))
+        if self._busy:
+            entries = await self._xread(conn, None)
+            if entries:
+                self._busy = len(entries) >= BUSY_READ
+                return entries
         entries = await self._arm(conn)
+        self._busy = len(entries) >= BUSY_READ
         if entries:
             return entries
         return self._rung(await bell.wait(BLOCK_SECONDS))
@@ -159,12 +175,12 @@ class InboxReader:
         return [entry]
 
     async def _xread(
-        self, conn: Redis, block: int | None
+        self, conn: Redis, block_ms: int | None
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """XREAD from the cursor (non-blocking unless ``block`` ms)."""
+        """XREAD from the cursor: BLOCK ``block_ms`` (the reader without a bell), or none."""
         cursor: Any = {self.node.keys.inbox(self.node.token): self.last_id}
         response: Any = await cancellable(
-            lambda: conn.xread(cursor, count=READ_COUNT, block=block), on_stuck=self._cut(conn)
+            lambda: conn.xread(cursor, count=READ_COUNT, block=block_ms), on_stuck=self._cut(conn)
         )
         return [entry for _stream, entries in response or [] for entry in entries]
 

@@ -19,8 +19,15 @@ MASK = "***"
 # Option names whose values are secrets: password, ssl_password, sentinel passwords, tokens...
 _SECRET_NAME = re.compile(r"pass|secret|token|credential", re.IGNORECASE)
 
-# user:password@ inside any text (an exception message from another library, say).
-_USERINFO_IN_TEXT = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^\s:/@]*):[^\s/@]*@", re.IGNORECASE)
+# user:password@ inside any text (an exception message from another library, say); the
+# password may hold a bare / or @ (not percent-encoded), so it runs to the last @ before
+# whitespace (at worst more is hidden, never less).
+_USERINFO_IN_TEXT = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^\s:/@]*):\S*@", re.IGNORECASE
+)
+
+# Where a URL's authority (user info, host, port) ends.
+_AUTHORITY_END = re.compile(r"[/?#]")
 
 
 def is_secret_name(name: object) -> bool:
@@ -29,7 +36,20 @@ def is_secret_name(name: object) -> bool:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with the password of its user info and secret query values replaced."""
+    """``url`` with the password of its user info and secret query values replaced (also in
+    a URL written without its scheme, ``user:password@host``, which urlsplit cannot parse)."""
+    if "://" not in url and "@" in url:
+        userinfo, _, rest = url.rpartition("@")
+        return f"{userinfo.split(':', 1)[0]}:{MASK}@{rest}" if ":" in userinfo else url
+    scheme, _, rest = url.partition("://")
+    authority = _AUTHORITY_END.split(rest, maxsplit=1)[0]
+    if ":" in authority and "@" not in authority and "@" in rest:
+        # A password with a bare / ? or # (not percent-encoded): urlsplit would end the host
+        # part inside it and show the rest. Everything up to the last @ is user info here
+        # (at worst an @ in a query is taken for it: more is hidden, never less).
+        userinfo, _, tail = rest.rpartition("@")
+        masked_tail = mask_url(f"{scheme}://{tail}").partition("://")[2]
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:{MASK}@{masked_tail}"
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -60,7 +80,7 @@ def scrub(text: str) -> str:
 def redact(value: Any) -> Any:
     """A copy of ``value`` (dicts, lists, tuples, strings) with every credential masked."""
     if isinstance(value, str):
-        return mask_url(value) if "://" in value else value
+        return mask_url(value) if "://" in value or "@" in value else value
     if isinstance(value, Mapping):
         return {
             key: MASK if is_secret_name(key) and item is not None else redact(item)

@@ -330,7 +330,9 @@ class Presence:
             self.replicas[group] = replica
         self._drop_if_unused(group)
 
-    async def _fill_now(self, group: str) -> None:
+    async def _fill_now(self, group: str, *, replace: bool = False) -> None:
+        """Read the group's presence table into its replica (``replace``: even when one is
+        held, since it may have been filled from a table other nodes had not written again)."""
         node = self.node
         key = node.keys.group_presence(group)
         fill = self._begin_fill(group)
@@ -339,7 +341,33 @@ class Presence:
             raw = await node.transport.run(lambda c: c.hgetall(key))
             state = [presence_entry(_text(ch), rec) for ch, rec in raw.items()]
         finally:
+            if replace and state is not None:
+                self.replicas.pop(group, None)
             self._end_fill(group, fill, state)
+
+    async def resync(self) -> None:
+        """Give each local presence member a fresh ``presence.state`` of each of its groups.
+
+        Called by the housekeeper after pruning or data loss, once every live node has had
+        a heartbeat to write its memberships again: the members may have missed diffs (an
+        append to an inbox Redis had lost goes nowhere), and the entries of a node that
+        died during a data loss went with the data, so no pruning will announce their
+        leaves. The state read from Redis now holds exactly the live members. A member
+        whose join is on its way is skipped: its join hands it a state from this replica.
+        A failed read raises (the housekeeper retries the resync at its next pass).
+        """
+        for group in sorted(self.node.memberships.presence_groups):
+            await self._fill_now(group, replace=True)
+            replica = self.replicas.get(group)
+            members = self.node.memberships.members(group)
+            if replica is None or not members:
+                continue  # the group's last presence member left during the read
+            seen = self._seen.setdefault(group, {})
+            for channel, membership in list(members.items()):
+                entry = replica.entries.get(channel)
+                if membership.presence and entry is not None and seen.get(channel) != JOINING:
+                    self._queue_state(group, channel, replica, entry)
+                    seen[channel] = replica.version
 
     def _apply(self, group: str, replica: Replica, joins: list[Entry], leaves: list[Entry]) -> int:
         """Apply one diff; returns the replica version since which all of it was known (a

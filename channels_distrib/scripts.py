@@ -210,9 +210,11 @@ return 1
 """
 )
 
-# ARM_INBOX: the inbox reader's read while it has a bell: the entries after its
-# cursor, and when there are none, the armed mark (with a TTL, so a reader that died stops
-# costing writers a PUBLISH), atomically: an entry appended after this script rings the bell.
+# ARM_INBOX: the inbox reader's read, while it has a bell, when it is about to go idle (a
+# plain XREAD found nothing, or it just woke): the entries after its cursor, and when there
+# are none, the armed mark (with a TTL, so a reader that died stops costing writers a
+# PUBLISH), atomically: an entry appended after this script rings the bell. Not the read
+# under load: its entries pass through Lua tables, several times an XREAD's CPU.
 # KEYS[1] inbox stream, KEYS[2] the node's armed mark
 # ARGV[1] the reader's cursor (last id read), ARGV[2] most entries to return, ARGV[3] TTL of
 # the mark, ms

@@ -80,6 +80,14 @@ class ProbeConsumer(DistributedConsumer):
         meta["name"] = query.get("name", ["anon"])[0]
         return meta
 
+    async def disconnect(self, code: int) -> None:
+        """With ``?report=<room>``: tell that room this connection's ``disconnect()`` ran."""
+        query = parse_qs(self.scope.get("query_string", b"").decode())
+        if "report" in query:
+            await self.broadcast_to_room(
+                query["report"][0], {"type": "disconnected", "client_id": self.client_id, "code": code}
+            )
+
     async def handle_join(self, content: dict[str, Any]) -> None:
         await self.join_room(content.get("room"), content.get("meta"))  # type: ignore[arg-type]
         await self.send_json({"type": "reply.join", "room": content["room"]})

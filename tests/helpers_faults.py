@@ -339,58 +339,121 @@ def sentinel_available() -> bool:
 
 
 def start_sentinel_group(down_after_ms: int = 1000) -> SentinelGroup:
+    """Master, replica and three sentinels that know each other, on fresh ports.
+
+    A group that has not formed within 30 s is stopped and started once more on new ports
+    (a port taken between ``free_port`` and the sentinel's bind ends that sentinel); the
+    second failure raises with what was still missing and the tail of each sentinel's log.
+    """
+    problem = ""
+    for _attempt in range(2):
+        group = _spawn_sentinel_group(down_after_ms)
+        try:
+            problem = _wait_formed(group, 30.0)
+        except BaseException:
+            group.stop()
+            raise
+        if not problem:
+            return group
+        problem = f"{problem}\n{_sentinel_logs(group)}"
+        group.stop()
+    raise RuntimeError(f"sentinel group did not form within 30 s, twice: {problem}")
+
+
+def _spawn_sentinel_group(down_after_ms: int) -> SentinelGroup:
+    binary = server_binary()
+    if binary is None:
+        raise RuntimeError("no redis-server binary for the sentinels")
+    master = start_server()
+    try:
+        replica = start_server(["--replicaof", "127.0.0.1", str(master.port)])
+    except BaseException:
+        master.stop()
+        raise
+    ports: list[int] = []
+    while len(ports) < 3:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    group = SentinelGroup(master, replica, ports, [], tempfile.mkdtemp(prefix="distrib-sentinels-"))
+    try:
+        for port in ports:
+            group.procs.append(_spawn_sentinel(binary, group, port, down_after_ms))
+    except BaseException:
+        group.stop()  # ends the master, the replica and any sentinel already started
+        raise
+    return group
+
+
+def _spawn_sentinel(binary: str, group: SentinelGroup, port: int,
+                    down_after_ms: int) -> subprocess.Popen[bytes]:
+    conf = os.path.join(group.workdir, f"sentinel-{port}.conf")
+    with open(conf, "w") as handle:
+        handle.write(
+            f"port {port}\nbind 127.0.0.1\ndir {group.workdir}\n"
+            f"logfile {os.path.join(group.workdir, f'sentinel-{port}.log')}\n"
+            f"sentinel monitor {group.name} 127.0.0.1 {group.master.port} 2\n"
+            f"sentinel down-after-milliseconds {group.name} {down_after_ms}\n"
+            f"sentinel failover-timeout {group.name} 10000\n"
+        )
+    return subprocess.Popen([binary, conf, "--sentinel"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_formed(group: SentinelGroup, timeout: float) -> str:
+    """Wait until the group has formed; '' when it has, else what was still missing."""
     import redis
 
-    master = start_server()
-    replica = start_server(["--replicaof", "127.0.0.1", str(master.port)])
-    workdir = tempfile.mkdtemp(prefix="distrib-sentinels-")
-    ports = [free_port() for _ in range(3)]
-    procs: list[subprocess.Popen[bytes]] = []
-    group = SentinelGroup(master, replica, ports, procs, workdir)
-    try:
-        binary = server_binary()
-        assert binary is not None
-        for port in ports:
-            conf = os.path.join(workdir, f"sentinel-{port}.conf")
-            with open(conf, "w") as handle:
-                handle.write(
-                    f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
-                    f"sentinel monitor {group.name} 127.0.0.1 {master.port} 2\n"
-                    f"sentinel down-after-milliseconds {group.name} {down_after_ms}\n"
-                    f"sentinel failover-timeout {group.name} 10000\n"
-                )
-            procs.append(subprocess.Popen([binary, conf, "--sentinel"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 30
-        while True:
-            if time.monotonic() > deadline:
-                raise RuntimeError("sentinel group did not form within 30 s")
-            if all(ping("127.0.0.1", p) for p in ports) and _formed(redis, group):
-                return group
-            time.sleep(0.2)
-    except BaseException:
-        group.stop()
-        raise
+    deadline = time.monotonic() + timeout
+    problem = "not checked"
+    while time.monotonic() < deadline:
+        exited = [(p, proc.returncode) for p, proc in zip(group.ports, group.procs, strict=True)
+                  if proc.poll() is not None]
+        if exited:
+            return f"sentinels exited (port, code): {exited}"
+        problem = _missing(redis, group)
+        if not problem:
+            return ""
+        time.sleep(0.2)
+    return problem
 
 
-def _formed(redis: Any, group: SentinelGroup) -> bool:
-    """Every sentinel knows the other two and the replica, and the replica is in sync."""
+def _missing(redis: Any, group: SentinelGroup) -> str:
+    """What the group still lacks: every sentinel answers and knows the other two and the
+    replica, and the replica is in sync ('' when nothing is missing)."""
+    silent = [p for p in group.ports if not ping("127.0.0.1", p)]
+    if silent:
+        return f"sentinels on {silent} do not answer PING"
     replica = redis.Redis(port=group.replica.port)
     try:
-        if replica.info("replication").get("master_link_status") != "up":
-            return False
+        link = replica.info("replication").get("master_link_status")
     finally:
         replica.close()
+    if link != "up":
+        return f"replica master_link_status is {link!r}"
     for port in group.ports:
         client = redis.Redis(port=port)
         try:
-            if len(client.sentinel_sentinels(group.name)) < 2:
-                return False
-            if len(client.sentinel_slaves(group.name)) < 1:
-                return False
+            others = len(client.sentinel_sentinels(group.name))
+            replicas = len(client.sentinel_slaves(group.name))
         finally:
             client.close()
-    return True
+        if others < 2 or replicas < 1:
+            return f"sentinel {port} knows {others} other sentinels and {replicas} replicas"
+    return ""
+
+
+def _sentinel_logs(group: SentinelGroup, lines: int = 8) -> str:
+    tails = []
+    for port in group.ports:
+        path = os.path.join(group.workdir, f"sentinel-{port}.log")
+        try:
+            with open(path, errors="replace") as handle:
+                tail = handle.read().splitlines()[-lines:]
+        except OSError as exc:
+            tail = [f"(no log: {exc})"]
+        tails.append(f"sentinel {port}:\n  " + "\n  ".join(tail))
+    return "\n".join(tails)
 
 
 def sentinel_master_port(group: SentinelGroup) -> int:

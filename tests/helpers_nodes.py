@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import read_json_lines
+
 ROOT = Path(__file__).resolve().parent.parent
 
 FAST = {"heartbeat_interval": 0.5, "node_timeout": 2.0}
@@ -54,14 +56,7 @@ class NodeProcess:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                event = {"event": "garbage", "line": raw.decode(errors="replace")}
-            with self._lock:
-                self.events.append(event)
+        read_json_lines(self.proc.stdout, self.events, self._lock)
 
     # -- what it said ---------------------------------------------------------------------
 
@@ -157,13 +152,15 @@ class NodeProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+        # The reader sees EOF once the process is gone; join it before closing stdout, since
+        # closing a buffered pipe another thread is reading makes that thread raise.
+        self._reader.join(5)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 try:
                     stream.close()
                 except OSError:
                     pass
-        self._reader.join(5)
         self._stderr.close()
 
 

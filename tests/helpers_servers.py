@@ -49,10 +49,20 @@ def start_server(server: str, app: str, env: dict[str, str] | None = None,
     if server == "daphne":
         return start_daphne(app, env, timeout=timeout, extra_args=extra_args)
     port = free_port()
-    fd, log_path = tempfile.mkstemp(prefix=f"{server}-", suffix=".log")
+    argv = _command(server, app, port, list(extra_args or []))
+    return start_command(argv, port, app, env, timeout=timeout)
+
+
+def start_command(argv: list[str], port: int, app: str, env: dict[str, str] | None = None,
+                  timeout: float = START_TIMEOUT) -> DaphneProcess:
+    """Run ``argv`` (a server serving ``app`` on 127.0.0.1:``port``) from the repository
+    root; return once the port accepts TCP. Raises ``RuntimeError`` with the log tail if it
+    exits or is not ready within ``timeout``."""
+    name = os.path.basename(argv[2] if argv[1:2] == ["-m"] else argv[0])
+    fd, log_path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(_command(server, app, port, list(extra_args or [])), cwd=REPO_ROOT, env=child_env,
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env,
                                 stdout=log, stderr=subprocess.STDOUT)
     node = DaphneProcess(port=port, proc=proc, log_path=log_path, app=app, env=dict(env or {}))
     deadline = time.monotonic() + timeout
@@ -63,7 +73,7 @@ def start_server(server: str, app: str, env: dict[str, str] | None = None,
     tail = node.log_tail()
     node.kill()
     node.terminate()
-    raise RuntimeError(f"{server} {app} did not start:\n{tail}")
+    raise RuntimeError(f"{' '.join(argv)} did not start:\n{tail}")
 
 
 def _accepts(port: int) -> bool:

@@ -143,3 +143,43 @@ def test_a_failing_column_keeps_the_others_and_no_password_is_printed(tmp_path: 
     for text in (proc.stdout, proc.stderr, (tmp_path / "results.json").read_text(),
                  (tmp_path / "results.md").read_text()):
         assert "topsecret" not in text
+
+
+@pytest.mark.timeout(120)
+def test_history_benchmark_counts_one_round_trip_per_room_send(redis_url: str) -> None:
+    """``python -m benchmarks.bench_history`` at a small size: it runs, every room send is
+    one round trip with history and without, and the history's memory is reported."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_history", "--redis-url", redis_url,
+         "--nodes", "2", "--members", "4", "--sends", "40", "--rounds", "1", "--keep", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 0, f"failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| room")]
+    trips = {name.strip(): float(value) for name, value, _usec in rows}
+    assert set(trips) == {"plain", "history"}, proc.stdout
+    assert trips == {"plain": 1.0, "history": 1.0}, proc.stdout
+    assert "history kept 20 entries" in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_inbox_read_benchmark_compares_xread_and_arm_inbox(redis_url: str) -> None:
+    """``python -m benchmarks.bench_inbox_read`` at a small size: a row per batch size, each
+    with client and Redis figures for both reads, and the going-idle line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_inbox_read", "--redis-url", redis_url,
+         "--entries", "600", "--rounds", "1", "--idle-reads", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 0, f"failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [int(row[0]) for row in rows] == [1, 10, 100, 500], proc.stdout
+    for row in rows:
+        for cell in row[1:]:
+            client, server = (float(x) for x in cell.split("/"))
+            assert client > 0 and server > 0, proc.stdout
+    assert "going idle" in proc.stdout and "ARM_INBOX" in proc.stdout, proc.stdout

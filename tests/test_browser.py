@@ -2,7 +2,8 @@
 
 Needs Debian's ``chromium`` (``.ci/install-browser``) and the ``playwright`` package,
 which drives ``/usr/bin/chromium`` (playwright's own browser download is not used).
-Screenshots go to docs/screenshots/ (the README shows them), or to $SCREENSHOT_DIR.
+Screenshots go to a temporary directory, so a test run leaves the checkout as it was; to
+refresh the README's: ``SCREENSHOT_DIR=docs/screenshots ./runtests tests/test_browser.py``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import redis
 from tests.test_testproject import Node, start_node
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parent.parent
-SHOTS = Path(os.environ.get("SCREENSHOT_DIR") or ROOT / "docs" / "screenshots")
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -61,6 +60,18 @@ def browser(request: pytest.FixtureRequest) -> Iterator[Any]:
             yield chromium
         finally:
             chromium.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: $SCREENSHOT_DIR (docs/screenshots to refresh the README's), or a
+    temporary directory."""
+    wanted = os.environ.get("SCREENSHOT_DIR")
+    if not wanted:
+        return tmp_path_factory.mktemp("screenshots")
+    path = Path(wanted)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +144,9 @@ _BOTH_DELIVERING = """() => ['node-a', 'node-b'].every(id => {
 
 
 def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
-    browser: Any, nodes: tuple[Node, Node]
+    browser: Any, nodes: tuple[Node, Node], shots: Path
 ) -> None:
     a, b = nodes
-    SHOTS.mkdir(parents=True, exist_ok=True)
     context = browser.new_context(viewport={"width": 1100, "height": 640})
     context.set_default_timeout(15_000)
     try:
@@ -159,7 +169,7 @@ def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
         # The sender sees its own line once (drawn locally), never an echo from the server.
         own = alice.locator("#messages li", has_text="Hi Bob, I am on node A.")
         assert own.count() == 1
-        bob.screenshot(path=str(SHOTS / "chat.png"))
+        bob.screenshot(path=str(shots / "chat.png"))
 
         dash = context.new_page()
         dash.goto(f"{a.http_url}/dashboard/")
@@ -191,11 +201,11 @@ def test_two_pages_on_two_nodes_chat_and_dashboard_lists_both(
         dash.wait_for_selector('#chart-connections polyline[data-node-id="node-b"]', state="attached")
         assert dash.locator("#legend").inner_text().split() == ["node-a", "node-b"]
         assert dash.locator("#now-prunes").inner_text() == "0"
-        dash.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)
+        dash.screenshot(path=str(shots / "dashboard.png"), full_page=True)
     finally:
         context.close()
     for shot in ("chat.png", "dashboard.png"):
-        assert (SHOTS / shot).stat().st_size > 5_000
+        assert (shots / shot).stat().st_size > 5_000
 
 
 def test_members_of_a_killed_node_vanish_from_the_page(
@@ -248,7 +258,11 @@ def _report(request: pytest.FixtureRequest, text: str) -> None:
 
 
 def test_a_page_whose_node_is_killed_moves_to_another_node_and_misses_nothing(
-    browser: Any, nodes: tuple[Node, Node], redis_url: str, request: pytest.FixtureRequest
+    browser: Any,
+    nodes: tuple[Node, Node],
+    redis_url: str,
+    request: pytest.FixtureRequest,
+    shots: Path,
 ) -> None:
     """SIGKILL the node a chat page is on while messages flow: the page reconnects to a live
     node, rejoins with the last offset it saw and shows every message once, in order."""
@@ -302,7 +316,7 @@ def test_a_page_whose_node_is_killed_moves_to_another_node_and_misses_nothing(
             f"{joined['t'] / 1000 - killed_at:.3f} s, -> first message "
             f"{first['t'] / 1000 - killed_at:.3f} s; recovered from history "
             f"{len(replayed)}; received {len(lines)}/{total + 3}, none twice, in order"))
-        alice.screenshot(path=str(SHOTS / "failover.png"))
+        alice.screenshot(path=str(shots / "failover.png"))
     finally:
         context.close()
         c.stop()

@@ -352,3 +352,20 @@ def test_max_message_size_below_1mib_keeps_1mib_working_or_is_rejected():
         with pytest.raises(ImproperlyConfigured, match=r"max_message_size must be at least"):
             make(max_message_size=too_small)
     assert make(max_message_size=1024 * 1024).config.max_message_size == 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"hosts": [{"sentinels": ["redis://:s3cret-pw@10.0.0.1:26379"], "master_name": "m"}]},
+         "Sentinel address 'redis://:***@10.0.0.1:26379' must be a (host, port) pair"),
+        ({"broker": {"url": "amqp://guest:s3cret-pw@10.0.0.1/", "password": "s3cret-pw"}},
+         "broker must be an 'amqp://' or 'amqps://' URL"),
+        ({"broker": "guest:s3cret-pw@10.0.0.1:5672"}, "got guest:***@10.0.0.1:5672"),
+    ],
+)
+def test_a_refused_entry_is_shown_without_its_password(config: dict[str, Any], says: str) -> None:
+    with pytest.raises(ImproperlyConfigured) as info:
+        make(**config)
+    assert says in str(info.value)
+    assert "s3cret-pw" not in str(info.value)

@@ -24,6 +24,7 @@ from tests.conftest import MESSAGE_PATHS
 from tests.consumer_app import send_room_view
 from tests.consumer_clients import WsClient
 from tests.helpers_daphne import DaphneProcess, start_daphne
+from tests.helpers_servers import SERVERS, start_server
 
 APP = "tests.consumer_asgi:application"
 # Short node timeouts so node death is noticed within a few seconds.
@@ -88,11 +89,13 @@ def cluster(
 def spawn(
     redis_url: str, cluster_prefix: str, daphne_path: dict[str, Any]
 ) -> Iterator[Callable[..., DaphneProcess]]:
-    """Start extra nodes on the cluster's prefix for one test; stopped by pid at teardown."""
+    """Start extra nodes on the cluster's prefix for one test (daphne unless ``server`` names
+    another of :data:`SERVERS`); stopped by pid at teardown."""
     started: list[DaphneProcess] = []
 
-    def start(**config: Any) -> DaphneProcess:
-        node = start_daphne(APP, node_env(redis_url, cluster_prefix, **daphne_path, **config))
+    def start(server: str = "daphne", **config: Any) -> DaphneProcess:
+        env = node_env(redis_url, cluster_prefix, **daphne_path, **config)
+        node = start_server(server, APP, env)
         started.append(node)
         return node
 
@@ -286,30 +289,6 @@ async def test_sync_view_called_from_a_plain_thread(
 # -- inbound errors -------------------------------------------------------------------
 
 
-async def test_every_error_code_through_daphne(cluster, ws) -> None:
-    node1, _ = cluster
-    client = await ws(node1)
-    frames: list[tuple[str | bytes, str]] = [
-        ("{not json", "invalid_json"),
-        ("[1, 2, 3]", "invalid_message"),
-        ("null", "invalid_message"),
-        ('{"no": "type"}', "invalid_message"),
-        (b"\x89PNG", "unsupported_frame"),
-        ('{"type": "launch.rockets"}', "unknown_type"),
-        ('{"type": "join", "room": "private-x"}', "forbidden"),
-        ('{"type": "join", "room": "spaces are bad"}', "invalid_room"),
-    ]
-    for frame, code in frames:
-        if isinstance(frame, bytes):
-            await client.send_bytes(frame)
-        else:
-            await client.send_text(frame)
-        error = await client.expect_error(code)
-        if code == "invalid_json":
-            assert error["message"] == "Invalid message format"
-    assert (await client.request("echo", still="open"))["still"] == "open"
-
-
 async def test_rate_limited_error_then_close_1008_through_daphne(cluster, ws) -> None:
     node1, node2 = cluster
     client = await ws(node1, path="/ws/limited/")
@@ -334,9 +313,14 @@ async def test_oversized_frame_closes_1009_through_daphne(cluster, ws) -> None:
     assert (await other.request("echo", ok=1))["ok"] == 1
 
 
-async def test_connection_limit_closes_1013_while_other_node_accepts(cluster, ws, spawn) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+async def test_connection_limit_closes_1013_while_other_node_accepts(
+    cluster, ws, spawn, server
+) -> None:
+    """The limited node runs under each server (1013 is one of the codes daphne refuses
+    without the mixin's patch); the other node is the module's daphne."""
     _, node2 = cluster
-    limited = spawn(connection_limit=2)
+    limited = spawn(server, connection_limit=2)
     first = await ws(limited)
     await ws(limited)
     third = await ws(limited)  # the handshake succeeds, so browsers see the code
@@ -422,16 +406,17 @@ async def test_presence_leave_when_a_node_is_killed_or_stopped(cluster, ws, spaw
     assert [x["channel"] for x in diff["leaves"]] == [victim_id]
     assert (await watcher.request("size", room=room))["size"] == 1
 
-    stopping = spawn()
+    # node_timeout 30 s: pruning could remove this node only 29 s or more after its stop, so
+    # the leave within 8 s below is the clean stop's own.
+    stopping = spawn(heartbeat_interval=1.0, node_timeout=30.0)
     leaver = await ws(stopping)
     await leaver.request("join", room=room)
     leaver_id = (await leaver.request("whoami"))["client_id"]
     await watcher.expect("presence.diff", group=room)
     await asyncio.to_thread(stopping.terminate)
-    # A clean stop removes the node at once: well before heartbeat pruning could (the node
-    # runs the default 2 s / 6 s timings, so pruning needs at least 4 s after its last beat;
-    # 3.5 s leaves a loaded machine time to stop the process).
-    diff = await watcher.expect("presence.diff", timeout=3.5, group=room)
+    # A clean stop removes the node at once (under a loaded machine, with py3.13 and the
+    # broker path, it took more than 3.5 s once in CI: the consumers' 1012 close first).
+    diff = await watcher.expect("presence.diff", timeout=8.0, group=room)
     assert [x["channel"] for x in diff["leaves"]] == [leaver_id], diff
 
 

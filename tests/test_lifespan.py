@@ -1,4 +1,5 @@
-"""A clean stop under every ASGI server: SIGTERM removes the node and its memberships at once.
+"""A clean stop under every ASGI server: SIGTERM removes the node and its memberships at once,
+and connected clients see close code 1012 (Service Restart).
 
 The same app (``tests.consumer_asgi``, with ``LayerLifespan`` under ``"lifespan"``) runs
 under daphne (which stops through the node's Twisted trigger), uvicorn and hypercorn. The
@@ -26,6 +27,7 @@ from tests.helpers_servers import SERVERS, start_server, without_slow_step_repor
 pytestmark = pytest.mark.timeout(90)
 
 NODE_TIMEOUT = 60.0
+SERVICE_RESTART = 1012  # RFC 6455 section 7.4.1 (IANA registry): what uvicorn sends
 
 
 async def request(ws: Any, frame: dict[str, Any], reply: str) -> dict[str, Any]:
@@ -56,6 +58,12 @@ async def gone(observer: Any, node_id: str) -> bool:
             and await observer.group_size("lobby") == 0)
 
 
+@pytest.fixture
+def this_test(request: pytest.FixtureRequest) -> pytest.FixtureRequest:
+    """pytest's ``request`` under another name (``request`` here sends a frame)."""
+    return request
+
+
 HYPERCORN_WAITS = pytest.mark.xfail(
     sys.version_info >= (3, 12), strict=True,
     reason="hypercorn#308: on Python 3.12+ asyncio's Server.wait_closed() waits for every "
@@ -67,9 +75,26 @@ HYPERCORN_WAITS = pytest.mark.xfail(
     pytest.param(server, marks=HYPERCORN_WAITS) if server == "hypercorn" else server
     for server in SERVERS
 ])
+# "fresh": SIGTERM right after the client connected, while daphne still lists the upgraded
+# HTTP request without an application (its kill_all_applications then raises KeyError and
+# cancels no consumer); "settled": after daphne's 1 s application checker has reaped it.
+@pytest.mark.parametrize("settle", [0.0, 1.5], ids=["fresh", "settled"])
 async def test_sigterm_removes_node_and_memberships_at_once(
-    server: str, redis_url: str, prefix: str, make_layer: Callable[..., Any]
+    server: str,
+    settle: float,
+    redis_url: str,
+    prefix: str,
+    make_layer: Callable[..., Any],
+    this_test: pytest.FixtureRequest,
 ) -> None:
+    if server == "daphne" and not settle:
+        # Runs in full and must fail: the client sees 1006, not 1012, since daphne cancels
+        # no consumer then. A reactor shutdown trigger closing every socket first fixed it,
+        # but made a clean stop lose its presence leaves (2 of 5 runs of
+        # test_consumers_daphne's stop test on Python 3.13), so it is not installed.
+        this_test.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "daphne 4.2.3 kill_all_applications raises KeyError('application_instance') "
+            "while a connection is in its handshake and cancels no consumer")))
     env = {"DISTRIB_REDIS_URL": redis_url, "DISTRIB_PREFIX": prefix,
            "DISTRIB_LAYER_CONFIG": json.dumps({"node_timeout": NODE_TIMEOUT}),
            "DISTRIB_LOG_LEVEL": "INFO"}
@@ -86,6 +111,7 @@ async def test_sigterm_removes_node_and_memberships_at_once(
             assert [m.node_id for m in await observer.group_members("room1")] == [me["node_id"]]
             assert await observer.group_size("lobby") == 1
 
+            await asyncio.sleep(settle)
             started = time.monotonic()
             node.proc.terminate()  # SIGTERM, with the client still connected
             # Node and memberships go while the server stops, whether or not it has
@@ -114,6 +140,10 @@ async def test_sigterm_removes_node_and_memberships_at_once(
     # shutdown; none may come from this library.
     assert "channels_distrib/" not in without_slow_step_reports(log), log
     assert "shutdown.failed" not in log and "Closing channel layer" not in log, log
+    # The client is told the server is restarting (uvicorn sends 1012 itself; under daphne
+    # and hypercorn, which cancel the consumer instead, the mixin sends it), rather than
+    # losing the TCP connection without a close frame (1006, like a crash).
+    assert closed == SERVICE_RESTART, log
     if server != "daphne":  # daphne sends no lifespan events; its Twisted trigger stops it
         # asyncio.run's loop close would also stop the node; LayerLifespan does it first.
         assert "Channel layer 'default' closed on server shutdown" in log, log

@@ -88,6 +88,10 @@ def test_masked_host_descriptions_keep_what_helps() -> None:
         "'sentinel_kwargs': {'password': '***', 'username': 'watcher'}}")
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert scrub(f"failed: rediss://u:{SECRET}@h:1/0 and more") == "failed: rediss://u:***@h:1/0 and more"
+    # A raw "@" in the password: all of it is hidden, in free text and in a URL.
+    assert scrub("failed: redis://u:p@ss@h:1/0, then redis://:x@y@h2:2 too") == (
+        "failed: redis://u:***@h:1/0, then redis://:***@h2:2 too")
+    assert mask_url("redis://u:p@ss@h:1/0") == "redis://u:***@h:1/0"
 
 
 @pytest.mark.parametrize("host", [
@@ -166,3 +170,36 @@ def test_commands_through_a_password_protected_redis_print_no_secret(
     finally:
         server.stop()
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("written", "shown"),
+    [
+        ("guest:s3cret-pw@rabbit:5672", "guest:***@rabbit:5672"),
+        (":s3cret-pw@10.0.0.1:6379", ":***@10.0.0.1:6379"),
+        ("someone@example.com", "someone@example.com"),  # no password: unchanged
+    ],
+)
+def test_a_url_written_without_its_scheme_is_masked(written: str, shown: str) -> None:
+    from channels_distrib.masking import mask_url, redact
+
+    assert mask_url(written) == shown
+    assert redact({"broker": written}) == {"broker": shown}
+
+
+@pytest.mark.parametrize(
+    ("written", "shown"),
+    [
+        # urlsplit ends the host part at the bare / and would show "pa" as a port, the
+        # rest as a path: the whole password is hidden instead.
+        ("amqp://guest:pa/s3cret-pw@rabbit:5672/vhost", "amqp://guest:***@rabbit:5672/vhost"),
+        ("redis://:pa?s3cret-pw@10.0.0.1:6379/0", "redis://:***@10.0.0.1:6379/0"),
+        ("amqps://guest:p@s3cret-pw@rabbit/?cafile=/ca.pem", "amqps://guest:***@rabbit/?cafile=/ca.pem"),
+        ("amqp://rabbit:5672/%2F", "amqp://rabbit:5672/%2F"),  # no user info: unchanged
+    ],
+)
+def test_a_password_with_a_bare_delimiter_is_masked_whole(written: str, shown: str) -> None:
+    """A password not percent-encoded (``/``, ``?``, ``#`` or ``@`` in it) is masked whole,
+    by mask_url and by scrub in free text; before, part of it showed."""
+    assert mask_url(written) == shown
+    assert "s3cret" not in scrub(f"cannot connect to {written}: refused")

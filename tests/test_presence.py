@@ -513,3 +513,45 @@ def test_a_state_packed_from_encoded_entries_is_the_message_encoded(size):
         replica.put("specific.t!new", entry("specific.t!new", "node-b", {"renamed": True}))
         replica.put("specific.t!new3", entry("specific.t!new3", "node-c", None))
         check()
+
+
+async def test_views_lose_a_node_that_died_while_redis_lost_its_data(own_redis, make_layer, prefix):
+    """A node is SIGKILLed while Redis restarts empty (here: FLUSHALL). Its entries are gone
+    with the data, so no pruning will ever announce their leaves, and every diff written to
+    an inbox before its node's heartbeat re-created it went nowhere. Each surviving presence
+    member must still end up (last state, then diffs) seeing exactly the live members, within
+    a few heartbeats, and keep getting diffs afterwards."""
+    async with node_spawner(own_redis.url, prefix) as spawn:
+        victim = spawn(channels=0, idle=3, group=GROUP, presence=True, **FAST)
+        await victim.ready()
+        x_node = make_layer(hosts=[own_redis.url], **FAST)
+        y_node = make_layer(hosts=[own_redis.url], **FAST)
+        x1, y1 = await x_node.new_channel(), await y_node.new_channel()
+        await x_node.group_add(GROUP, x1, presence=True)
+        await y_node.group_add(GROUP, y1, presence=True)
+        x_got = await receive_all(x_node, x1, quiet=0.5)
+        y_got = await receive_all(y_node, y1, quiet=0.3)
+        assert view_of(x_got) == view_of(y_got) == {x1, y1, *victim.channels}
+
+        victim.kill()
+        client = aioredis.from_url(own_redis.url)
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
+        lost = time.monotonic()
+        bound = 4 * FAST["heartbeat_interval"] + 2.0
+        x_got += await collect(x_node, x1, lambda ms: view_of(x_got + ms) == {x1, y1}, bound)
+        took = time.monotonic() - lost
+        y_got += await collect(y_node, y1, lambda ms: view_of(y_got + ms) == {x1, y1}, 1.0)
+        # Nothing later undoes it (a stale diff, a state read too early).
+        x_got += await receive_all(x_node, x1, quiet=2 * FAST["heartbeat_interval"])
+        y_got += await receive_all(y_node, y1, quiet=0.2)
+        assert view_of(x_got) == view_of(y_got) == {x1, y1}, presence_events(x_got)[-3:]
+        print(f"\nviews exact {took:.2f} s after the data loss")
+
+        # Diffs flow again: a new member on y is seen by x.
+        y2 = await y_node.new_channel()
+        await y_node.group_add(GROUP, y2, presence=True)
+        x_got += await receive_all(x_node, x1, quiet=1.0)
+        assert view_of(x_got) == {x1, y1, y2}
