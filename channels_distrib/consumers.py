@@ -240,7 +240,6 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
         self._counted_layer: Any = None
         self._registered = False
         self._closing = False
-        self._task: asyncio.Task[Any] | None = None
         # Refused at connect (anonymous, or over the connection limit): nothing registered,
         # and the subclass's connect()/disconnect() never run.
         self._refused = False
@@ -301,7 +300,6 @@ class DistributedMixin(_ConsumerBase):  # type: ignore[misc]  # channels ships n
     # -- connection lifecycle ----------------------------------------------------------
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        self._task = asyncio.current_task()
         try:
             await super().__call__(scope, receive, send)
         except asyncio.CancelledError:
