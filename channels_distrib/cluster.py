@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import ClusterDownError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .exceptions import RedisUnavailable
 from .scripts import ALL as SCRIPT_SOURCES
@@ -61,7 +63,9 @@ def _noscript(result: object) -> bool:
     )
 
 
-async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, ...]]]) -> list[Any]:
+async def pipelined(
+    t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, ...]]], *, idempotent: bool = False
+) -> list[Any]:
     """Run scripts (and plain commands, as ``("command", (key, args...))``) pipelined: one
     pipeline per master, all sent concurrently (one round trip).
 
@@ -71,7 +75,10 @@ async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, .
     a master refused without running them (NOSCRIPT after it restarted empty, CLUSTERDOWN
     while another master is away) are sent again, alone, until ``retry_timeout``; still
     refused then, they raise RedisUnavailable, as a part whose master stayed unreachable does
-    (the other parts may have run).
+    (the other parts may have run). ``idempotent`` calls (reads) are also sent again after a
+    connection error once written: redis-py closes every connection of its cluster client
+    when one command fails to connect (a master killed), so a read in flight on a healthy
+    master sees "Connection closed by server".
     """
     results: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
@@ -85,7 +92,8 @@ async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, .
             return lambda client: _send(t, client, [calls[now[i]] for i in part])
 
         outcomes = await asyncio.gather(
-            *(t.run(part_of(part, todo)) for part in parts), return_exceptions=True
+            *(t.run(part_of(part, todo), idempotent=idempotent) for part in parts),
+            return_exceptions=True,
         )
         refused: list[int] = []
         for part, outcome in zip(parts, outcomes, strict=True):
@@ -94,7 +102,7 @@ async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, .
             for n, i in enumerate(part):
                 result = outcome if isinstance(outcome, BaseException) else outcome[n]
                 results[todo[i]] = result
-                if _noscript(result) or isinstance(result, ClusterDownError):
+                if _refused(result, idempotent):
                     refused.append(todo[i])
         todo = refused
         if any(_noscript(results[i]) for i in todo):
@@ -106,12 +114,22 @@ async def pipelined(t: Transport, calls: Sequence[Call | tuple[str, tuple[Any, .
                 break
             await asyncio.sleep(backoff(attempt, RECONNECT_CAP))
     for result in results:
-        if isinstance(result, ClusterDownError):
-            # Refused (never run) until retry_timeout: as for a master that cannot be reached.
+        if _refused(result, idempotent):
+            # Refused (never run) until retry_timeout, or a read that kept failing: as for
+            # a master that cannot be reached.
             raise RedisUnavailable(t.host.address, time.monotonic() - started, result) from result
         if isinstance(result, BaseException):
             raise result
     return results
+
+
+def _refused(result: object, idempotent: bool) -> bool:
+    """Whether a pipelined call's result asks for it to be sent again: refused unrun
+    (NOSCRIPT, CLUSTERDOWN), or, for a read, failed on its connection (a pipeline puts such
+    errors among the results: they never reach Transport.run)."""
+    if _noscript(result) or isinstance(result, ClusterDownError):
+        return True
+    return idempotent and isinstance(result, (RedisConnectionError, RedisTimeoutError))
 
 
 def _first_key(call: Any) -> str:
@@ -205,7 +223,9 @@ class ClusterOps:
             ("cluster_fan_read", list(keys), [a[1], a[3], a[4], a[7], a[8]])
             for keys, a in sends
         ]
-        found = await pipelined(t, reads)
+        # A read with no history keys only removes expired members: safe to send twice. A
+        # room send's read numbers and stores the message, so it is sent at most once.
+        found = await pipelined(t, reads, idempotent=all(len(keys) < 6 for keys, _a in sends))
         writes: list[Any] = []
         owners: list[tuple[int, str]] = []
         for n, ((_keys, a), (tokens, queues, offset)) in enumerate(zip(sends, found, strict=True)):
@@ -384,7 +404,9 @@ class ClusterOps:
         """
         names = sorted(groups)
         k = self.keys
-        listed = await pipelined(t, [("command", ("HKEYS", k.group_nodes(g))) for g in names])
+        listed = await pipelined(
+            t, [("command", ("HKEYS", k.group_nodes(g))) for g in names], idempotent=True
+        )
         by_group = {g: {_text(tok) for tok in toks} - {own} for g, toks in zip(names, listed, strict=True)}
         gone = await self._gone(t, set().union(*by_group.values(), await self._marked(t)) - {own})
         confirmed, self._suspects = gone & self._suspects, gone - self._suspects
@@ -439,7 +461,9 @@ class ClusterOps:
         """The ``tokens`` absent from the node table whose live mark is missing or past."""
         now_ms, deadlines, _info = await self.registry._node_table(t)
         unknown = sorted(tokens - set(deadlines))
-        marks = await pipelined(t, [("command", ("GET", self.keys.live(tok))) for tok in unknown])
+        marks = await pipelined(
+            t, [("command", ("GET", self.keys.live(tok))) for tok in unknown], idempotent=True
+        )
         return {
             tok
             for tok, mark in zip(unknown, marks, strict=True)
@@ -477,7 +501,9 @@ class ClusterOps:
         """Every token with a field in some master's mark (live nodes, and dead ones not yet
         removed)."""
         tags = master_tags(await slot_map(t), self.keys.prefix)
-        found = await pipelined(t, [("command", ("HKEYS", self.keys.master_mark(i))) for i in tags])
+        found = await pipelined(
+            t, [("command", ("HKEYS", self.keys.master_mark(i))) for i in tags], idempotent=True
+        )
         return {_text(tok) for toks in found for tok in toks}
 
     # -- directories: a node's groups, per master -----------------------------------------
@@ -507,7 +533,9 @@ class ClusterOps:
             ("command", ("SMEMBERS", self.keys.noted_groups(i, tok))) for tok in tokens for i in tags
         ]
         found: dict[str, set[str]] = {tok: set() for tok in tokens}
-        for (_c, (_cmd, key)), names in zip(calls, await pipelined(t, calls), strict=True):
+        for (_c, (_cmd, key)), names in zip(
+            calls, await pipelined(t, calls, idempotent=True), strict=True
+        ):
             found[key.rsplit(":g.", 1)[1]] |= {_text(name) for name in names}
         return found
 
@@ -517,7 +545,7 @@ class ClusterOps:
         racing this) is noted back at once."""
         tags = master_tags(await slot_map(t), self.keys.prefix)
         keys = [self.keys.noted_groups(i, token) for i in tags]
-        found = await pipelined(t, [("command", ("SMEMBERS", key)) for key in keys])
+        found = await pipelined(t, [("command", ("SMEMBERS", key)) for key in keys], idempotent=True)
         before = held()
         stale = {
             key: sorted(g for g in map(_text, names) if g not in before)

@@ -132,7 +132,7 @@ class Doorbell:
         self._pubsub = self._client = None
         try:
             if pubsub is not None:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
         finally:
             if client is not None:
                 await client.aclose()

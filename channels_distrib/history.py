@@ -165,7 +165,9 @@ class RoomHistory:
                 logger.debug("history of %s: since %.80r is not an offset", room, since)
                 return HistoryRead(False, [])
             epoch, stream_id = parsed
-        reply = await t.script("history_read", self.keys_of(room), [epoch, stream_id, limit])
+        reply = await t.script(
+            "history_read", self.keys_of(room), [epoch, stream_id, limit], idempotent=True
+        )
         if int(reply[0]) != 1:
             if since is not None:
                 logger.debug("history of %s cannot continue from %s", room, since)
@@ -179,7 +181,7 @@ class RoomHistory:
 
     async def info(self, t: Transport, room: str) -> HistoryInfo | None:
         """Entries, payload bytes and Redis memory of a room's history; None without one."""
-        reply = await t.script("history_info", self.keys_of(room), [])
+        reply = await t.script("history_info", self.keys_of(room), [], idempotent=True)
         if not reply:
             return None
         entries, size, memory, count, ttl_ms, max_bytes, epoch = reply

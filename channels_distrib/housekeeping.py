@@ -140,7 +140,7 @@ class Housekeeper:
                 return await pipe.execute()
 
         node.memberships.start_reconcile()  # what changes from here on is not judged
-        index, newest = await node.transport.run(snapshot)
+        index, newest = await node.transport.read(snapshot)
         if newest and not node.inbox.has_read(newest[0][0]):
             node.memberships.reconcile_abandoned()
             return 0  # the reader is behind: next time

@@ -510,7 +510,7 @@ class InboxReader:
         if not ids:
             return
         inbox = node.keys.inbox(node.token)
-        fetched = await node.transport.run(lambda client: self._fetch(client, inbox, ids))
+        fetched = await node.transport.read(lambda client: self._fetch(client, inbox, ids))
         found = self._items(ids, fetched, readers)
         for name, batch in wanted.items():
             self._refill_one(name, batch, found)

@@ -272,7 +272,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
         if not transport.clock_synced:
             await transport.sync_clock()
         oldest = (time.time() + transport.clock_offset - self.config.group_expiry) * 1000
-        expired = await transport.run(lambda c: c.zrangebyscore(key, "-inf", oldest))
+        expired = await transport.read(lambda c: c.zrangebyscore(key, "-inf", oldest))
         for item in expired:
             channel = item.decode() if isinstance(item, bytes) else str(item)
             await self.registry.discard(transport, group, channel, notify=True)
@@ -515,7 +515,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
             return
         # The owner marks a channel that drops in Redis, as on the Redis path.
         full_key = self.keys.full(token)
-        if await transport.run(lambda c: c.sismember(full_key, channel)):
+        if await transport.read(lambda c: c.sismember(full_key, channel)):
             raise ChannelFull(channel)
         if await broker.send_direct(token, channel, payload, self._node_is_live(transport, token)):
             self.counters.sent_direct += 1
@@ -900,7 +900,7 @@ class DistributedChannelLayer(BaseChannelLayer):  # type: ignore[misc]
     async def _flush_broker(self, broker: Any) -> None:
         """Delete the queues and exchanges this prefix declared (names kept in Redis)."""
         key = self.keys.broker_names
-        declared = await self._transport().run(lambda c: c.smembers(key))
+        declared = await self._transport().read(lambda c: c.smembers(key))
         await broker.delete_all(sorted(n.decode() if isinstance(n, bytes) else n for n in declared))
         self._remembered.clear()
         for state in self._loops.values():

@@ -338,7 +338,7 @@ class Presence:
         fill = self._begin_fill(group)
         state: list[Entry] | None = None
         try:
-            raw = await node.transport.run(lambda c: c.hgetall(key))
+            raw = await node.transport.read(lambda c: c.hgetall(key))
             state = [presence_entry(_text(ch), rec) for ch, rec in raw.items()]
         finally:
             if replace and state is not None:

@@ -188,7 +188,7 @@ def make_client(
 
         options["connection_class"] = _SentinelConnection
 
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(host.sentinels), sentinel_kwargs=host.sentinel_kwargs or None
         )
         client: Redis = sentinel.master_for(host.master_name or "", **options)

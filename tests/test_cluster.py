@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -735,3 +735,59 @@ async def test_a_send_refused_with_clusterdown_past_retry_timeout_raises_redis_u
         wait_ok(redis_cluster.ports[down])
         for port in redis_cluster.ports:
             wait_ok(port)
+
+
+async def _closed_under_first_step(
+    redis_cluster: Any, prefix: str, group: str, send: Awaitable[Any]
+) -> Any:
+    """Run ``send`` while the master of ``group`` holds its first step (CLIENT PAUSE WRITE),
+    close the layer's connections to that master under it (CLIENT KILL), then let the master
+    go on; returns the send's result or the exception it raised."""
+    from redis.asyncio import Redis
+
+    port = redis_cluster.ports[await _master_of(redis_cluster, f"{prefix}:{{g.{group}}}:m")]
+    admin = Redis(host="127.0.0.1", port=port)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+        task = asyncio.ensure_future(send)
+        await asyncio.sleep(0.3)  # the script is written and held by the pause
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await asyncio.sleep(0.2)
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        return (await asyncio.gather(task, return_exceptions=True))[0]
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+async def test_a_connection_closed_under_a_group_sends_read_is_retried_a_room_sends_is_not(
+    make_cluster_layer: Any, redis_cluster: Any, prefix: str
+) -> None:
+    """redis-py closes every connection of its cluster client when one command cannot
+    connect (a master killed), so a command in flight on a healthy master ends with
+    "Connection closed by server" (seen on CI). The first step of a plain group send only
+    reads, so it is sent again and the send goes through, delivered once; a room send's
+    first step numbers and stores the message, so it raises instead (at most once)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    layer = make_cluster_layer(retry_timeout=5)
+    channel = await layer.new_channel()
+    await layer.group_add("closed", channel)
+    result = await _closed_under_first_step(
+        redis_cluster, prefix, "closed", layer.group_send("closed", {"type": "m", "n": 1})
+    )
+    if isinstance(result, BaseException):
+        raise result
+    assert (await asyncio.wait_for(layer.receive(channel), 5))["n"] == 1
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), 0.5)  # once, not twice
+
+    await layer.group_add("closedroom", channel)
+    await layer.history_configure("closedroom", count=10)
+    result = await _closed_under_first_step(
+        redis_cluster, prefix, "closedroom", layer.room_send("closedroom", {"type": "m", "n": 2})
+    )
+    assert isinstance(result, RedisConnectionError), result
+    assert len((await layer.room_history("closedroom")).entries) <= 1  # never stored twice

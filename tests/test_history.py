@@ -20,7 +20,8 @@ from channels_distrib import api
 from channels_distrib.history import parse_offset, text_with_offset
 from tests.consumer_app import HistoryConsumer, HistoryLobbyConsumer, ProbeConsumer
 from tests.consumer_fixtures import connect_fixture, nodes_fixture  # noqa: F401  (fixtures)
-from tests.helpers_layers import eventually, nothing_arrives, raw_redis, recv
+from tests.helpers_faults import FaultProxy
+from tests.helpers_layers import eventually, nothing_arrives, raw_redis, recv, url_host_port
 
 ROOM = "hroom"
 
@@ -119,6 +120,38 @@ async def test_offsets_survive_a_backlog_that_waits_in_redis(
     await asyncio.sleep(0.3)  # all read by the node: 2 queued, 10 deferred
     got = [await recv(receiver, channel) for _ in range(12)]
     assert [m["offset"] for m in got] == offsets and _n(got) == list(range(12))
+
+
+@pytest.mark.parametrize("read", ["room_history", "room_history_info"])
+async def test_a_history_read_whose_connection_closes_once_written_is_sent_again(
+    make_layer: Callable[..., Any], redis_url: str, read: str
+) -> None:
+    """A read in flight when its connection closes (a Redis restart, a CLIENT KILL, or
+    redis-py closing all of a cluster client's connections) is sent again, not raised:
+    running it twice changes nothing."""
+    host, port = url_host_port(redis_url)
+    sender = make_layer()  # the fixture's flush goes through this one
+    await _member(sender)
+    await sender.history_configure(ROOM, count=10)
+    offset = await sender.room_send(ROOM, {"type": "m", "n": 1})
+    proxy = await FaultProxy(port).start()
+    reader = make_layer(hosts=[redis_url.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")])
+    try:
+        await reader.room_history(ROOM)  # a pooled connection through the proxy
+        proxy.stall()
+        call = asyncio.ensure_future(getattr(reader, read)(ROOM))
+        await asyncio.sleep(0.3)  # written to the proxy, held there
+        proxy.cut()  # the reader sees "Connection closed by server"
+        proxy.heal()
+        proxy.unstall()
+        result = await asyncio.wait_for(call, 5)
+        await reader.close()
+    finally:
+        await proxy.stop()
+    if read == "room_history":
+        assert [e.offset for e in result.entries] == [offset]
+    else:
+        assert result is not None and result.entries == 1
 
 
 async def test_plain_group_send_to_a_history_room_is_never_stored(
