@@ -261,10 +261,10 @@ async def test_group_send_costs_two_sequential_round_trips(
     original = transport.run
     spans: list[tuple[float, float]] = []  # each Redis exchange: when it started and ended
 
-    async def timed(operation: Any) -> Any:
+    async def timed(operation: Any, **options: Any) -> Any:
         began = asyncio.get_running_loop().time()
         try:
-            return await original(operation)
+            return await original(operation, **options)
         finally:
             spans.append((began, asyncio.get_running_loop().time()))
 
