@@ -166,3 +166,48 @@ async def test_close_on_a_hung_broker_is_bounded_and_leaves_no_task(hung):
     await hung.peer.close()
     await asyncio.sleep(1.0)
     assert not _library_tasks()
+
+
+def _sockets_to(port: int) -> list[Any]:
+    """This process's open TCP connections whose far end is ``port``."""
+    import psutil
+
+    return [c for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == port]
+
+
+async def test_close_right_after_a_connection_was_given_up_closes_its_socket(broker_url):
+    """A round trip that got no answer gives its connection up: its close handshake runs in
+    the background and the hung broker never answers it (aiormq waits about 2 s). close()
+    called at once must still leave no socket open (before, it waited 1 s for that close and
+    returned with the socket open, left to the garbage collector: a ResourceWarning seen on
+    Python 3.10 with aiormq 6)."""
+    from channels_distrib.broker.connection import BrokerConnection
+
+    proxy = await FaultProxy(urlsplit(broker_url).port or 5672).start()
+    conn = BrokerConnection(_through(broker_url, proxy.port), retry_timeout=RETRY, name="t")
+    try:
+        channel = await conn.channel()
+        proxy.stall()
+        with pytest.raises(BrokerUnavailable):
+            await conn.bounded(channel.queue_declare("hung.given-up", auto_delete=True), "a declare")
+        assert _sockets_to(proxy.port)  # given up, its close waiting for the broker
+        async with asyncio.timeout(CLOSE_BOUND):
+            await conn.close()
+        assert _sockets_to(proxy.port) == []
+    finally:
+        proxy.unstall()
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("call", ["flush", "group_send", "send_named"])
+async def test_close_after_a_call_gave_up_on_a_hung_broker_closes_every_socket(hung, call):
+    """A call that got no answer gives its connection up (closed in the background, the
+    broker never sending close-ok); close() then closes those sockets itself rather than
+    leave them to the garbage collector (seen on Python 3.10 with aiormq 6 as a
+    ResourceWarning for an unclosed socket)."""
+    with pytest.raises(BrokerUnavailable):
+        await CALLS[call](hung)
+    assert _sockets_to(hung.proxy.port)  # the given-up connection, still open
+    async with asyncio.timeout(CLOSE_BOUND):
+        await hung.layer.close()
+    assert _sockets_to(hung.proxy.port) == []

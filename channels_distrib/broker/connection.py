@@ -14,6 +14,7 @@ import logging
 import ssl
 import sys
 import time
+import weakref
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -43,6 +44,9 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (
 ATTEMPT_MIN = 1.0
 #: How long an attempt whose caller was cancelled may still finish before it is cancelled (s).
 ATTEMPT_GRACE = 0.5
+#: The longest a connection's close handshake is awaited before its socket is closed
+#: anyway (s); aiormq itself waits about 2 s for the broker's close-ok.
+CLOSE_GRACE = 2.5
 
 
 class BrokerConnection:
@@ -68,6 +72,10 @@ class BrokerConnection:
         # Connection attempts still running (a cancelled caller's included): close() waits
         # for them, so none opens a connection after it that nobody would close.
         self._attempts: set[asyncio.Future[Any]] = set()
+        # Each connection's socket, closed by _close_connection whatever aiormq does.
+        self._sockets: weakref.WeakKeyDictionary[AbstractConnection, _TrackedTransport] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def address(self) -> str:
@@ -168,6 +176,7 @@ class BrokerConnection:
     async def _attempt(self) -> tuple[AbstractConnection, AbstractChannel]:
         transport = _TrackedTransport(self.url)
         connection = aiormq.Connection(self.url, transport_factory=transport)
+        self._sockets[connection] = transport
         try:
             await connection.connect({"connection_name": self.name})
         except BaseException:
@@ -179,7 +188,7 @@ class BrokerConnection:
         try:
             return connection, await connection.channel(publisher_confirms=True)
         except BaseException:
-            await connection.close()
+            await self._close_connection(connection)
             raise
 
     def _discard_attempt(
@@ -190,9 +199,7 @@ class BrokerConnection:
         if task.cancelled() or task.exception() is not None:
             return
         connection, _channel = task.result()
-        closing = asyncio.ensure_future(connection.close())
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
+        self._close_later(connection)
 
     async def extra_channel(self, *, confirms: bool = False) -> AbstractChannel:
         """Another channel on this connection (a channel error closes only that channel)."""
@@ -230,11 +237,29 @@ class BrokerConnection:
     def _give_up_connection(self) -> None:
         """Forget the connection and close it in the background (tracked: close() waits)."""
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is None or connection.is_closed:
-            return
-        closing = asyncio.ensure_future(_close_quietly(connection))
+        if connection is not None:
+            self._close_later(connection)
+
+    def _close_later(self, connection: AbstractConnection) -> None:
+        """Close ``connection`` in the background (tracked: close() waits, then cuts it)."""
+        closing = asyncio.ensure_future(self._close_connection(connection))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
+
+    async def _close_connection(self, connection: AbstractConnection) -> None:
+        """The AMQP close handshake (at most :data:`CLOSE_GRACE`), then the socket closed
+        whatever happened. A broker that never answers, a close cancelled by :meth:`close`,
+        or aiormq 6 (Python 3.10) giving up on a hung connection would otherwise leave the
+        socket to the garbage collector (a ResourceWarning, and a file descriptor held)."""
+        try:
+            if not connection.is_closed:
+                await asyncio.wait_for(connection.close(), CLOSE_GRACE)
+        except Exception:  # already broken, or no close-ok in time: nothing to close cleanly
+            logger.debug("Closing a RabbitMQ connection failed", exc_info=True)
+        finally:  # also when cancelled: abort() awaits nothing
+            socket = self._sockets.pop(connection, None)
+            if socket is not None:
+                socket.abort()
 
     def forget(self, channel: AbstractChannel) -> None:
         """``channel`` failed: the next :meth:`channel` opens a new one (the connection may be fine)."""
@@ -243,11 +268,8 @@ class BrokerConnection:
 
     async def _drop(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and not connection.is_closed:
-            try:
-                await connection.close()
-            except Exception:  # already broken: nothing to close cleanly
-                logger.debug("Closing a broken RabbitMQ connection failed", exc_info=True)
+        if connection is not None:
+            await self._close_connection(connection)
 
     def kill(self) -> None:
         """Forget the connection without a handshake (it broke); the next use reconnects."""
@@ -264,7 +286,11 @@ class BrokerConnection:
         async with self._lock:
             await self._drop()
         if self._closing:
-            await asyncio.wait(set(self._closing), timeout=1.0)
+            _done, hung = await asyncio.wait(set(self._closing), timeout=1.0)
+            for task in hung:  # cancelled, each closes its socket (_close_connection)
+                task.cancel()
+            if hung:
+                await asyncio.wait(hung, timeout=ATTEMPT_GRACE)
 
 
 
@@ -286,13 +312,6 @@ class _TrackedTransport(TransportFactory):
         """Close the stream at once (nothing is awaited: it runs while being cancelled)."""
         if self._writer is not None and not self._writer.transport.is_closing():
             self._writer.transport.abort()
-
-
-async def _close_quietly(connection: AbstractConnection) -> None:
-    try:
-        await connection.close()
-    except Exception:  # already broken: nothing to close cleanly
-        logger.debug("Closing a broken RabbitMQ connection failed", exc_info=True)
 
 
 def _not_tls(exc: BaseException) -> bool:
