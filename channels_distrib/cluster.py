@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: One script call: name, KEYS, ARGV.
 Call = tuple[str, list[str], list[Any]]
 
+#: CLUSTER_FAN_READ's KEYS for a plain group; a room send with history adds its two.
+PLAIN_FAN_KEYS = 5
+
 #: How many candidate tags are tried to find one that lands on each master.
 MARK_TAGS = 4096
 
@@ -225,7 +228,9 @@ class ClusterOps:
         ]
         # A read with no history keys only removes expired members: safe to send twice. A
         # room send's read numbers and stores the message, so it is sent at most once.
-        found = await pipelined(t, reads, idempotent=all(len(keys) < 6 for keys, _a in sends))
+        found = await pipelined(
+            t, reads, idempotent=all(len(keys) == PLAIN_FAN_KEYS for keys, _a in sends)
+        )
         writes: list[Any] = []
         owners: list[tuple[int, str]] = []
         for n, ((_keys, a), (tokens, queues, offset)) in enumerate(zip(sends, found, strict=True)):

@@ -276,22 +276,27 @@ class BrokerConnection:
         self._channel = None
 
     async def close(self) -> None:
-        if self._attempts:  # their done callbacks close what a cancelled caller left
-            _done, hung = await asyncio.wait(set(self._attempts), timeout=ATTEMPT_GRACE)
-            for task in hung:  # a handshake the broker never answers
-                task.cancel()
-            if hung:
-                await asyncio.wait(hung, timeout=ATTEMPT_GRACE)
+        # Attempts first: their done callbacks close what a cancelled caller left; one the
+        # broker never answers is cancelled. Then background closes: a cancelled one still
+        # closes its socket (_close_connection).
+        if await _settle(self._attempts, ATTEMPT_GRACE):
             await asyncio.sleep(0)
         async with self._lock:
             await self._drop()
-        if self._closing:
-            _done, hung = await asyncio.wait(set(self._closing), timeout=1.0)
-            for task in hung:  # cancelled, each closes its socket (_close_connection)
-                task.cancel()
-            if hung:
-                await asyncio.wait(hung, timeout=ATTEMPT_GRACE)
+        await _settle(self._closing, 1.0)
 
+
+async def _settle(tasks: set[asyncio.Future[Any]], timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``tasks``, then cancel those still running and give them
+    :data:`ATTEMPT_GRACE` to end. Returns whether there were any."""
+    if not tasks:
+        return False
+    _done, hung = await asyncio.wait(set(tasks), timeout=timeout)
+    for task in hung:
+        task.cancel()
+    if hung:
+        await asyncio.wait(hung, timeout=ATTEMPT_GRACE)
+    return True
 
 
 class _TrackedTransport(TransportFactory):
